@@ -1,0 +1,258 @@
+"""The one training loop every distiller and the trainer share.
+
+A subclass supplies `_loss_on_batch(batch, args) -> (loss, {name: loss})` and a *plan*: the stream of
+(epoch, step_in_epoch, batch) micro-batches, the number of optimizer steps, and when to checkpoint.
+Epoch-based, step-based and multi-task training differ only in their plan, so gradient accumulation,
+AMP, clipping, DDP gradient sync, weight schedules, logging and checkpoints are written once.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..checkpoint import save_checkpoint
+from ..configurations import TrainingConfig
+from ..errors import ConfigError
+from ..runtime import barrier, ensure_process_group, get_rank, resolve_device, resolve_local_rank
+from ..utils import cycle
+
+logger = logging.getLogger("cachebrew")
+
+
+@dataclass
+class Plan:
+    """What to iterate and when to stop/save. `batches` yields (epoch, step_in_epoch, batch)."""
+
+    total_steps: int
+    batches: Iterator[tuple[int, int, Any]]
+    is_checkpoint: Callable[[int, int], bool]
+
+
+def epoch_plan(dataloader, num_epochs: int, t_config: TrainingConfig, prepare=None, before_epoch=None) -> Plan:
+    """TextBrewer's epoch schedule: `ckpt_frequency` saves per epoch, every `ckpt_epoch_frequency` epochs."""
+    accum = t_config.gradient_accumulation_steps
+    if not hasattr(dataloader, "__len__"):
+        raise ConfigError("the dataloader has no length, so epochs are undefined: pass num_steps instead")
+    steps_per_epoch = len(dataloader) // accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"the dataloader has {len(dataloader)} batches per epoch, fewer than "
+                          f"TrainingConfig.gradient_accumulation_steps={accum}: no optimizer step would run")
+    num_epochs = int(num_epochs)
+    points = {int(steps_per_epoch * ci / t_config.ckpt_frequency) for ci in range(t_config.ckpt_frequency)}
+    logger.info("training steps per epoch: %d, checkpoints at steps %s of each epoch",
+                steps_per_epoch, sorted(p or steps_per_epoch for p in points))
+
+    def batches():
+        for epoch in range(num_epochs):
+            if before_epoch is not None:
+                before_epoch(epoch)
+            if hasattr(getattr(dataloader, "sampler", None), "set_epoch"):
+                dataloader.sampler.set_epoch(epoch)  # DistributedSampler reshuffles per epoch only if told
+            for step, batch in enumerate(dataloader):
+                yield epoch, step, (prepare(batch) if prepare else batch)
+
+    def is_checkpoint(global_step, epoch):
+        return (global_step % steps_per_epoch in points
+                and ((epoch + 1) % t_config.ckpt_epoch_frequency == 0 or epoch + 1 == num_epochs))
+
+    return Plan(steps_per_epoch * num_epochs, batches(), is_checkpoint)
+
+
+def step_plan(num_steps: int, t_config: TrainingConfig, batch_stream: Iterator) -> Plan:
+    """TextBrewer's step schedule: save every `ckpt_steps` and at the end."""
+    num_steps = int(num_steps)
+    if num_steps < 1:
+        raise ConfigError(f"num_steps must be >= 1, got {num_steps}")
+    ckpt_steps = t_config.ckpt_steps or num_steps  # TextBrewer requires ckpt_steps; default: save at the end
+    logger.info("total training steps: %d, checkpoint every %d steps", num_steps, ckpt_steps)
+
+    def batches():
+        for step, batch in enumerate(batch_stream):
+            yield 0, step, batch
+
+    return Plan(num_steps, batches(), lambda gs, _e: gs % ckpt_steps == 0 or gs == num_steps)
+
+
+def cycled(dataloader, prepare=None):
+    for batch in cycle(dataloader):
+        yield prepare(batch) if prepare else batch
+
+
+class TrainingLoop:
+    """Runtime setup (device, DDP, AMP, tensorboard) and `_fit`, the shared loop."""
+
+    t_config: TrainingConfig
+    print_freq = 20
+
+    def _init_runtime(self, train_config: TrainingConfig):
+        if not isinstance(train_config, TrainingConfig):
+            raise TypeError(f"train_config must be a TrainingConfig, got {type(train_config).__name__}")
+        self.t_config = train_config
+        self.local_rank = resolve_local_rank(train_config.local_rank)
+        self.device = resolve_device(train_config.device, self.local_rank)
+        if self.local_rank != -1:
+            ensure_process_group(self.device)
+        self.rank = get_rank()
+        self._tb_writer = None
+
+    # -- hooks for subclasses -------------------------------------------------------------------
+    def _student(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _set_student(self, module: nn.Module) -> None:
+        raise NotImplementedError
+
+    def _extra_modules(self) -> list[nn.Module]:
+        """Trainable modules besides the student (projections), wrapped for DDP like the student."""
+        return []
+
+    def _loss_on_batch(self, batch, args) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def _on_optimizer_step(self, progress: float) -> None:
+        """Called after each optimizer step with global_step / total_steps."""
+
+    def _callback_model(self):
+        return self._student()
+
+    # -- runtime ----------------------------------------------------------------------------------
+    @property
+    def tb_writer(self):
+        if self._tb_writer is None and self.t_config.log_dir is not None and self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter  # slow import, only when logging
+
+            self._tb_writer = SummaryWriter(log_dir=str(self.t_config.log_dir))
+        return self._tb_writer
+
+    def write_loss(self, total_loss, writer_step, losses_dict=None):
+        writer = self.tb_writer
+        if writer is None:
+            return
+        writer.add_scalar("scalar/total_loss", total_loss.detach().float().cpu().item(), writer_step)
+        for name, loss in (losses_dict or {}).items():
+            writer.add_scalar(f"scalar/{name}", float(loss.detach().float().cpu().item()), writer_step)
+
+    def _wrap_parallel(self):
+        """DDP (torchrun) or DataParallel around the student and each extra module."""
+        student = self._student().to(self.device)
+        if self.local_rank != -1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            wrap = lambda m: nn.parallel.DistributedDataParallel(m, device_ids=ids, find_unused_parameters=True)
+        elif self.t_config.data_parallel and torch.cuda.device_count() > 1:
+            wrap = nn.DataParallel
+        else:
+            return
+        if not isinstance(student, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            self._set_student(wrap(student))
+        extras = self._extra_modules()
+        for i, m in enumerate(extras):
+            if m is not None and next(m.parameters(), None) is not None and not isinstance(
+                    m, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+                extras[i] = wrap(m)
+
+    def _no_sync(self, sync: bool):
+        """Skip DDP's gradient all-reduce on accumulation micro-steps; it runs once per optimizer step."""
+        stack = contextlib.ExitStack()
+        if not sync:
+            for m in [self._student(), *self._extra_modules()]:
+                if isinstance(m, nn.parallel.DistributedDataParallel):
+                    stack.enter_context(m.no_sync())
+        return stack
+
+    def _autocast(self):
+        dtype = self.t_config.amp_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _make_scheduler(self, optimizer, scheduler_class, scheduler_args, scheduler):
+        if scheduler_class is not None:
+            return scheduler_class(optimizer=optimizer, **(scheduler_args or {}))
+        return scheduler
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _fit(self, optimizer, scheduler, plan: Plan, max_grad_norm, callback, args):
+        accum = self.t_config.gradient_accumulation_steps
+        scaler = torch.amp.GradScaler(self.device.type) if self.t_config.amp_dtype == torch.float16 else None
+        print_every = max(plan.total_steps // self.print_freq, 1)
+        progress = None
+        if self.t_config.progress_bar and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=plan.total_steps, desc="train", unit="step", dynamic_ncols=True)
+        global_step = writer_step = 0
+        current_epoch = None
+        try:
+            for epoch, step, batch in plan.batches:
+                if epoch != current_epoch:
+                    # A new epoch drops any partial accumulation, as TextBrewer does.
+                    optimizer.zero_grad()
+                    current_epoch = epoch
+                sync = (step + 1) % accum == 0
+                with self._no_sync(sync):
+                    with self._autocast():
+                        total_loss, losses_dict = self._loss_on_batch(batch, args)
+                    self.write_loss(total_loss, writer_step, losses_dict)
+                    writer_step += 1
+                    total_loss = total_loss / accum
+                    (scaler.scale(total_loss) if scaler else total_loss).backward()
+                if not sync:
+                    continue
+                if max_grad_norm > 0:
+                    if scaler:
+                        scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(self._student().parameters(), max_grad_norm)
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                optimizer.zero_grad()
+                global_step += 1
+                self._on_optimizer_step(global_step / plan.total_steps)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{total_loss.item() * accum:.4f}", epoch=epoch + 1)
+                if global_step % print_every == 0:
+                    logger.info("global step %d/%d, epoch %d", global_step, plan.total_steps, epoch + 1)
+                if self.tb_writer is not None:
+                    self.tb_writer.add_scalar("scalar/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+                if plan.is_checkpoint(global_step, epoch):
+                    self.save_and_callback(global_step, step, epoch, callback)
+                if global_step >= plan.total_steps:
+                    break
+        finally:
+            if progress is not None:
+                progress.close()
+            if self._tb_writer is not None:
+                self._tb_writer.flush()
+        logger.info("training finished after %d optimizer steps", global_step)
+        return global_step
+
+    def _checkpoint_metadata(self, global_step):
+        return {"cachebrew_version": __version__, "global_step": global_step,
+                "train_config": self.t_config.to_dict()}
+
+    def save_and_callback(self, global_step, step, epoch, callback):
+        """Rank 0 writes gs{global_step}.safetensors; every rank then runs the callback."""
+        if self.rank == 0:
+            logger.info("saving at global step %d, epoch step %d, epoch %d", global_step, step + 1, epoch + 1)
+            core = self._student()
+            core = core.module if hasattr(core, "module") else core
+            path = os.path.join(self.t_config.output_dir, f"gs{global_step}.safetensors")
+            save_checkpoint(core, path, self._checkpoint_metadata(global_step))
+        barrier()  # other ranks wait until the checkpoint exists
+        if callback is not None:
+            logger.info("running callback at step %d", global_step)
+            callback(model=self._callback_model(), step=global_step)
+            self._student().train()

@@ -1,0 +1,169 @@
+"""KD and intermediate-feature losses, numerically identical to TextBrewer 0.2.1 on fp32 inputs.
+
+Two deliberate differences, both invisible on fp32 inputs with at least one unmasked position:
+16-bit inputs are upcast to float32 before softmax/mse (bf16 softmax loses the teacher's tail), and a
+fully masked batch gives a loss of 0 instead of NaN (a NaN would poison the whole run).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "kd_mse_loss", "kd_ce_loss", "att_mse_loss", "att_mse_sum_loss", "att_ce_loss", "att_ce_mean_loss",
+    "hid_mse_loss", "cos_loss", "pkd_loss", "fsp_loss", "mmd_loss",
+]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _f32(*tensors):
+    return [t.float() if t.dtype in _LOW_PRECISION else t for t in tensors]
+
+
+def _count(x: torch.Tensor) -> torch.Tensor:
+    # Denominators of masked means: clamp so an all-masked batch yields 0, not 0/0.
+    return x.clamp_min(1)
+
+
+def _scaled(logits_S, logits_T, temperature):
+    if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
+        temperature = temperature.unsqueeze(-1)
+    logits_S, logits_T = _f32(logits_S, logits_T)
+    return logits_S / temperature, logits_T / temperature
+
+
+def kd_mse_loss(logits_S, logits_T, temperature=1):
+    """MSE between temperature-scaled logits; temperature may be a float or a per-example tensor."""
+    beta_logits_S, beta_logits_T = _scaled(logits_S, logits_T, temperature)
+    return F.mse_loss(beta_logits_S, beta_logits_T)
+
+
+def kd_ce_loss(logits_S, logits_T, temperature=1):
+    """Cross-entropy of the student's tempered distribution against the teacher's (Hinton KD)."""
+    beta_logits_S, beta_logits_T = _scaled(logits_S, logits_T, temperature)
+    p_T = F.softmax(beta_logits_T, dim=-1)
+    return -(p_T * F.log_softmax(beta_logits_S, dim=-1)).sum(dim=-1).mean()
+
+
+def att_mse_loss(attention_S, attention_T, mask=None):
+    """MSE between attention maps (batch, heads, len, len); without a mask, scores <= -1e-3 count as padding."""
+    attention_S, attention_T = _f32(attention_S, attention_T)
+    if mask is None:
+        attention_S_select = torch.where(attention_S <= -1e-3, torch.zeros_like(attention_S), attention_S)
+        attention_T_select = torch.where(attention_T <= -1e-3, torch.zeros_like(attention_T), attention_T)
+        return F.mse_loss(attention_S_select, attention_T_select)
+    mask = mask.to(attention_S).unsqueeze(1).expand(-1, attention_S.size(1), -1)  # (bs, heads, len)
+    valid_count = torch.pow(mask.sum(dim=2), 2).sum()
+    sq = F.mse_loss(attention_S, attention_T, reduction="none") * mask.unsqueeze(-1) * mask.unsqueeze(2)
+    return sq.sum() / _count(valid_count)
+
+
+def att_mse_sum_loss(attention_S, attention_T, mask=None):
+    """Like att_mse_loss, after summing 4-D maps over heads."""
+    attention_S, attention_T = _f32(attention_S, attention_T)
+    if attention_S.dim() == 4:
+        attention_T = attention_T.sum(dim=1)
+        attention_S = attention_S.sum(dim=1)
+    if mask is None:
+        attention_S_select = torch.where(attention_S <= -1e-3, torch.zeros_like(attention_S), attention_S)
+        attention_T_select = torch.where(attention_T <= -1e-3, torch.zeros_like(attention_T), attention_T)
+        return F.mse_loss(attention_S_select, attention_T_select)
+    mask = mask.to(attention_S)
+    valid_count = torch.pow(mask.sum(dim=1), 2).sum()
+    sq = F.mse_loss(attention_S, attention_T, reduction="none") * mask.unsqueeze(-1) * mask.unsqueeze(1)
+    return sq.sum() / _count(valid_count)
+
+
+def att_ce_loss(attention_S, attention_T, mask=None):
+    """Cross-entropy between row-softmaxed attention scores (pre-softmax scores expected)."""
+    attention_S, attention_T = _f32(attention_S, attention_T)
+    probs_T = F.softmax(attention_T, dim=-1)
+    if mask is None:
+        probs_T_select = torch.where(attention_T <= -1e-3, torch.zeros_like(attention_T), probs_T)
+        return -((probs_T_select * F.log_softmax(attention_S, dim=-1)).sum(dim=-1)).mean()
+    mask = mask.to(attention_S).unsqueeze(1).expand(-1, attention_S.size(1), -1)  # (bs, heads, len)
+    ce = (probs_T * F.log_softmax(attention_S, dim=-1) * mask.unsqueeze(2)).sum(dim=-1) * mask
+    return -ce.sum() / _count(mask.sum())
+
+
+def att_ce_mean_loss(attention_S, attention_T, mask=None):
+    """Like att_ce_loss, after averaging 4-D maps over heads."""
+    attention_S, attention_T = _f32(attention_S, attention_T)
+    if attention_S.dim() == 4:
+        attention_S = attention_S.mean(dim=1)
+        attention_T = attention_T.mean(dim=1)
+    probs_T = F.softmax(attention_T, dim=-1)
+    if mask is None:
+        probs_T_select = torch.where(attention_T <= -1e-3, torch.zeros_like(attention_T), probs_T)
+        return -((probs_T_select * F.log_softmax(attention_S, dim=-1)).sum(dim=-1)).mean()
+    mask = mask.to(attention_S)
+    ce = (probs_T * F.log_softmax(attention_S, dim=-1) * mask.unsqueeze(1)).sum(dim=-1) * mask
+    return -ce.sum() / _count(mask.sum())
+
+
+def hid_mse_loss(state_S, state_T, mask=None):
+    """MSE between hidden states (batch, len, dim), averaged over unmasked positions."""
+    state_S, state_T = _f32(state_S, state_T)
+    if mask is None:
+        return F.mse_loss(state_S, state_T)
+    mask = mask.to(state_S)
+    valid_count = mask.sum() * state_S.size(-1)
+    return (F.mse_loss(state_S, state_T, reduction="none") * mask.unsqueeze(-1)).sum() / _count(valid_count)
+
+
+def cos_loss(state_S, state_T, mask=None):
+    """Cosine embedding loss between hidden states at unmasked positions (DistilBERT)."""
+    state_S, state_T = _f32(state_S, state_T)
+    if mask is None:
+        state_S = state_S.reshape(-1, state_S.size(-1))
+        state_T = state_T.reshape(-1, state_T.size(-1))
+    else:
+        mask = mask.to(state_S).unsqueeze(-1).expand_as(state_S).to(torch.bool)
+        state_S = torch.masked_select(state_S, mask).view(-1, mask.size(-1))
+        state_T = torch.masked_select(state_T, mask).view(-1, mask.size(-1))
+    target = state_S.new_ones(state_S.size(0))
+    return F.cosine_embedding_loss(state_S, state_T, target, reduction="mean")
+
+
+def pkd_loss(state_S, state_T, mask=None):
+    """Squared distance of L2-normalised [CLS] vectors (BERT-PKD); the mask is ignored."""
+    state_S, state_T = _f32(state_S, state_T)
+    cls_T = state_T[:, 0] if state_T.dim() == 3 else state_T
+    cls_S = state_S[:, 0] if state_S.dim() == 3 else state_S
+    normed_cls_T = cls_T / torch.norm(cls_T, dim=1, keepdim=True)
+    normed_cls_S = cls_S / torch.norm(cls_S, dim=1, keepdim=True)
+    return (normed_cls_S - normed_cls_T).pow(2).sum(dim=-1).mean()
+
+
+def fsp_loss(state_S, state_T, mask=None):
+    """MSE between (dim x dim) Gram matrices of two layers each (FSP); takes two-element lists."""
+    S0, S1 = _f32(*state_S)
+    T0, T1 = _f32(*state_T)
+    if mask is None:
+        gram_S = torch.bmm(S0.transpose(1, 2), S1) / S1.size(1)
+        gram_T = torch.bmm(T0.transpose(1, 2), T1) / T1.size(1)
+    else:
+        mask = mask.to(S0).unsqueeze(-1)
+        lengths = _count(mask.sum(dim=1, keepdim=True))
+        S0, S1, T0, T1 = S0 * mask, S1 * mask, T0 * mask, T1 * mask
+        gram_S = torch.bmm(S0.transpose(1, 2), S1) / lengths
+        gram_T = torch.bmm(T0.transpose(1, 2), T1) / lengths
+    return F.mse_loss(gram_S, gram_T)
+
+
+def mmd_loss(state_S, state_T, mask=None):
+    """MSE between (len x len) similarity matrices of two layers each (NST); dims of S and T may differ."""
+    S0, S1 = _f32(*state_S)
+    T0, T1 = _f32(*state_T)
+    if mask is None:
+        gram_S = torch.bmm(S0, S1.transpose(1, 2)) / S1.size(2)
+        gram_T = torch.bmm(T0, T1.transpose(1, 2)) / T1.size(2)
+        return F.mse_loss(gram_S, gram_T)
+    mask = mask.to(S0)
+    valid_count = torch.pow(mask.sum(dim=1), 2).sum()
+    # TextBrewer divides by the sequence length (size(1)) in the masked branch; kept for parity.
+    gram_S = torch.bmm(S0, S1.transpose(1, 2)) / S1.size(1)
+    gram_T = torch.bmm(T0, T1.transpose(1, 2)) / T1.size(1)
+    sq = F.mse_loss(gram_S, gram_T, reduction="none") * mask.unsqueeze(-1) * mask.unsqueeze(1)
+    return sq.sum() / _count(valid_count)

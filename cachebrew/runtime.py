@@ -1,0 +1,49 @@
+"""Where training runs: device choice, torchrun/DDP process groups, rank-aware helpers."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("cachebrew")
+
+
+def resolve_local_rank(local_rank: int | None) -> int:
+    """None means: the LOCAL_RANK torchrun sets when WORLD_SIZE > 1, else -1 (no DDP)."""
+    if local_rank is not None:
+        return local_rank
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    return -1
+
+
+def resolve_device(device, local_rank: int) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and local_rank >= 0 and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device} was asked for but CUDA is not available; use device='cpu'")
+        torch.cuda.set_device(device)
+    return device
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """Join the torchrun process group if the caller has not (nccl on GPU, gloo on CPU)."""
+    if dist.is_available() and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        logger.info("initialising torch.distributed (%s) from the torchrun environment", backend)
+        dist.init_process_group(backend=backend)
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
