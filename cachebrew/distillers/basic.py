@@ -107,15 +107,25 @@ class AbstractDistiller(TrainingLoop, DistillationContext):
         if len(logits_list_S) != len(logits_list_T):
             raise BatchError(f"the student adaptor returned {len(logits_list_S)} logits tensors, "
                              f"the teacher {len(logits_list_T)}")
+        labels_list = self._shift_labels(results_S) if self.d_config.probability_shift else None
         total = 0
-        labels_list = results_S.get("labels") if self.d_config.probability_shift else None
-        if self.d_config.probability_shift and labels_list is None:
-            raise BatchError("probability_shift=True needs 'labels' in the student adaptor's output")
         for i, (l_T, l_S) in enumerate(zip(logits_list_T, logits_list_S)):
             if labels_list is not None:
                 l_T = probability_shift_(l_T, labels_list[i])
             total = total + self.kd_loss(l_S, l_T, self._temperature(l_S, l_T))
         return total
+
+    @staticmethod
+    def _shift_labels(results_S):
+        """Labels aligned with the (possibly logits_mask-selected) logits; TextBrewer crashes on masked ones."""
+        labels_list = results_S.get("labels")
+        if labels_list is None:
+            raise BatchError("probability_shift=True needs 'labels' in the student adaptor's output")
+        if "logits_mask" not in results_S:
+            return labels_list
+        masks = results_S["logits_mask"]
+        return [lab[(masks[0] if len(masks) == 1 else masks[i]).to(torch.bool)] if lab.dim() == 2 else lab
+                for i, lab in enumerate(labels_list)]
 
     def _masked_logits(self, results_S, results_T):
         logits_S, logits_T = results_S["logits"], results_T["logits"]

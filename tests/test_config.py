@@ -1,0 +1,161 @@
+"""Configs: TextBrewer's fields and defaults, validation that names every bad field, file round trips, CLI."""
+import inspect
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cachebrew import ConfigError, DistillationConfig, TrainingConfig
+from cachebrew.cli import main as cli_main
+
+GOOD_MATCH = {"layer_T": 2, "layer_S": 1, "feature": "hidden", "loss": "hidden_mse", "weight": 1,
+              "proj": ["linear", 32, 48]}
+
+
+def _defaults(cls):
+    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+
+
+def test_distillation_config_defaults_match_textbrewer(textbrewer):
+    assert _defaults(DistillationConfig) == _defaults(textbrewer.DistillationConfig)
+
+
+def test_training_config_keeps_every_textbrewer_field(textbrewer):
+    ours, theirs = _defaults(TrainingConfig), _defaults(textbrewer.TrainingConfig)
+    assert set(theirs) <= set(ours)
+    # documented differences: device auto-detects, local_rank reads torchrun's environment
+    diff = {k for k in theirs if theirs[k] != ours[k]}
+    assert diff == {"device", "local_rank"}
+
+
+def test_training_config_has_no_side_effects(tmp_path):
+    TrainingConfig(output_dir=str(tmp_path / "not_created"))
+    assert not (tmp_path / "not_created").exists()
+
+
+def test_all_errors_reported_at_once_naming_fields():
+    with pytest.raises(ConfigError) as e:
+        DistillationConfig(
+            temperature=-1, kd_loss_type="kl", kd_loss_weight=-0.5, temperature_scheduler="flsw",
+            hard_label_weight_scheduler="cosine",
+            intermediate_matches=[
+                GOOD_MATCH,
+                {"layer_T": 2, "layer_S": 1, "feature": "hiden", "loss": "hidden_mse", "weight": 1},
+                {"layer_T": 2, "layer_S": 1, "feature": "hidden", "loss": "nst", "weight": -1},
+                {"layer_T": 2, "layer_S": 1, "feature": "hidden", "loss": "hidden_mse", "weight": 1,
+                 "proj": ["conv", 32, "48"]},
+                {"layer_T": 2, "feature": "hidden", "loss": "hidden_mse", "weight": 1, "bogus": 3},
+            ])
+    errors = e.value.errors
+    text = "\n".join(errors)
+    expected = [
+        "DistillationConfig.temperature:",
+        "DistillationConfig.kd_loss_type: unknown KD loss 'kl'",
+        "DistillationConfig.kd_loss_weight: must be a number >= 0",
+        "DistillationConfig.temperature_scheduler: 'flsw' needs parameters (beta, gamma)",
+        "DistillationConfig.hard_label_weight_scheduler: unknown scheduler 'cosine'",
+        "DistillationConfig.intermediate_matches[1].feature: must be one of ['hidden', 'attention']",
+        "DistillationConfig.intermediate_matches[2].layer_T: loss 'nst' compares two layers",
+        "DistillationConfig.intermediate_matches[2].weight: must be a number >= 0",
+        "DistillationConfig.intermediate_matches[3].proj[0]: unknown projection 'conv'",
+        "DistillationConfig.intermediate_matches[3].proj[2]: teacher dim must be an integer",
+        "DistillationConfig.intermediate_matches[4].bogus: unknown key",
+        "DistillationConfig.intermediate_matches[4].layer_S: required",
+    ]
+    for line in expected:
+        assert line in text, f"missing {line!r} in\n{text}"
+    assert not any("intermediate_matches[0]" in x for x in errors)
+
+
+def test_training_config_errors():
+    with pytest.raises(ConfigError) as e:
+        TrainingConfig(gradient_accumulation_steps=0, ckpt_steps=-3, amp="fp8", device="tpu9", fp16="yes")
+    text = str(e.value)
+    for field in ("gradient_accumulation_steps", "ckpt_steps", "amp", "device", "fp16"):
+        assert f"TrainingConfig.{field}:" in text
+
+
+@pytest.mark.parametrize("spec", [["flsw", 1, 2], {"name": "flsw", "beta": 1, "gamma": 2}, ["cwsm", 1], "constant"])
+def test_scheduler_specs_resolve(spec):
+    cfg = DistillationConfig(temperature_scheduler=spec, kd_loss_weight_scheduler="linear_decay")
+    assert callable(cfg.temperature_scheduler) and callable(cfg.kd_loss_weight_scheduler)
+    assert cfg.to_dict()["temperature_scheduler"] == spec
+
+
+def test_scheduler_bad_parameters_named():
+    with pytest.raises(ConfigError, match=r"temperature_scheduler: bad parameters for 'cwsm'"):
+        DistillationConfig(temperature_scheduler={"name": "cwsm", "alpha": 2})
+    with pytest.raises(ConfigError, match=r"kd_loss_weight_scheduler: 'linear_decay' takes no parameters"):
+        DistillationConfig(kd_loss_weight_scheduler=["linear_decay", 3])
+
+
+def test_proj_gets_optimizer_settings_slot_without_mutating_input():
+    match = dict(GOOD_MATCH, proj=["linear", 32, 48])
+    cfg = DistillationConfig(intermediate_matches=[match])
+    assert cfg.intermediate_matches[0].proj == ["linear", 32, 48, {}]
+    assert match["proj"] == ["linear", 32, 48]
+
+
+@pytest.mark.parametrize("ext", ["json", "yaml", "yml"])
+def test_file_round_trip(tmp_path, ext):
+    import yaml
+
+    cfg = DistillationConfig(temperature=8, temperature_scheduler=["flsw", 1, 2], intermediate_matches=[GOOD_MATCH],
+                             kd_loss_weight_scheduler="linear_decay", hard_label_weight=0.5)
+    path = tmp_path / f"d.{ext}"
+    text = json.dumps(cfg.to_dict()) if ext == "json" else yaml.safe_dump(cfg.to_dict())
+    path.write_text(text)
+    again = DistillationConfig.from_file(path)
+    assert again == cfg
+    assert again.to_dict()["intermediate_matches"][0]["proj"] == ["linear", 32, 48, {}]
+    if ext == "json":
+        assert DistillationConfig.from_json_file(path) == cfg
+    else:
+        assert DistillationConfig.from_yaml_file(path) == cfg
+
+
+def test_from_dict_rejects_unknown_keys_with_source(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"output_dir": "x", "ckpt_frequncy": 2, "lr": 1}))
+    with pytest.raises(ConfigError) as e:
+        TrainingConfig.from_json_file(path)
+    assert str(path) in str(e.value)
+    assert "TrainingConfig.ckpt_frequncy: unknown field" in str(e.value)
+    assert "TrainingConfig.lr: unknown field" in str(e.value)
+
+
+def test_bad_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        DistillationConfig.from_file(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("temperature: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        DistillationConfig.from_file(bad)
+    other = tmp_path / "cfg.toml"
+    other.write_text("")
+    with pytest.raises(ConfigError, match="unknown config extension"):
+        DistillationConfig.from_file(other)
+
+
+def test_cli_validate_reports_errors_without_traceback(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("train_config:\n  output_dir: out\ndistill_config:\n  temperature: 8\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train_config:\n  ckpt_frequency: 0\ndistill_config:\n  kd_loss_type: kl\nextra: 1\n")
+    ok = subprocess.run([sys.executable, "-m", "cachebrew", "validate", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "distill_config OK" in ok.stdout
+    res = subprocess.run([sys.executable, "-m", "cachebrew", "validate", str(bad)], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    for s in ("train_config: TrainingConfig.ckpt_frequency", "distill_config: DistillationConfig.kd_loss_type",
+              "extra: unknown section", str(bad)):
+        assert s in res.stderr
+
+
+def test_cli_main_exit_codes(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["validate", str(tmp_path / "nope.json")])
+    assert e.value.code == 2
+    assert "config file not found" in capsys.readouterr().err
