@@ -23,8 +23,19 @@ def move_to_device(batch, device, non_blocking=False):
     if isinstance(batch, (list, tuple)):
         return tuple(move_to_device(x, device, non_blocking) for x in batch)
     if isinstance(batch, Mapping):
-        return {k: move_to_device(v, device, non_blocking) for k, v in batch.items()}
+        moved = {k: move_to_device(v, device, non_blocking) for k, v in batch.items()}
+        return moved if type(batch) is dict else _same_mapping_type(batch, moved)
     return batch
+
+
+def _same_mapping_type(original, moved):
+    """Rebuild HF ModelOutput / BatchEncoding so adaptors keep attribute access (outputs.logits)."""
+    for build in (lambda: type(original)(**moved), lambda: type(original)(moved)):
+        try:
+            return build()
+        except Exception:
+            continue
+    return moved
 
 
 def call_model(model, batch, args):
