@@ -1,7 +1,9 @@
 """The `cachebrew` command line. Thin: parse, call the library, print errors without tracebacks.
 
+    cachebrew export CONFIG.yaml [--set key=value]   # teachers -> cache
+    cachebrew inspect CACHE | cachebrew verify CACHE
+    cachebrew validate CONFIG.yaml                   # report every problem in a config at once
     cachebrew version
-    cachebrew validate CONFIG.yaml     # report every problem in a config at once
 """
 from __future__ import annotations
 
@@ -58,22 +60,111 @@ def validate(config: Path = typer.Argument(..., help="YAML or JSON file with tra
         typer.echo(f"{config}: {key} OK")
 
 
+@app.command()
+def export(config: Path = typer.Argument(..., help="export config (YAML or JSON)"),
+           set_: list[str] = typer.Option([], "--set", help="override a config value: key.sub=value (YAML value)"),
+           output: str = typer.Option(None, help="cache directory (overrides `output`)"),
+           overwrite: bool = typer.Option(False, help="replace a cache made from other inputs"),
+           no_progress: bool = typer.Option(False, help="hide the progress bar")):
+    """Run the teachers once over the data and write a sharded Arrow cache."""
+    from .export import ExportConfig, run_export
+
+    overrides = list(set_) + ([f"output={output}"] if output else []) + (["overwrite=true"] if overwrite else [])
+    overrides += ["progress_bar=false"] if no_progress else []
+    _setup_logging()
+    result = run_export(ExportConfig.from_file(config, overrides))
+    if result.skipped:
+        typer.echo(f"{result.output}: up to date (fingerprint {result.fingerprint[:12]}…), nothing to do")
+        return
+    per_row = result.bytes_total / max(result.rows_total, 1)
+    typer.echo(f"{result.output}: {result.rows_total} rows in {result.shards_written + result.shards_resumed} shards "
+               f"({result.shards_resumed} resumed), {result.bytes_total / 2**20:.2f} MiB, {per_row:,.0f} bytes/row, "
+               f"{result.rows_per_second:,.1f} rows/s, fingerprint {result.fingerprint[:12]}…")
+
+
+@app.command()
+def inspect(cache: Path = typer.Argument(..., help="cache directory"),
+            rows: int = typer.Option(1, help="sample rows to print")):
+    """Show a cache's schema, rows, sizes, fingerprint and a sample."""
+    from .cache import CacheReader
+
+    reader = CacheReader(cache)
+    m = reader.manifest
+    typer.echo(f"cache        {cache}")
+    typer.echo(f"fingerprint  {m.fingerprint}")
+    typer.echo(f"created      {m.created}  (cachebrew {m.fingerprint_inputs.get('cachebrew')}, "
+               f"torch {m.fingerprint_inputs.get('torch')})")
+    typer.echo(f"rows         {m.num_rows} ({m.num_examples} examples), tasks {m.tasks}")
+    typer.echo(f"shards       {len(m.shards)}, {m.num_bytes / 2**20:.2f} MiB on disk, "
+               f"{m.num_bytes / max(m.num_rows, 1):,.0f} bytes/row")
+    for name, info in m.teachers.items():
+        typer.echo(f"teacher      {name}: {info.get('source')} (weights {info['weights_sha256'][:12]}…)")
+    typer.echo("columns:")
+    table = reader.open_shard(m.shards[0]) if m.shards else None
+    for name, typ in m.columns.items():
+        size = ""
+        if table is not None and table.num_rows:
+            size = f"{table.column(name).nbytes / table.num_rows:,.0f} B/row uncompressed"
+        typer.echo(f"  {name:<28} {typ:<22} {size}")
+    for spec in m.tensors:
+        typer.echo(f"  tensor {spec.column}: shape {spec.shape} stored as {spec.dtype}"
+                   + (f", top-{spec.topk}" if spec.topk else ""))
+    if table is not None:
+        for r in reader.read_rows(table.slice(0, rows)):
+            typer.echo("sample: " + ", ".join(f"{k}={_short(v)}" for k, v in r.items()))
+
+
+def _short(v):
+    import numpy as np
+    import torch
+
+    if isinstance(v, torch.Tensor):
+        return f"tensor{tuple(v.shape)}:{str(v.dtype).replace('torch.', '')}"
+    if isinstance(v, np.ndarray):
+        return f"[{', '.join(map(str, v[:6]))}{', …' if len(v) > 6 else ''}] (len {len(v)})"
+    s = repr(v)
+    return s if len(s) < 60 else s[:57] + "…"
+
+
+@app.command()
+def verify(cache: Path = typer.Argument(..., help="cache directory")):
+    """Check every shard's checksum, row count and schema; exit 1 naming each bad shard."""
+    from .cache import CacheReader
+
+    reader = CacheReader(cache)
+    problems = reader.verify()
+    if problems:
+        for p in problems:
+            typer.echo(f"{cache}/{p}", err=True)
+        typer.echo(f"{cache}: {len(problems)} bad shard(s) of {len(reader.manifest.shards)}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{cache}: OK ({len(reader.manifest.shards)} shards, {reader.num_rows} rows)")
+
+
+def _setup_logging():
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("datasets", "transformers", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def main(argv=None):
+    import click
+
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone_mode=False returns the code of typer.Exit instead of raising it
+        rc = app(args=argv, standalone_mode=False)
     except CachebrewError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except (typer.Exit, SystemExit) as e:
-        code = getattr(e, "exit_code", getattr(e, "code", 0))
-        sys.exit(code or 0)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+    except click.ClickException as e:  # usage errors
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

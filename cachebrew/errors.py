@@ -25,3 +25,11 @@ class ConfigError(CachebrewError, ValueError):
 
 class BatchError(CachebrewError, ValueError):
     """A batch or adaptor output that does not fit what the distillation config asks for."""
+
+
+class CacheFormatError(CachebrewError):
+    """A cache directory, manifest or shard that is missing, corrupt, or not what it claims to be."""
+
+
+class CacheMismatchError(CachebrewError):
+    """A cache that exists but was produced from different inputs than the ones asked for."""

@@ -1,0 +1,169 @@
+"""From a data file to the export plan: load with `datasets`, map columns, augment, tokenize, sort.
+
+The plan is deterministic: rows are (example, copy) in dataset order, augmented with an RNG seeded by
+(seed, example id, copy), tokenized, then sorted by length inside fixed windows to cut padding. Shard k
+of the plan always holds the same rows, which is what makes resume and multi-rank export exact.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..cache.fingerprint import hash_file, hash_files
+from ..data_utils import AUGMENTATIONS
+from ..errors import CachebrewError, ConfigError
+from .config import AugmentConfig, DataConfig
+
+_EXT_FORMAT = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+               ".arrow": "arrow"}
+
+
+def load_table(cfg: DataConfig):
+    """The dataset as a `datasets.Dataset`, with every mapped column checked."""
+    import datasets
+
+    path = Path(cfg.path)
+    if not path.exists():
+        raise CachebrewError(f"data.path: no such file or directory: {path}")
+    fmt = cfg.format or ("saved" if path.is_dir() else _EXT_FORMAT.get(path.suffix.lower()))
+    if fmt is None:
+        raise ConfigError(f"data.format: cannot tell the format of {path} from its extension; set data.format")
+    datasets.disable_progress_bars()
+    try:
+        if fmt == "saved":
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if cfg.split not in ds:
+                    raise ConfigError(f"data.split: {cfg.split!r} not in {path} (splits: {', '.join(ds)})")
+                ds = ds[cfg.split]
+        else:
+            kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+            builder = "json" if fmt == "jsonl" else fmt
+            ds = datasets.load_dataset(builder, data_files={cfg.split: str(path)}, split=cfg.split, **kwargs)
+    except (ConfigError, CachebrewError):
+        raise
+    except Exception as e:  # datasets raises many types for unreadable files
+        raise CachebrewError(f"data.path: cannot read {path} as {fmt}: {e}") from None
+    missing = [(f"data.{k}", getattr(cfg, k)) for k in ("text", "text_pair", "tokens", "label", "id")
+               if getattr(cfg, k) is not None and getattr(cfg, k) not in ds.column_names]
+    if missing:
+        raise ConfigError([f"{k}: column {v!r} not in {path} (columns: {', '.join(ds.column_names)})"
+                           for k, v in missing])
+    if cfg.limit is not None:
+        ds = ds.select(range(min(cfg.limit, len(ds))))
+    return ds
+
+
+def data_fingerprint(cfg: DataConfig) -> str:
+    path = Path(cfg.path)
+    if path.is_dir():
+        return hash_files([p for p in path.rglob("*") if p.is_file()])
+    return hash_file(path)
+
+
+@dataclass
+class PlanRow:
+    id: str
+    copy: int
+    text: str | None
+    text_pair: str | None
+    words: list | None
+    label: object
+
+
+def _row_rng(seed: int, example_id: str, copy: int) -> np.random.RandomState:
+    digest = hashlib.sha256(f"{seed}\0{example_id}\0{copy}".encode()).digest()
+    return np.random.RandomState(int.from_bytes(digest[:4], "little"))
+
+
+def augment_words(words: list, aug: AugmentConfig, rng, mask_token: str) -> list:
+    ops = aug.ops if aug.mode == "sequence" else [aug.ops[rng.randint(len(aug.ops))]]
+    for op in ops:
+        params = {k: v for k, v in op.items() if k != "name"}
+        if op["name"] == "masking":
+            params.setdefault("mask", mask_token)
+        words = AUGMENTATIONS[op["name"]](words, rng=rng, **params)
+    return words
+
+
+def label_vocabulary(values, teacher_label2id: dict | None) -> tuple[list | None, dict | None]:
+    """Map string labels to ids: the teacher's label2id if it covers them, else sorted names."""
+    flat = [v for x in values for v in (x if isinstance(x, list) else [x])]
+    if not flat or all(isinstance(v, (int, np.integer)) for v in flat):
+        return None, None
+    names = sorted({str(v) for v in flat})
+    if teacher_label2id and set(names) <= set(teacher_label2id):
+        mapping = {k: int(v) for k, v in teacher_label2id.items()}
+        return [k for k, _ in sorted(mapping.items(), key=lambda kv: kv[1])], mapping
+    return names, {n: i for i, n in enumerate(names)}
+
+
+def build_rows(ds, cfg: DataConfig, aug: AugmentConfig, mask_token: str) -> list[PlanRow]:
+    """(example, copy) rows in dataset order; augmentation never touches copy 0."""
+    token_level = cfg.tokens is not None
+    if token_level and aug.copies and any(op["name"] != "masking" for op in aug.ops):
+        raise ConfigError("augment.ops: token-level data (data.tokens) supports only 'masking', which keeps "
+                          "words aligned with their labels")
+    columns = {k: ds[getattr(cfg, k)] if getattr(cfg, k) else None for k in ("text", "text_pair", "tokens", "label", "id")}
+    ids = [str(x) for x in columns["id"]] if columns["id"] is not None else [str(i) for i in range(len(ds))]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise CachebrewError(f"data.id: column {cfg.id!r} is not unique (e.g. {dup!r} repeats)")
+    copies = ([0] if aug.include_original else []) + list(range(1, aug.copies + 1))
+    rows = []
+    for i, example_id in enumerate(ids):
+        text = columns["text"][i] if columns["text"] is not None else None
+        pair = columns["text_pair"][i] if columns["text_pair"] is not None else None
+        words = list(columns["tokens"][i]) if token_level else None
+        label = columns["label"][i] if columns["label"] is not None else None
+        if text is not None and not isinstance(text, str):
+            raise CachebrewError(f"data.text: row {i} (id {example_id}) is {type(text).__name__}, not text")
+        for c in copies:
+            t, w = text, words
+            if c > 0:
+                rng = _row_rng(aug.seed, example_id, c)
+                if token_level:
+                    w = augment_words(words, aug, rng, mask_token)
+                else:
+                    t = " ".join(augment_words(text.split(), aug, rng, mask_token))
+            rows.append(PlanRow(example_id, c, t, pair, w, label))
+    return rows
+
+
+def tokenize_rows(rows: list[PlanRow], tokenizer, max_length: int, label_map: dict | None, token_level: bool):
+    """input_ids / attention_mask / token_type_ids and labels (aligned to first sub-words when token-level)."""
+    out = []
+    step = 1000
+    for start in range(0, len(rows), step):
+        chunk = rows[start:start + step]
+        if token_level:
+            enc = tokenizer([r.words for r in chunk], is_split_into_words=True, truncation=True, max_length=max_length)
+        else:
+            pairs = [r.text_pair for r in chunk] if chunk[0].text_pair is not None else None
+            enc = tokenizer([r.text for r in chunk], pairs, truncation=True, max_length=max_length)
+        for j, r in enumerate(chunk):
+            item = {k: enc[k][j] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+            if r.label is not None:
+                if token_level:
+                    tags = [label_map[str(t)] if label_map else int(t) for t in r.label]
+                    labels, prev = [], None
+                    for w in enc.word_ids(j):
+                        labels.append(-100 if w is None or w == prev or w >= len(tags) else tags[w])
+                        prev = w
+                    item["labels"] = labels
+                else:
+                    item["labels"] = label_map[str(r.label)] if label_map else int(r.label)
+            out.append(item)
+    return out
+
+
+def sorted_order(lengths: list[int], window: int) -> list[int]:
+    """Row order: longest first inside each window of `window` rows (stable), windows in dataset order."""
+    order = []
+    for start in range(0, len(lengths), window):
+        idx = range(start, min(start + window, len(lengths)))
+        order.extend(sorted(idx, key=lambda i: -lengths[i]))
+    return order

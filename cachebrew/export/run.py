@@ -1,0 +1,365 @@
+"""`cachebrew export`: run the teachers once over the data and write the cache.
+
+Setup order matters: the data and teachers are loaded first because the fingerprint is made of their
+content; the fingerprint decides whether the output directory is up to date, resumable or foreign;
+only then is the plan tokenized and the remaining shards computed. Teacher forwards run on the main
+thread, encoding and writing on a writer thread, so disk and compression overlap with compute.
+Under torchrun each rank writes the shards k with k % world_size == rank; rank 0 writes the manifest.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from .. import __version__
+from ..cache.fingerprint import combine, hash_state_dict
+from ..cache.format import (ATTENTION_MASK, COPY, FORMAT_VERSION, ID, INPUT_IDS, LABELS, TASK, TEXT, TEXT_PAIR,
+                            TOKEN_COLUMNS, TOKEN_TYPE_IDS, WORDS, encode_int_rows, encode_tensor_rows, slice_rows)
+from ..cache.manifest import MANIFEST, Manifest
+from ..cache.shards import (ShardWriter, describe_shard, list_shards, read_shard_meta, remove_temp_files)
+from ..errors import CacheFormatError, CacheMismatchError
+from ..runtime import resolve_device
+from .config import ExportConfig
+from .data import build_rows, data_fingerprint, label_vocabulary, load_table, sorted_order, tokenize_rows
+from .teachers import forward, load_teacher, load_tokenizer, teacher_tensors, tensor_specs
+
+logger = logging.getLogger("cachebrew")
+
+
+@dataclass
+class ExportResult:
+    output: str
+    fingerprint: str
+    skipped: bool
+    rows_total: int
+    rows_written: int
+    shards_written: int
+    shards_resumed: int
+    bytes_total: int
+    seconds: float
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_written / self.seconds if self.seconds > 0 else 0.0
+
+
+def _dist_env():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else -1
+    return world, rank, local_rank
+
+
+def _barrier(world):
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _wipe(out: Path):
+    for p in list_shards(out).values():
+        p.unlink()
+    (out / MANIFEST).unlink(missing_ok=True)
+    remove_temp_files(out)
+
+
+def check_output_dir(out: Path, fingerprint: str, overwrite: bool) -> str:
+    """'up_to_date', 'resume' (maybe with nothing done yet), after wiping a foreign cache if overwrite."""
+    if (out / MANIFEST).is_file():
+        try:
+            m = Manifest.read(out)
+            same = m.fingerprint == fingerprint
+        except CacheFormatError:
+            same, m = False, None
+        if same and all((out / s.path).is_file() for s in m.shards):
+            return "up_to_date"
+        if not same and not overwrite:
+            old = m.fingerprint[:12] if m else "unreadable"
+            raise CacheMismatchError(
+                f"{out} already holds a cache with fingerprint {old}…, made from other inputs than this export "
+                f"({fingerprint[:12]}…): different teachers, data or settings. Use another output directory, "
+                "or --overwrite to replace it.")
+        _wipe(out)
+        return "resume"
+    for index, path in list_shards(out).items():
+        try:
+            theirs = read_shard_meta(path).get("fingerprint")
+        except CacheFormatError:
+            theirs = None
+        if theirs != fingerprint:
+            if not overwrite:
+                raise CacheMismatchError(
+                    f"{path} belongs to an unfinished export of other inputs (fingerprint "
+                    f"{(theirs or 'unreadable')[:12]}…, this export {fingerprint[:12]}…). Use another output "
+                    "directory, or --overwrite to replace it.")
+            _wipe(out)
+            break
+    return "resume"
+
+
+class _WriterThread:
+    """Encodes and writes shards off the compute thread; errors surface on the next put()."""
+
+    def __init__(self, directory, schema, shard_meta, specs, maxsize=8):
+        self.directory, self.schema, self.meta, self.specs = directory, schema, shard_meta, specs
+        self.q: queue.Queue = queue.Queue(maxsize)
+        self.error: BaseException | None = None
+        self.abort = threading.Event()
+        self.infos = []
+        self.bytes_written = 0
+        self.thread = threading.Thread(target=self._run, name="cachebrew-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, item):
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self):
+        writer = None
+        try:
+            while True:
+                try:
+                    item = self.q.get(timeout=0.1)
+                except queue.Empty:
+                    if self.abort.is_set():
+                        raise KeyboardInterrupt("export aborted")
+                    continue
+                if item is None:
+                    return
+                op = item[0]
+                if op == "open":
+                    writer = ShardWriter(self.directory, item[1], self.schema, {**self.meta, "first_row": item[2]})
+                    writer.__enter__()
+                elif op == "rows":
+                    writer.write(self._record_batch(*item[1:]))
+                elif op == "close":
+                    writer.__exit__(None, None, None)
+                    self.infos.append(writer.info)
+                    self.bytes_written += writer.info.bytes
+                    writer = None
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self.error = e
+            if writer is not None:
+                writer.__exit__(type(e), e, None)  # removes the temp file: no half shard survives
+
+    def _record_batch(self, rows, tokens, tensors, task):
+        cols = {ID: pa.array([r.id for r in rows], pa.string()), COPY: pa.array([r.copy for r in rows], pa.int32()),
+                TASK: pa.array([task] * len(rows), pa.string())}
+        names = self.schema.names
+        if TEXT in names:
+            cols[TEXT] = pa.array([r.text for r in rows], pa.string())
+        if TEXT_PAIR in names:
+            cols[TEXT_PAIR] = pa.array([r.text_pair for r in rows], pa.string())
+        if WORDS in names:
+            cols[WORDS] = pa.array([r.words for r in rows], pa.list_(pa.string()))
+        for name, typ in TOKEN_COLUMNS.items():
+            if name in names:
+                cols[name] = encode_int_rows([t[name] for t in tokens], typ)
+        if LABELS in names:
+            if pa.types.is_list(self.schema.field(LABELS).type):
+                cols[LABELS] = encode_int_rows([t["labels"] for t in tokens], pa.int64())
+            else:
+                cols[LABELS] = pa.array([t["labels"] for t in tokens], pa.int64())
+        for spec in self.specs:
+            cols.update(encode_tensor_rows(spec, tensors[spec.column]))
+        return pa.RecordBatch.from_arrays([cols[n] for n in names], schema=self.schema)
+
+    def finish(self):
+        self.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def cancel(self):
+        self.abort.set()
+        self.thread.join()
+
+
+def _schema(cfg: ExportConfig, tokens: list[dict], specs, token_level: bool) -> pa.Schema:
+    fields = [pa.field(ID, pa.string()), pa.field(COPY, pa.int32()), pa.field(TASK, pa.string())]
+    fields.append(pa.field(WORDS, pa.list_(pa.string())) if token_level else pa.field(TEXT, pa.string()))
+    if cfg.data.text_pair:
+        fields.append(pa.field(TEXT_PAIR, pa.string()))
+    for name, typ in TOKEN_COLUMNS.items():
+        if name in tokens[0]:
+            fields.append(pa.field(name, pa.list_(typ)))
+    if "labels" in tokens[0]:
+        fields.append(pa.field(LABELS, pa.list_(pa.int64()) if token_level else pa.int64()))
+    for spec in specs:
+        fields.extend(spec.arrow_fields())
+    return pa.schema(fields)
+
+
+def _collate(tokens: list[dict], pad_id: int, device) -> dict:
+    length = max(len(t[INPUT_IDS]) for t in tokens)
+    batch = {}
+    for name in (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS):
+        if name in tokens[0]:
+            pad = pad_id if name == INPUT_IDS else 0
+            batch[name] = torch.tensor([t[name] + [pad] * (length - len(t[name])) for t in tokens],
+                                       dtype=torch.long).to(device)
+    return batch
+
+
+def _amp(cfg: ExportConfig, device):
+    mode = cfg.amp
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
+    return dtype
+
+
+def run_export(cfg: ExportConfig) -> ExportResult:
+    t0 = time.perf_counter()
+    world, rank, local_rank = _dist_env()
+    device = resolve_device(cfg.device, local_rank)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")  # only barriers and the final gather travel over it
+    out = Path(cfg.output)
+    want_attention = bool(cfg.outputs.attention_layers)
+
+    # 1. everything the fingerprint is made of
+    ds = load_table(cfg.data)
+    loaded = [load_teacher(tc, i, want_attention) for i, tc in enumerate(cfg.teachers)]
+    teachers = {tc.name: model for tc, (model, _) in zip(cfg.teachers, loaded)}
+    weights = {name: hash_state_dict(model) for name, model in teachers.items()}
+    tokenizer, tokenizer_hash = load_tokenizer(cfg, [tok for _, tok in loaded])
+    amp_dtype = _amp(cfg, device)
+    fingerprint_inputs = {
+        "format_version": FORMAT_VERSION, "cachebrew": __version__, "torch": torch.__version__,
+        "teachers": weights, "tokenizer": tokenizer_hash, "dataset": data_fingerprint(cfg.data),
+        "export": cfg.fingerprint_settings(), "device_type": device.type, "amp": str(amp_dtype),
+    }
+    fingerprint = combine(fingerprint_inputs)
+
+    # 2. what the output directory holds
+    out.mkdir(parents=True, exist_ok=True)
+    state = None
+    if rank == 0:
+        state = check_output_dir(out, fingerprint, cfg.overwrite)
+        remove_temp_files(out)
+    if world > 1:
+        box = [state]
+        torch.distributed.broadcast_object_list(box, src=0)
+        state = box[0]
+    _barrier(world)
+    if state == "up_to_date":
+        m = Manifest.read(out)
+        logger.info("%s is up to date (fingerprint %s…): nothing to do", out, fingerprint[:12])
+        return ExportResult(str(out), fingerprint, True, m.num_rows, 0, 0, len(m.shards), m.num_bytes,
+                            time.perf_counter() - t0)
+
+    # 3. the plan
+    token_level = cfg.data.tokens is not None
+    label_col = ds[cfg.data.label] if cfg.data.label else []
+    first_model = next(iter(teachers.values()))
+    label2id = getattr(getattr(first_model, "config", None), "label2id", None)
+    label_names, label_map = label_vocabulary(label_col, label2id)
+    rows = build_rows(ds, cfg.data, cfg.augment, getattr(tokenizer, "mask_token", None) or "[MASK]")
+    tokens = tokenize_rows(rows, tokenizer, cfg.max_length, label_map, token_level)
+    order = sorted_order([len(t[INPUT_IDS]) for t in tokens], cfg.sort_window * cfg.batch_size)
+    n_shards = math.ceil(len(order) / cfg.shard_rows)
+    mine = [s for s in range(n_shards) if s % world == rank]
+    on_disk = list_shards(out)
+    done = [s for s in mine if s in on_disk]
+    todo = [s for s in mine if s not in on_disk]
+    if done:
+        logger.info("resuming: %d of this rank's %d shards are already complete", len(done), len(mine))
+
+    # 4. teachers on the device; output specs from the plan's first batch (the same on every rank)
+    for model in teachers.values():
+        model.to(device)
+    pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+
+    def run_teachers(batch_tokens):
+        batch = _collate(batch_tokens, pad_id, device)
+        outs = {}
+        autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            for name, model in teachers.items():
+                outs[name] = teacher_tensors(name, forward(model, batch, cfg), cfg)
+        return outs
+
+    probe = run_teachers([tokens[i] for i in order[:cfg.batch_size]])
+    specs = [spec for name, tensors in probe.items() for spec in tensor_specs(name, tensors, cfg)]
+    schema = _schema(cfg, tokens, specs, token_level)
+
+    # 5. compute and write
+    writer = _WriterThread(out, schema, {"fingerprint": fingerprint, "format_version": FORMAT_VERSION}, specs)
+    rows_todo = sum(len(order[s * cfg.shard_rows:(s + 1) * cfg.shard_rows]) for s in todo)
+    progress = None
+    if cfg.progress_bar and rank == 0:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=rows_todo, desc=f"export {out.name}", unit="ex", dynamic_ncols=True)
+    written = 0
+    try:
+        for s in todo:
+            shard_order = order[s * cfg.shard_rows:(s + 1) * cfg.shard_rows]
+            writer.put(("open", s, s * cfg.shard_rows))
+            for start in range(0, len(shard_order), cfg.batch_size):
+                idx = shard_order[start:start + cfg.batch_size]
+                batch_tokens = [tokens[i] for i in idx]
+                outs = run_teachers(batch_tokens)
+                lengths = [len(t[INPUT_IDS]) for t in batch_tokens]
+                per_row = {}
+                for spec in specs:
+                    full = outs[spec.teacher][(spec.kind, spec.layer)].detach().to("cpu")
+                    per_row[spec.column] = slice_rows(spec, full, lengths)
+                writer.put(("rows", [rows[i] for i in idx], batch_tokens, per_row, cfg.task))
+                written += len(idx)
+                if progress is not None:
+                    progress.update(len(idx))
+                    progress.set_postfix(written=f"{writer.bytes_written / 2**20:.1f}MiB")
+            writer.put(("close", s))
+        writer.finish()
+    except BaseException:
+        writer.cancel()
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+
+    # 6. describe every shard of this rank, gather, and publish the manifest
+    infos = [i.to_dict() for i in writer.infos] + [describe_shard(on_disk[s]).to_dict() for s in done]
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, infos)
+        infos = [i for part in gathered for i in part]
+    if rank == 0:
+        from ..cache.shards import ShardInfo
+
+        shard_infos = sorted((ShardInfo(**i) for i in infos), key=lambda i: i.index)
+        if [i.index for i in shard_infos] != list(range(n_shards)):
+            raise CacheFormatError(f"{out}: expected shards 0..{n_shards - 1}, have {[i.index for i in shard_infos]}")
+        manifest = Manifest(
+            fingerprint=fingerprint, fingerprint_inputs=fingerprint_inputs,
+            columns={f.name: str(f.type) for f in schema}, tensors=specs,
+            teachers={tc.name: {"weights_sha256": weights[tc.name], "source": tc.path or tc.entry_point,
+                                "model_class": tc.model_class} for tc in cfg.teachers},
+            shards=shard_infos, tasks={cfg.task: len(order)}, config=cfg.to_dict(), token_level=token_level,
+            label_names=label_names, num_examples=len(ds), created=datetime.now(timezone.utc).isoformat())
+        manifest.write(out)
+        total_bytes = manifest.num_bytes
+    else:
+        total_bytes = 0
+    _barrier(world)
+    seconds = time.perf_counter() - t0
+    return ExportResult(str(out), fingerprint, False, len(order), written, len(writer.infos), len(done), total_bytes,
+                        seconds)

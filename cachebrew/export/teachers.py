@@ -1,0 +1,141 @@
+"""Loading teachers (Hugging Face directories or `module:function` entry points) and reading their outputs.
+
+A teacher is any module whose forward accepts input_ids / attention_mask / token_type_ids and the
+Hugging Face flags output_hidden_states / output_attentions, and returns an object or dict with
+`logits`, `hidden_states` and `attentions`. Entry points run only because the user named them in the config.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..cache.fingerprint import hash_files
+from ..cache.format import TensorSpec
+from ..errors import CachebrewError, ConfigError
+from .config import ExportConfig, TeacherConfig
+
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "merges.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json")
+
+
+def call_entry_point(spec: str, where: str):
+    module_name, func_name = spec.split(":", 1)
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # `module:function` resolves against the working directory, like `python -m`
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as e:
+        raise CachebrewError(f"{where}: cannot import {spec!r}: {e}") from None
+    return func()
+
+
+def load_teacher(tc: TeacherConfig, index: int, want_attention: bool):
+    """(model, tokenizer or None). Attention maps need eager attention, so it is requested when exported."""
+    where = f"teachers[{index}]"
+    if tc.entry_point:
+        obj = call_entry_point(tc.entry_point, f"{where}.entry_point")
+        model, tokenizer = obj if isinstance(obj, tuple) else (obj, None)
+        if not isinstance(model, torch.nn.Module):
+            raise CachebrewError(f"{where}.entry_point: {tc.entry_point} returned {type(model).__name__}, "
+                                 "not a torch.nn.Module (or a (model, tokenizer) tuple)")
+        return model.eval(), tokenizer
+    path = Path(tc.path)
+    if not (path / "config.json").is_file():
+        raise CachebrewError(f"{where}.path: {path} is not a Hugging Face model directory (no config.json)")
+    import transformers
+
+    cls = getattr(transformers, tc.model_class)
+    kwargs = {"attn_implementation": "eager"} if want_attention else {}
+    try:
+        model = cls.from_pretrained(str(path), **kwargs)
+    except Exception as e:
+        raise CachebrewError(f"{where}: cannot load {tc.model_class} from {path}: {e}") from None
+    return model.eval(), None
+
+
+def load_tokenizer(cfg: ExportConfig, teacher_tokenizers: list):
+    spec = cfg.tokenizer
+    if spec is None:
+        first = cfg.teachers[0]
+        if first.path:
+            spec = first.path
+        elif teacher_tokenizers and teacher_tokenizers[0] is not None:
+            return teacher_tokenizers[0], "entry_point:" + first.entry_point
+        else:
+            raise ConfigError("tokenizer: required when the first teacher is an entry point that returns no tokenizer")
+    if ":" in spec and not Path(spec).exists():
+        tok = call_entry_point(spec, "tokenizer")
+        return tok, "entry_point:" + spec
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(spec)
+    except Exception as e:
+        raise CachebrewError(f"tokenizer: cannot load a tokenizer from {spec}: {e}") from None
+    files = [Path(spec) / f for f in TOKENIZER_FILES if (Path(spec) / f).is_file()]
+    return tok, hash_files(files)
+
+
+def _get(outputs, key):
+    if isinstance(outputs, Mapping):
+        return outputs.get(key)
+    if isinstance(outputs, (tuple, list)):
+        return None
+    return getattr(outputs, key, None)
+
+
+def forward(model, batch: dict, cfg: ExportConfig):
+    o = cfg.outputs
+    return model(**batch, output_hidden_states=bool(o.hidden_layers), output_attentions=bool(o.attention_layers))
+
+
+def teacher_tensors(name: str, outputs, cfg: ExportConfig) -> dict[tuple, torch.Tensor]:
+    """{(kind, layer): batch tensor} for what the config asks of this teacher, with clear errors."""
+    o = cfg.outputs
+    got = {}
+    if o.logits:
+        logits = _get(outputs, "logits")
+        if logits is None:
+            raise CachebrewError(f"teacher {name!r} returned no 'logits' (outputs.logits is true); use a model with "
+                                 "a task head (model_class) or set outputs.logits: false")
+        got[("logits", None)] = logits
+    for kind, key, layers, flag in (("hidden", "hidden_states", o.hidden_layers, "output_hidden_states"),
+                                    ("attention", "attentions", o.attention_layers, "output_attentions")):
+        if not layers:
+            continue
+        states = _get(outputs, key)
+        if not states:
+            hint = " (attention maps need attn_implementation='eager')" if kind == "attention" else ""
+            raise CachebrewError(f"teacher {name!r} returned no '{key}' although outputs.{kind}_layers asks for "
+                                 f"{layers}; its forward must honour {flag}=True{hint}")
+        for layer in layers:
+            if layer >= len(states):
+                raise ConfigError(f"outputs.{kind}_layers: layer {layer} is out of range for teacher {name!r}, "
+                                  f"which returns {len(states)} {key} (indices 0..{len(states) - 1})")
+            t = states[layer]
+            if kind == "attention" and o.attention_form == "logits":
+                # log-probabilities: the pre-softmax scores up to a per-row constant, which softmax ignores
+                t = torch.log(t.float().clamp_min(torch.finfo(torch.float32).tiny))
+            got[(kind, layer)] = t
+    return got
+
+
+def tensor_specs(name: str, tensors: dict, cfg: ExportConfig) -> list[TensorSpec]:
+    specs = []
+    for (kind, layer), t in tensors.items():
+        if kind == "logits":
+            shape = [int(t.shape[-1])] if t.dim() == 2 else ["L", int(t.shape[-1])]
+            topk = cfg.outputs.topk_logits
+            if topk is not None and topk >= int(t.shape[-1]):
+                topk = None  # nothing to drop
+            specs.append(TensorSpec(name, kind, None, cfg.dtypes.logits, shape, topk))
+        elif kind == "hidden":
+            specs.append(TensorSpec(name, kind, layer, cfg.dtypes.hidden, ["L", int(t.shape[-1])]))
+        else:
+            specs.append(TensorSpec(name, kind, layer, cfg.dtypes.attention, [int(t.shape[1]), "L", "L"],
+                                    extra={"form": cfg.outputs.attention_form}))
+    return specs
