@@ -1,6 +1,7 @@
 """The `cachebrew` command line. Thin: parse, call the library, print errors without tracebacks.
 
     cachebrew export CONFIG.yaml [--set key=value]   # teachers -> cache
+    cachebrew distill CONFIG.yaml [--resume]         # cache -> student
     cachebrew inspect CACHE | cachebrew verify CACHE
     cachebrew validate CONFIG.yaml                   # report every problem in a config at once
     cachebrew version
@@ -80,6 +81,33 @@ def export(config: Path = typer.Argument(..., help="export config (YAML or JSON)
     typer.echo(f"{result.output}: {result.rows_total} rows in {result.shards_written + result.shards_resumed} shards "
                f"({result.shards_resumed} resumed), {result.bytes_total / 2**20:.2f} MiB, {per_row:,.0f} bytes/row, "
                f"{result.rows_per_second:,.1f} rows/s, fingerprint {result.fingerprint[:12]}…")
+
+
+@app.command()
+def distill(config: Path = typer.Argument(..., help="distill config (YAML or JSON)"),
+            set_: list[str] = typer.Option([], "--set", help="override a config value: key.sub=value (YAML value)"),
+            resume: bool = typer.Option(False, help="continue the run in output_dir from its last checkpoint"),
+            no_progress: bool = typer.Option(False, help="hide the progress bar")):
+    """Train a student from teacher caches (no teacher in memory); evaluate, keep best and last."""
+    from .distill import DistillRunConfig, run_distill
+
+    overrides = list(set_) + (["train.progress_bar=false"] if no_progress else [])
+    _setup_logging()
+    result = run_distill(DistillRunConfig.from_file(config, overrides), resume=resume)
+    msg = f"{result.output_dir}: {result.global_step} steps, {result.examples_per_second:,.1f} examples/s"
+    if result.best:
+        msg += f"; best {_fmt_scores(result.best)}"
+    if result.teacher:
+        msg += f"; teacher {_fmt_scores(result.teacher)}"
+    typer.echo(msg)
+
+
+def _fmt_scores(row: dict) -> str:
+    parts = []
+    for task, m in row.items():
+        if isinstance(m, dict):
+            parts += [f"{task}.{k}={v:.4f}" for k, v in m.items()]
+    return ", ".join(parts)
 
 
 @app.command()

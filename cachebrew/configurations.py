@@ -109,7 +109,7 @@ class TrainingConfig(Config):
 
     def __init__(self, gradient_accumulation_steps=1, ckpt_frequency=1, ckpt_epoch_frequency=1, ckpt_steps=None,
                  log_dir=None, output_dir="./saved_models", device=None, fp16=False, fp16_opt_level="O1",
-                 data_parallel=False, local_rank=None, amp=None, progress_bar=True):
+                 data_parallel=False, local_rank=None, amp=None, progress_bar=True, keep_checkpoints=None):
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.ckpt_frequency = ckpt_frequency
         self.ckpt_epoch_frequency = ckpt_epoch_frequency
@@ -123,6 +123,7 @@ class TrainingConfig(Config):
         self.local_rank = local_rank
         self.amp = amp
         self.progress_bar = progress_bar
+        self.keep_checkpoints = keep_checkpoints
         self._validate()
 
     def _validate(self):
@@ -132,6 +133,8 @@ class TrainingConfig(Config):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
                 errors.append(f"{p}{name}: must be an integer >= 1, got {v!r}")
+        if self.keep_checkpoints is not None and (not _is_int(self.keep_checkpoints) or self.keep_checkpoints < 1):
+            errors.append(f"{p}keep_checkpoints: must be None (keep all) or an integer >= 1, got {self.keep_checkpoints!r}")
         if self.ckpt_steps is not None and (not _is_int(self.ckpt_steps) or self.ckpt_steps < 1):
             errors.append(f"{p}ckpt_steps: must be None or an integer >= 1, got {self.ckpt_steps!r}")
         for name in ("log_dir", "output_dir"):

@@ -34,3 +34,21 @@ class NoHidden(torch.nn.Module):
 
 def no_hidden():
     return NoHidden()
+
+
+def slow_student():
+    """A small BERT student (dropout on, so resuming must restore RNG state) whose steps take a while."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=88, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     max_position_embeddings=64, num_labels=2, output_hidden_states=True)
+    model = BertForSequenceClassification(cfg)
+    delay = float(os.environ.get("CB_STUDENT_DELAY", "0"))
+    original = model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(delay)
+        return original(*args, **kwargs)
+
+    model.forward = slow_forward
+    return model

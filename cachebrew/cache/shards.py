@@ -35,10 +35,11 @@ class ShardInfo:
     bytes: int
     sha256: str
     first_row: int
+    batches: list | None = None  # rows per Arrow record batch, for random access without reading
 
     def to_dict(self):
         return dict(path=self.path, index=self.index, rows=self.rows, bytes=self.bytes, sha256=self.sha256,
-                    first_row=self.first_row)
+                    first_row=self.first_row, batches=self.batches)
 
 
 class _HashingFile:
@@ -87,6 +88,7 @@ class ShardWriter:
         self.schema = schema.with_metadata(meta)
         self.compression = compression
         self.rows = 0
+        self.batch_rows: list[int] = []
         self.info: ShardInfo | None = None
         self.first_row = int(metadata.get("first_row", 0))
 
@@ -101,6 +103,7 @@ class ShardWriter:
     def write(self, batch: pa.RecordBatch):
         self._writer.write_batch(batch)
         self.rows += batch.num_rows
+        self.batch_rows.append(batch.num_rows)
 
     def __exit__(self, exc_type, exc, tb):
         try:
@@ -110,7 +113,7 @@ class ShardWriter:
                 os.replace(self.tmp, self.final)
                 _fsync_dir(self.directory)
                 self.info = ShardInfo(self.final.name, self.index, self.rows, self._file.n,
-                                      self._file.h.hexdigest(), self.first_row)
+                                      self._file.h.hexdigest(), self.first_row, self.batch_rows)
         finally:
             if not self._file.closed:
                 self._file.f.close()
@@ -138,13 +141,13 @@ def describe_shard(path, meta: dict | None = None) -> ShardInfo:
     meta = meta or read_shard_meta(path)
     with pa.memory_map(str(path)) as source:
         reader = pa.ipc.open_file(source)
-        rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+        batches = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-    return ShardInfo(path.name, int(meta["shard_index"]), rows, path.stat().st_size, h.hexdigest(),
-                     int(meta.get("first_row", 0)))
+    return ShardInfo(path.name, int(meta["shard_index"]), sum(batches), path.stat().st_size, h.hexdigest(),
+                     int(meta.get("first_row", 0)), batches)
 
 
 def remove_temp_files(directory) -> int:

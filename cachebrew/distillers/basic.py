@@ -173,14 +173,16 @@ class BasicDistiller(AbstractDistiller):
         if num_steps is not None:
             if self._uses_logit_cache():
                 raise ConfigError("DistillationConfig.is_caching_logits=True works only with num_epochs, not num_steps")
-            plan = step_plan(num_steps, self.t_config, cycled(dataloader, batch_postprocessor))
+            start = self._resume_position()[1]
+            plan = step_plan(num_steps, self.t_config, cycled(dataloader, batch_postprocessor, start), start)
         elif self._uses_logit_cache():
             logger.info("caching batches and the teacher's logits in memory")
             self.logits_cache = [self.cache_logits(b, args, batch_postprocessor) for b in dataloader]
             plan = epoch_plan(self.logits_cache, num_epochs, self.t_config,
                               before_epoch=lambda _e: random.shuffle(self.logits_cache))
         else:
-            plan = epoch_plan(dataloader, num_epochs, self.t_config, prepare=batch_postprocessor)
+            plan = epoch_plan(dataloader, num_epochs, self.t_config, prepare=batch_postprocessor,
+                              start=self._resume_position())
         return self._fit(optimizer, scheduler, plan, max_grad_norm, callback, args)
 
     def _uses_logit_cache(self):

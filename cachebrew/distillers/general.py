@@ -139,6 +139,11 @@ class GeneralDistiller(BasicDistiller):
                 if i >= len(feats):
                     raise BatchError(f"intermediate_matches[{ith}].layer_{side[0].upper()}={i} is out of range: "
                                      f"the {side} adaptor returned {len(feats)} {im.feature!r} tensors")
+            for i in idx:
+                if feats[i] is None:
+                    have = [j for j, f in enumerate(feats) if f is not None]
+                    raise BatchError(f"intermediate_matches[{ith}].layer_{side[0].upper()}={i}: the {side}'s "
+                                     f"{im.feature!r} layer {i} is not in the cache (cached layers: {have})")
             picked.append([feats[i] for i in idx] if isinstance(layers, list) else feats[layers])
         return picked[0], picked[1]
 

@@ -11,7 +11,8 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +37,14 @@ class Plan:
     is_checkpoint: Callable[[int, int], bool]
 
 
-def epoch_plan(dataloader, num_epochs: int, t_config: TrainingConfig, prepare=None, before_epoch=None) -> Plan:
+def _positionable(loader):
+    """The object that can be told an epoch/position: a cachebrew CacheBatches, directly or in a DataLoader."""
+    ds = getattr(loader, "dataset", loader)
+    return ds if hasattr(ds, "set_position") else None
+
+
+def epoch_plan(dataloader, num_epochs: int, t_config: TrainingConfig, prepare=None, before_epoch=None,
+               start: tuple[int, int] = (0, 0)) -> Plan:
     """TextBrewer's epoch schedule: `ckpt_frequency` saves per epoch, every `ckpt_epoch_frequency` epochs."""
     accum = t_config.gradient_accumulation_steps
     if not hasattr(dataloader, "__len__"):
@@ -50,13 +58,22 @@ def epoch_plan(dataloader, num_epochs: int, t_config: TrainingConfig, prepare=No
     logger.info("training steps per epoch: %d, checkpoints at steps %s of each epoch",
                 steps_per_epoch, sorted(p or steps_per_epoch for p in points))
 
+    start_epoch, start_step = start
+    positionable = _positionable(dataloader)
+
     def batches():
-        for epoch in range(num_epochs):
+        for epoch in range(start_epoch, num_epochs):
+            skip = start_step if epoch == start_epoch else 0
             if before_epoch is not None:
                 before_epoch(epoch)
             if hasattr(getattr(dataloader, "sampler", None), "set_epoch"):
                 dataloader.sampler.set_epoch(epoch)  # DistributedSampler reshuffles per epoch only if told
-            for step, batch in enumerate(dataloader):
+            if positionable is not None:
+                positionable.set_position(epoch, skip)  # resume without reading the skipped batches
+                numbered = enumerate(dataloader, start=skip)
+            else:
+                numbered = ((i, b) for i, b in enumerate(dataloader) if i >= skip)
+            for step, batch in numbered:
                 yield epoch, step, (prepare(batch) if prepare else batch)
 
     def is_checkpoint(global_step, epoch):
@@ -66,7 +83,7 @@ def epoch_plan(dataloader, num_epochs: int, t_config: TrainingConfig, prepare=No
     return Plan(steps_per_epoch * num_epochs, batches(), is_checkpoint)
 
 
-def step_plan(num_steps: int, t_config: TrainingConfig, batch_stream: Iterator) -> Plan:
+def step_plan(num_steps: int, t_config: TrainingConfig, batch_stream: Iterator, start_step: int = 0) -> Plan:
     """TextBrewer's step schedule: save every `ckpt_steps` and at the end."""
     num_steps = int(num_steps)
     if num_steps < 1:
@@ -75,19 +92,64 @@ def step_plan(num_steps: int, t_config: TrainingConfig, batch_stream: Iterator) 
     logger.info("total training steps: %d, checkpoint every %d steps", num_steps, ckpt_steps)
 
     def batches():
-        for step, batch in enumerate(batch_stream):
+        for step, batch in enumerate(batch_stream, start=start_step):
             yield 0, step, batch
 
     return Plan(num_steps, batches(), lambda gs, _e: gs % ckpt_steps == 0 or gs == num_steps)
 
 
-def cycled(dataloader, prepare=None):
-    for batch in cycle(dataloader):
-        yield prepare(batch) if prepare else batch
+def cycled(dataloader, prepare=None, start: int = 0):
+    """Endless batches; a CacheBatches loader gets a new epoch (new shuffle) on every pass.
+    `start` micro-batches are skipped (positioned, not read, when the loader allows)."""
+    positionable = _positionable(dataloader)
+    if positionable is None:
+        for i, batch in enumerate(cycle(dataloader)):
+            if i >= start:
+                yield prepare(batch) if prepare else batch
+        return
+    n = len(dataloader)
+    epoch, skip = divmod(start, n)
+    while True:
+        positionable.set_position(epoch, skip)
+        for batch in dataloader:
+            yield prepare(batch) if prepare else batch
+        epoch, skip = epoch + 1, 0
+
+
+@dataclass
+class StepState:
+    """What a step hook sees after each optimizer step (enough to checkpoint a resumable run)."""
+
+    global_step: int
+    total_steps: int
+    epoch: int
+    step: int            # micro-batch index inside the epoch (steps plans: since the start)
+    writer_step: int
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+
+
+@dataclass
+class ResumeState:
+    """Where a resumed run starts: counters, plus state dicts for the optimizer, LR scheduler and scaler."""
+
+    global_step: int
+    writer_step: int
+    epoch: int
+    step: int            # micro-batches of `epoch` already consumed
+    optimizer: dict
+    scheduler: dict | None = None
+    scaler: dict | None = None
+    extra: dict = field(default_factory=dict)  # distiller-specific state (multi-task draw counts)
 
 
 class TrainingLoop:
-    """Runtime setup (device, DDP, AMP, tensorboard) and `_fit`, the shared loop."""
+    """Runtime setup (device, DDP, AMP, tensorboard) and `_fit`, the shared loop.
+
+    Pipelines (``cachebrew distill``) add resumable checkpoints through ``add_step_hook`` and
+    continue a run through ``resume_from``; TextBrewer-style scripts need neither.
+    """
 
     t_config: TrainingConfig
     print_freq = 20
@@ -102,6 +164,19 @@ class TrainingLoop:
             ensure_process_group(self.device)
         self.rank = get_rank()
         self._tb_writer = None
+        self._step_hooks: list[Callable[[StepState], None]] = []
+        self._resume: ResumeState | None = None
+
+    def add_step_hook(self, hook: Callable[[StepState], None]) -> None:
+        """Call `hook(state)` after every optimizer step (checkpointing, evaluation, early stop)."""
+        self._step_hooks.append(hook)
+
+    def resume_from(self, state: ResumeState) -> None:
+        """The next `train` continues from `state` instead of starting at step 0."""
+        self._resume = state
+
+    def _resume_position(self) -> tuple[int, int]:
+        return (self._resume.epoch, self._resume.step) if self._resume else (0, 0)
 
     # -- hooks for subclasses -------------------------------------------------------------------
     def _student(self) -> nn.Module:
@@ -189,8 +264,23 @@ class TrainingLoop:
 
             progress = tqdm(total=plan.total_steps, desc="train", unit="step", dynamic_ncols=True)
         global_step = writer_step = 0
-        current_epoch = None
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            optimizer.load_state_dict(resume.optimizer)
+            if scheduler is not None and resume.scheduler is not None:
+                scheduler.load_state_dict(resume.scheduler)
+            if scaler is not None and resume.scaler is not None:
+                scaler.load_state_dict(resume.scaler)
+            global_step, writer_step = resume.global_step, resume.writer_step
+            self._on_optimizer_step(global_step / plan.total_steps)
+            if progress is not None:
+                progress.update(global_step)
+            logger.info("resuming at global step %d (epoch %d, micro-batch %d)", global_step, resume.epoch + 1,
+                        resume.step)
+        current_epoch = resume.epoch if resume is not None else None
         try:
+            if global_step >= plan.total_steps:
+                return global_step
             for epoch, step, batch in plan.batches:
                 if epoch != current_epoch:
                     # A new epoch drops any partial accumulation, as TextBrewer does.
@@ -229,6 +319,9 @@ class TrainingLoop:
                     self.tb_writer.add_scalar("scalar/learning_rate", optimizer.param_groups[0]["lr"], global_step)
                 if plan.is_checkpoint(global_step, epoch):
                     self.save_and_callback(global_step, step, epoch, callback)
+                for hook in self._step_hooks:
+                    hook(StepState(global_step, plan.total_steps, epoch, step, writer_step, optimizer, scheduler,
+                                   scaler))
                 if global_step >= plan.total_steps:
                     break
         finally:
@@ -251,6 +344,12 @@ class TrainingLoop:
             core = core.module if hasattr(core, "module") else core
             path = os.path.join(self.t_config.output_dir, f"gs{global_step}.safetensors")
             save_checkpoint(core, path, self._checkpoint_metadata(global_step))
+            keep = self.t_config.keep_checkpoints
+            if keep is not None:
+                old = sorted(Path(self.t_config.output_dir).glob("gs*.safetensors"),
+                             key=lambda p: int(p.stem[2:]) if p.stem[2:].isdigit() else -1)
+                for stale in old[:-keep]:
+                    stale.unlink(missing_ok=True)
         barrier()  # other ranks wait until the checkpoint exists
         if callback is not None:
             logger.info("running callback at step %d", global_step)

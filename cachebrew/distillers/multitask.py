@@ -7,10 +7,9 @@ from collections import Counter
 import numpy as np
 
 from ..errors import ConfigError
-from ..utils import cycle
 from .batches import apply_adaptor, get_outputs_from_batch, has_cache
 from .general import GeneralDistiller
-from .loop import step_plan
+from .loop import cycled, step_plan
 
 logger = logging.getLogger("cachebrew")
 
@@ -59,8 +58,9 @@ class MultiTaskDistiller(GeneralDistiller):
         else:
             logger.info("the size of some datasets is unknown, so tasks are sampled uniformly")
             sampling_weights = None
-        iters = {k: cycle(v) for k, v in dataloaders.items()}
-        self.sampled_tasks = Counter()
+        counts = dict(self._resume.extra.get("task_counts", {})) if self._resume else {}
+        iters = {k: cycled(v, start=counts.get(k, 0)) for k, v in dataloaders.items()}  # resume: each task's position
+        self.sampled_tasks = Counter(counts)
 
         def task_batches():
             while True:
@@ -71,7 +71,7 @@ class MultiTaskDistiller(GeneralDistiller):
                     batch = batch_postprocessors[taskname](batch)
                 yield batch, taskname
 
-        plan = step_plan(num_steps, self.t_config, task_batches())
+        plan = step_plan(num_steps, self.t_config, task_batches(), start_step=self._resume_position()[1])
         return self._fit(optimizer, scheduler, plan, max_grad_norm, callback, args)
 
     def train_on_batch(self, batch_taskname, args):

@@ -37,9 +37,11 @@ class BasicTrainer(TrainingLoop):
         self._wrap_parallel()
         scheduler = self._make_scheduler(optimizer, scheduler_class, scheduler_args, scheduler)
         if num_steps is not None:
-            plan = step_plan(num_steps, self.t_config, cycled(dataloader, batch_postprocessor))
+            start = self._resume_position()[1]
+            plan = step_plan(num_steps, self.t_config, cycled(dataloader, batch_postprocessor, start), start)
         else:
-            plan = epoch_plan(dataloader, num_epochs, self.t_config, prepare=batch_postprocessor)
+            plan = epoch_plan(dataloader, num_epochs, self.t_config, prepare=batch_postprocessor,
+                              start=self._resume_position())
         return self._fit(optimizer, scheduler, plan, max_grad_norm, callback, args)
 
     def train_on_batch(self, batch, args):

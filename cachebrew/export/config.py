@@ -225,6 +225,8 @@ def _to_dict(obj) -> Any:
         return {f.name: _to_dict(getattr(obj, f.name)) for f in fields(obj)}
     if isinstance(obj, list):
         return [_to_dict(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _to_dict(v) for k, v in obj.items()}
     return copy.deepcopy(obj)
 
 

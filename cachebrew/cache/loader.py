@@ -1,0 +1,313 @@
+"""Streaming a cache into training: epoch plans, shuffling, rank/worker splits, decoding, padding.
+
+The order of an epoch is planned from the manifest alone (no I/O): shards in a seeded random order,
+rows through a shuffle buffer, then cut into batches; rank r of a DDP job takes batches r, r+W, ...,
+and DataLoader worker w of that rank every n-th of those. Only the Arrow record batches a worker needs
+are decoded, each once, and freed after its last use in the plan, so memory stays at the shuffle
+buffer's size however large the cache. Because the plan is a pure function of (seed, epoch), a
+position (epoch, batches consumed) is all that a resumed run needs.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ..errors import CacheFormatError, CachebrewError
+from .format import (ATTENTION_MASK, COPY, ID, INPUT_IDS, LABELS, TOKEN_TYPE_IDS, TensorSpec, decode_int_column,
+                     decode_tensor_column)
+from .reader import CacheReader
+
+
+@dataclass(frozen=True)
+class RowRef:
+    shard: int   # position in manifest.shards
+    batch: int   # record batch inside the shard
+    row: int     # row inside the record batch
+
+
+def _row_refs(reader: CacheReader) -> list[RowRef]:
+    refs = []
+    for si, info in enumerate(reader.manifest.shards):
+        sizes = info.batches or [info.rows]
+        for bi, n in enumerate(sizes):
+            refs.extend(RowRef(si, bi, r) for r in range(n))
+    return refs
+
+
+def epoch_order(num_rows_per_shard: list[int], seed: int, epoch: int, shuffle: bool, buffer_size: int) -> list[int]:
+    """Global row indices for one epoch: shard order shuffled, then rows through a shuffle buffer."""
+    starts = np.concatenate([[0], np.cumsum(num_rows_per_shard)]).astype(int)
+    shards = list(range(len(num_rows_per_shard)))
+    if not shuffle:
+        return list(range(int(starts[-1])))
+    rng = random.Random(f"{seed}:{epoch}")
+    rng.shuffle(shards)
+    stream = (i for s in shards for i in range(starts[s], starts[s + 1]))
+    out, buf = [], []
+    for i in stream:
+        if len(buf) < buffer_size:
+            buf.append(i)
+            continue
+        j = rng.randrange(buffer_size)
+        out.append(buf[j])
+        buf[j] = i
+    rng.shuffle(buf)
+    out.extend(buf)
+    return out
+
+
+class JoinedCaches:
+    """One or more caches of the same rows, aligned on (id, copy); the first provides the inputs.
+
+    Caches exported from the same data with the same row-producing settings are aligned by position
+    (checked row by row as they are read); others are joined through an (id, copy) index.
+    """
+
+    def __init__(self, paths: list, teachers: list[str] | None = None):
+        if not paths:
+            raise CachebrewError("no cache given")
+        self.readers = [CacheReader(p) for p in paths]
+        primary = self.readers[0].manifest
+        for r in self.readers[1:]:
+            m = r.manifest
+            if m.fingerprint_inputs.get("dataset") != primary.fingerprint_inputs.get("dataset"):
+                raise CacheFormatError(
+                    f"cannot join {r.path} with {self.readers[0].path}: they were exported from different data "
+                    f"(dataset fingerprints {m.fingerprint_inputs.get('dataset', '?')[:12]}… vs "
+                    f"{primary.fingerprint_inputs.get('dataset', '?')[:12]}…)")
+            if m.num_rows != primary.num_rows:
+                raise CacheFormatError(f"cannot join {r.path} ({m.num_rows} rows) with {self.readers[0].path} "
+                                       f"({primary.num_rows} rows): different augmentation or limits")
+        self.specs: list[tuple[int, TensorSpec]] = []
+        seen = {}
+        for ci, r in enumerate(self.readers):
+            for spec in r.manifest.tensors:
+                if spec.teacher in seen and seen[spec.teacher] != ci:
+                    continue  # the same teacher in two caches: the first one wins
+                seen[spec.teacher] = ci
+                self.specs.append((ci, spec))
+        available = list(dict.fromkeys(s.teacher for _, s in self.specs))
+        if teachers:
+            missing = [t for t in teachers if t not in available]
+            if missing:
+                raise CachebrewError(f"teacher(s) {missing} not in the caches (available: {available})")
+            self.specs = [(ci, s) for ci, s in self.specs if s.teacher in teachers]
+            self.teachers = list(teachers)
+        else:
+            self.teachers = available
+        self.refs = [_row_refs(r) for r in self.readers]
+        self.maps = [None] + [self._alignment(r, i + 1) for i, r in enumerate(self.readers[1:])]
+
+    @property
+    def manifest(self):
+        return self.readers[0].manifest
+
+    @property
+    def num_rows(self) -> int:
+        return self.manifest.num_rows
+
+    def _alignment(self, reader: CacheReader, ci: int):
+        """None when rows line up by position; else the row index in `reader` of each primary row."""
+        keys = ("dataset", "tokenizer")
+        a, b = self.manifest, reader.manifest
+        same_plan = all(a.fingerprint_inputs.get(k) == b.fingerprint_inputs.get(k) for k in keys) and all(
+            a.config.get(k) == b.config.get(k) for k in ("augment", "max_length", "batch_size", "sort_window",
+                                                         "shard_rows", "data"))
+        if same_plan:
+            return None
+        index = {}
+        pos = 0
+        for info in reader.manifest.shards:
+            table = reader.open_shard(info).select([ID, COPY])
+            for i, c in zip(table.column(ID).to_pylist(), table.column(COPY).to_pylist()):
+                index[(i, c)] = pos
+                pos += 1
+        mapping = []
+        for info in self.manifest.shards:
+            table = self.readers[0].open_shard(info).select([ID, COPY])
+            for key in zip(table.column(ID).to_pylist(), table.column(COPY).to_pylist()):
+                if key not in index:
+                    raise CacheFormatError(f"cannot join {reader.path}: it has no row for example {key[0]!r} copy {key[1]}")
+                mapping.append(index[key])
+        return mapping
+
+
+class CacheBatches(torch.utils.data.IterableDataset):
+    """Batches of ``{'student': inputs, 'teacher_cache': {...}}`` streamed from cache(s).
+
+    Usable as a plain iterable or inside ``torch.utils.data.DataLoader(ds, batch_size=None, num_workers=n,
+    pin_memory=True)``; ``len()`` is the number of batches this rank sees per epoch. ``set_epoch`` and
+    ``set_position`` select what the next iteration yields.
+    """
+
+    def __init__(self, caches, batch_size: int, *, shuffle=True, seed=0, buffer_size=2048, drop_last=False,
+                 rank=None, world_size=None, teachers=None, teacher_weights=None, with_labels=True,
+                 task: str | None = None):
+        self.joined = caches if isinstance(caches, JoinedCaches) else JoinedCaches(
+            [caches] if isinstance(caches, (str, Path)) else list(caches), teachers)
+        self.batch_size = int(batch_size)
+        self.shuffle, self.seed, self.buffer_size, self.drop_last = shuffle, seed, buffer_size, drop_last
+        if rank is None or world_size is None:
+            dist = torch.distributed
+            ready = dist.is_available() and dist.is_initialized()
+            rank, world_size = (dist.get_rank(), dist.get_world_size()) if ready else (0, 1)
+        self.rank, self.world_size = rank, world_size
+        self.teacher_weights = teacher_weights
+        self.with_labels = with_labels
+        self.task = task
+        self.token_level = self.joined.manifest.token_level
+        self.epoch = 0
+        self.start_batch = 0
+        self._shard_rows = [info.rows for info in self.joined.manifest.shards]
+        self._row_to_ref = self.joined.refs[0]
+
+    # -- plan -------------------------------------------------------------------------------------
+    def __len__(self):
+        n = self.joined.num_rows
+        batches = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return batches // self.world_size  # every rank sees the same number of batches (DDP needs it)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+        self.start_batch = 0
+
+    def set_position(self, epoch: int, batch: int):
+        """Continue from `batch` batches into `epoch` (what a resumed run needs)."""
+        self.epoch, self.start_batch = int(epoch), int(batch)
+
+    def rank_batches(self, epoch: int) -> list[list[int]]:
+        order = epoch_order(self._shard_rows, self.seed, epoch, self.shuffle, self.buffer_size)
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return batches[self.rank::self.world_size][:len(self)]
+
+    # -- iteration -------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = [(i, b) for i, b in enumerate(self.rank_batches(self.epoch)) if i >= self.start_batch]
+        mine = mine[worker::workers]
+        self.start_batch = 0
+        last_use = {}
+        for k, (_, rows) in enumerate(mine):
+            for r in rows:
+                ref = self._row_to_ref[r]
+                last_use[(0, ref.shard, ref.batch)] = k
+        decoded: dict = {}
+        for k, (_, rows) in enumerate(mine):
+            yield self._collate(rows, decoded)
+            for key in [key for key, last in last_use.items() if last == k]:
+                decoded.pop(key, None)
+                last_use.pop(key)
+
+    def _record_batch(self, ci: int, ref: RowRef, decoded: dict) -> pa.RecordBatch:
+        key = (ci, ref.shard, ref.batch)
+        if key not in decoded:
+            reader = self.joined.readers[ci]
+            info = reader.manifest.shards[ref.shard]
+            path = reader.shard_path(info)
+            try:
+                with pa.memory_map(str(path)) as source:
+                    decoded[key] = pa.ipc.open_file(source).get_batch(ref.batch)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise CacheFormatError(f"{path}: unreadable shard ({e}); run `cachebrew verify {reader.path}`") from None
+        return decoded[key]
+
+    def _gather(self, ci: int, rows: list[int], decoded: dict) -> pa.Table:
+        mapping = self.joined.maps[ci]
+        refs_all = self.joined.refs[ci]
+        refs = [refs_all[r if mapping is None else mapping[r]] for r in rows]
+        pieces = [self._record_batch(ci, ref, decoded).slice(ref.row, 1) for ref in refs]
+        return pa.Table.from_batches(pieces)
+
+    def _collate(self, rows: list[int], decoded: dict) -> dict:
+        primary = self._gather(0, rows, decoded)
+        ids = decode_int_column(primary, INPUT_IDS)
+        lengths = [len(x) for x in ids]
+        L = max(lengths)
+        student = {INPUT_IDS: _pad_ints(ids, L, 0)}
+        for name in (ATTENTION_MASK, TOKEN_TYPE_IDS):
+            if name in primary.column_names:
+                student[name] = _pad_ints(decode_int_column(primary, name), L, 0)
+        if self.with_labels and LABELS in primary.column_names:
+            col = primary.column(LABELS)
+            if pa.types.is_list(col.type):
+                student["labels"] = _pad_ints(decode_int_column(primary, LABELS), L, -100)
+            else:
+                student["labels"] = torch.tensor(col.to_pylist(), dtype=torch.long)
+        tables = {0: primary}
+        keys = list(zip(primary.column(ID).to_pylist(), primary.column(COPY).to_pylist()))
+        per_teacher: dict[str, dict] = defaultdict(dict)
+        for ci, spec in self.joined.specs:
+            if ci not in tables:
+                tables[ci] = self._gather(ci, rows, decoded)
+                other = list(zip(tables[ci].column(ID).to_pylist(), tables[ci].column(COPY).to_pylist()))
+                if other != keys:
+                    raise CacheFormatError(f"{self.joined.readers[ci].path} is not aligned with "
+                                           f"{self.joined.readers[0].path}: rows {other[:2]}… vs {keys[:2]}…")
+            tensors = decode_tensor_column(spec, tables[ci], lengths)
+            per_teacher[spec.teacher][(spec.kind, spec.layer)] = _pad_stack(spec, tensors, L)
+        batch = {"student": student, "teacher_cache": self._teacher_cache(per_teacher, student)}
+        batch["ids"] = keys
+        if self.task is not None:
+            student["task"] = self.task  # multi-task students pick their head from it
+        return batch
+
+    def _teacher_cache(self, per_teacher, student) -> dict:
+        """The adaptor-style dict distillers read: logits (weighted mean over teachers), hidden and attention lists."""
+        teachers = self.joined.teachers
+        cache = {"inputs_mask": student[ATTENTION_MASK] if ATTENTION_MASK in student else None}
+        logits = [per_teacher[t][("logits", None)] for t in teachers if ("logits", None) in per_teacher[t]]
+        if logits:
+            if len(logits) == 1:
+                cache["logits"] = logits[0]
+            elif self.teacher_weights is None:
+                cache["logits"] = sum(logits) / len(logits)  # MultiTeacherDistiller's mean, same arithmetic
+            else:
+                w = [float(self.teacher_weights.get(t, 0.0)) for t in teachers]
+                cache["logits"] = sum(wi * l for wi, l in zip(w, logits)) / sum(w)
+            if self.token_level:
+                cache["logits_mask"] = student[ATTENTION_MASK]
+        first = per_teacher[teachers[0]]
+        for kind in ("hidden", "attention"):
+            layers = sorted(layer for (k, layer) in first if k == kind)
+            if layers:
+                seq = [None] * (layers[-1] + 1)
+                for layer in layers:
+                    seq[layer] = first[(kind, layer)]
+                cache[kind] = seq
+        if cache["inputs_mask"] is None:
+            del cache["inputs_mask"]
+        cache["per_teacher_logits"] = {t: per_teacher[t][("logits", None)] for t in teachers
+                                       if ("logits", None) in per_teacher[t]}
+        return cache
+
+
+def _pad_ints(rows: list[np.ndarray], length: int, value: int) -> torch.Tensor:
+    out = np.full((len(rows), length), value, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return torch.from_numpy(out)
+
+
+def _pad_stack(spec: TensorSpec, tensors: list[torch.Tensor], L: int) -> torch.Tensor:
+    """Pad per-row tensors to the batch length on every "L" axis (zeros: masked out by the losses)."""
+    if "L" not in spec.shape:
+        return torch.stack(tensors)
+    shape = [L if s == "L" else int(s) for s in spec.shape]
+    if spec.topk:
+        shape[-1] = tensors[0].shape[-1]
+    fill = -1e4 if spec.kind == "attention" and spec.extra.get("form") == "logits" else 0.0
+    out = torch.full([len(tensors)] + shape, fill, dtype=tensors[0].dtype)
+    for i, t in enumerate(tensors):
+        out[(i,) + tuple(slice(0, n) for n in t.shape)] = t
+    return out

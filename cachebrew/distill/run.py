@@ -1,0 +1,342 @@
+"""`cachebrew distill`: train a student from teacher caches, with no teacher in memory.
+
+setup (seed → process group → caches → student → distiller → optimizer/schedule → resume state)
+→ train (the shared distiller loop; evaluation at each checkpoint, resumable checkpoints by step hook)
+→ save (best and last students, loadable with from_pretrained; results.json) → cleanup.
+The loaders are built before the student because the student's head size comes from the caches.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..cache.loader import CacheBatches
+from ..configurations import TrainingConfig
+from ..distillers import GeneralDistiller, MultiTaskDistiller
+from ..distillers.batches import move_to_device
+from ..distillers.loop import ResumeState, StepState
+from ..errors import CachebrewError
+from ..runtime import ensure_process_group, get_rank, resolve_device, resolve_local_rank
+from .checkpoints import latest_checkpoint, load_run_checkpoint, restore_rng, save_run_checkpoint
+from .config import DistillRunConfig, TaskConfig
+from .metrics import accuracy, entity_f1
+from .student import MultiTaskStudent, build_multitask_student, build_student, hf_adaptor
+
+logger = logging.getLogger("cachebrew")
+
+
+@dataclass
+class DistillResult:
+    output_dir: str
+    global_step: int
+    best: dict | None
+    final: dict | None
+    teacher: dict | None
+    seconds: float
+    examples_per_second: float
+
+
+def warmup_linear(optimizer, num_warmup_steps: int, num_training_steps: int):
+    """Linear warm-up then linear decay to 0, the schedule of TextBrewer's and BERT's experiments."""
+
+    def factor(step):
+        if step < num_warmup_steps:
+            return step / max(1, num_warmup_steps)
+        return max(0.0, (num_training_steps - step) / max(1, num_training_steps - num_warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _amp(mode, device):
+    if mode == "auto":
+        return "bf16" if device.type == "cuda" else None
+    return None if mode in (None, "none") else mode
+
+
+def _num_labels(ds: CacheBatches) -> int:
+    m = ds.joined.manifest
+    for _, spec in ds.joined.specs:
+        if spec.kind == "logits":
+            return int(spec.shape[-1])
+    if m.label_names:
+        return len(m.label_names)
+    raise CachebrewError(f"{ds.joined.readers[0].path}: no teacher logits and no label names; cannot size the head")
+
+
+def _optimizer(model, lr, weight_decay):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def _save_student(model, path: Path, tokenizer_source: str | None):
+    """save_pretrained into a temporary directory, then swap it in: `path` is always a complete model."""
+    model = model.module if hasattr(model, "module") else model
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(model, MultiTaskStudent):
+        model.encoder.save_pretrained(str(tmp), safe_serialization=True)
+        from safetensors.torch import save_model
+
+        save_model(model.heads, str(tmp / "heads.safetensors"))
+        (tmp / "tasks.json").write_text(json.dumps({t: {"num_labels": h.out_features,
+                                                        "token_level": model.token_level[t]}
+                                                    for t, h in model.heads.items()}))
+    elif hasattr(model, "save_pretrained"):
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    else:
+        from safetensors.torch import save_model
+
+        tmp.mkdir(parents=True)
+        save_model(model, str(tmp / "model.safetensors"))
+    if tokenizer_source and Path(tokenizer_source).is_dir():
+        from ..export.teachers import TOKENIZER_FILES
+
+        for f in TOKENIZER_FILES:
+            if (Path(tokenizer_source) / f).is_file():
+                shutil.copy2(Path(tokenizer_source) / f, tmp / f)
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@torch.no_grad()
+def evaluate(model, ds: CacheBatches, device, label_names, task=None) -> tuple[dict, dict | None]:
+    """(student metrics, teacher metrics from the cached logits or None)."""
+    model = model.module if hasattr(model, "module") else model
+    was_training = model.training
+    model.eval()
+    preds, golds, t_preds = [], [], []
+    try:
+        for batch in ds:
+            student = move_to_device(batch["student"], device)
+            labels = student.pop("labels")
+            logits = model(**student).logits
+            cached = batch["teacher_cache"].get("logits")
+            if ds.token_level:
+                keep = labels != -100
+                for i in range(labels.size(0)):
+                    golds.append(labels[i][keep[i]].tolist())
+                    preds.append(logits[i].argmax(-1)[keep[i]].tolist())
+                    if cached is not None:
+                        t_preds.append(cached[i].argmax(-1)[keep[i].cpu()].tolist())
+            else:
+                golds += labels.tolist()
+                preds += logits.argmax(-1).tolist()
+                if cached is not None:
+                    t_preds += cached.argmax(-1).tolist()
+    finally:
+        model.train(was_training)
+
+    def score(p):
+        if not ds.token_level:
+            return {"accuracy": accuracy(p, golds)}
+        names = label_names or []
+        to_tags = lambda seqs: [[names[i] if i < len(names) else "O" for i in s] for s in seqs]
+        r = entity_f1(to_tags(p), to_tags(golds))
+        r["token_accuracy"] = accuracy([x for s in p for x in s], [x for s in golds for x in s])
+        return r
+
+    return score(preds), (score(t_preds) if t_preds else None)
+
+
+def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
+    t_start = time.perf_counter()
+    seed_everything(cfg.seed)
+    out = Path(cfg.output_dir)
+    tc = cfg.train
+    local_rank = resolve_local_rank(None)
+    device = resolve_device(tc.device, local_rank)
+    if local_rank != -1:
+        ensure_process_group(device)  # before the loaders: they split batches by rank
+    rank = get_rank()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if not resume and latest_checkpoint(out / "checkpoints") is not None:
+        raise CachebrewError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, "
+                             "or choose another output_dir")
+    d_config = cfg.distillation_config()
+    want_attention = any(im.feature == "attention" for im in d_config.intermediate_matches)
+    multi_task = bool(cfg.tasks)
+    tasks = cfg.tasks or {"default": TaskConfig(cfg.caches, cfg.eval_cache)}
+
+    # 1. data: one loader per task
+    def batches(paths, shuffle, task):
+        return CacheBatches(paths, tc.batch_size, shuffle=shuffle, seed=cfg.seed, buffer_size=tc.shuffle_buffer,
+                            teachers=cfg.teachers, teacher_weights=cfg.teacher_weights,
+                            task=task if multi_task else None)
+
+    train_sets = {name: batches(t.caches, True, name) for name, t in tasks.items()}
+    eval_sets = {name: CacheBatches(t.eval_cache, tc.batch_size, shuffle=False, rank=0, world_size=1,
+                                    task=name if multi_task else None)
+                 for name, t in tasks.items() if t.eval_cache}
+    # Each DataLoader iterator draws a base seed; from its own generator, not the global RNG, so that a
+    # resumed run (which creates its first iterator mid-epoch) sees the same dropout masks.
+    loaders = {name: torch.utils.data.DataLoader(ds, batch_size=None, num_workers=tc.num_workers,
+                                                 pin_memory=device.type == "cuda",
+                                                 generator=torch.Generator().manual_seed(cfg.seed))
+               for name, ds in train_sets.items()}
+    for name, ds in train_sets.items():
+        logger.info("task %s: %d rows, %d batches per epoch on this rank, teachers %s", name, ds.joined.num_rows,
+                    len(ds), ds.joined.teachers)
+
+    # 2. student
+    token_level = {name: ds.token_level for name, ds in train_sets.items()}
+    num_labels = {name: _num_labels(ds) for name, ds in train_sets.items()}
+    if multi_task:
+        student = build_multitask_student(cfg.student, num_labels, token_level, want_attention)
+    else:
+        student = build_student(cfg.student, token_level["default"], num_labels["default"], want_attention)
+    student.to(device)
+    tokenizer_source = train_sets[next(iter(tasks))].joined.manifest.config.get("tokenizer") or next(
+        (t.get("source") for t in train_sets[next(iter(tasks))].joined.manifest.teachers.values()), None)
+
+    # 3. distiller, optimizer and schedule
+    accum = tc.gradient_accumulation_steps
+    if tc.steps is not None:
+        total_steps = tc.steps
+        eval_every = tc.eval_every or tc.save_every or max(total_steps // 5, 1)
+    else:
+        steps_per_epoch = len(loaders["default"]) // accum
+        if steps_per_epoch == 0:
+            raise CachebrewError(f"train.batch_size={tc.batch_size} x gradient_accumulation_steps={accum} is larger "
+                                 f"than the cache ({train_sets['default'].joined.num_rows} rows)")
+        total_steps = steps_per_epoch * tc.epochs
+        eval_every = tc.eval_every
+    amp = _amp(tc.amp, device)
+    t_config = TrainingConfig(
+        output_dir=str(out / "snapshots"), log_dir=str(out / "tb") if rank == 0 else None, device=str(device),
+        amp=amp, gradient_accumulation_steps=accum, ckpt_steps=eval_every if tc.steps is not None else None,
+        progress_bar=tc.progress_bar, keep_checkpoints=1, local_rank=local_rank)
+    if multi_task:
+        distiller = MultiTaskDistiller(t_config, d_config, None, student, None, {t: hf_adaptor for t in tasks})
+    else:
+        distiller = GeneralDistiller(t_config, d_config, None, student, None, hf_adaptor)
+    optimizer = _optimizer(student, tc.lr, tc.weight_decay)
+    schedule = {"num_warmup_steps": int(tc.warmup_ratio * total_steps), "num_training_steps": total_steps}
+
+    # 4. evaluation and checkpoints
+    history: list[dict] = []
+    best: dict | None = None
+    teacher_metric: dict | None = None
+    main_key = "f1" if any(token_level.values()) else "accuracy"
+
+    def evaluate_all(model, step):
+        nonlocal best, teacher_metric
+        if not eval_sets:
+            return
+        row = {"step": step}
+        teacher_row = {}
+        for name, ds in eval_sets.items():
+            m, t = evaluate(model, ds, device, ds.joined.manifest.label_names, name if multi_task else None)
+            row[name] = m
+            if t is not None:
+                teacher_row[name] = t
+        row["score"] = sum(row[n][main_key] for n in eval_sets) / len(eval_sets)
+        history.append(row)
+        teacher_metric = teacher_row or teacher_metric
+        logger.info("eval at step %d: %s", step, {k: v for k, v in row.items() if k != "step"})
+        if best is None or row["score"] > best["score"]:
+            best = row
+            if rank == 0:
+                _save_student(model, out / "best", tokenizer_source)
+
+    save_every = tc.save_every or eval_every  # None (epochs, no eval_every): at every epoch end
+
+    def checkpoint_hook(s: StepState):
+        epoch, consumed = s.epoch, s.step + 1
+        # the epoch's last optimizer step; micro-batches left over by accumulation still follow it
+        epoch_end = tc.steps is None and consumed >= s.total_steps // tc.epochs * accum
+        if tc.steps is None and consumed >= len(loaders["default"]):
+            epoch, consumed = epoch + 1, 0
+        if tc.steps is None and tc.eval_every and s.global_step % tc.eval_every == 0 and not epoch_end:
+            evaluate_all(distiller.model_S, s.global_step)  # extra evaluations inside epochs
+        due = (s.global_step == s.total_steps or (save_every is not None and s.global_step % save_every == 0)
+               or (save_every is None and epoch_end))
+        if not due or rank != 0:
+            return
+        state = {"writer_step": s.writer_step, "epoch": epoch, "step": consumed, "history": history, "best": best,
+                 "teacher": teacher_metric, "cachebrew": __version__, "config": cfg.to_dict()}
+        if multi_task:
+            state["task_counts"] = dict(distiller.sampled_tasks)
+        save_run_checkpoint(out / "checkpoints", s.global_step, distiller.model_S, getattr(distiller, "projs", []),
+                            s.optimizer, s.scheduler, s.scaler, state, tc.keep_checkpoints)
+
+    distiller.add_step_hook(checkpoint_hook)
+    start_step = 0
+    if resume:
+        ckpt = latest_checkpoint(out / "checkpoints")
+        if ckpt is None:
+            raise CachebrewError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
+        saved = json.loads((ckpt / "state.json").read_text())["config"]
+        if saved != cfg.to_dict():
+            changed = sorted(k for k in set(saved) | set(cfg.to_dict()) if saved.get(k) != cfg.to_dict().get(k))
+            raise CachebrewError(f"--resume: the config differs from the run in {out} (fields {changed}); "
+                                 "a resumed run must use the same config")
+        state = load_run_checkpoint(ckpt, student, getattr(distiller, "projs", []))
+        restore_rng(state["rng"])
+        history[:] = state["history"]
+        best, teacher_metric = state["best"], state["teacher"]
+        start_step = state["global_step"]
+        distiller.resume_from(ResumeState(state["global_step"], state["writer_step"], state["epoch"], state["step"],
+                                          state["optimizer"], state["scheduler"], state["scaler"],
+                                          extra={"task_counts": state.get("task_counts", {})}))
+        logger.info("resuming %s from %s", out, ckpt.name)
+
+    # 5. train
+    t_train = time.perf_counter()
+    with distiller:
+        if multi_task:
+            steps = distiller.train(optimizer, loaders, num_steps=total_steps, scheduler_class=warmup_linear,
+                                    scheduler_args=schedule, max_grad_norm=tc.max_grad_norm, tau=cfg.tau,
+                                    callback=evaluate_all)
+        elif tc.steps is not None:
+            steps = distiller.train(optimizer, loaders["default"], num_steps=total_steps, scheduler_class=warmup_linear,
+                                    scheduler_args=schedule, max_grad_norm=tc.max_grad_norm, callback=evaluate_all)
+        else:
+            steps = distiller.train(optimizer, loaders["default"], num_epochs=tc.epochs, scheduler_class=warmup_linear,
+                                    scheduler_args=schedule, max_grad_norm=tc.max_grad_norm, callback=evaluate_all)
+    train_seconds = time.perf_counter() - t_train
+    examples = (steps - start_step) * tc.batch_size * accum * max(1, torch.distributed.get_world_size()
+                                                                   if torch.distributed.is_initialized() else 1)
+
+    # 6. save
+    final = history[-1] if history and history[-1]["step"] == steps else None
+    if rank == 0:
+        _save_student(distiller.model_S, out / "last", tokenizer_source)
+        if best is None:
+            _save_student(distiller.model_S, out / "best", tokenizer_source)
+        results = {"global_step": steps, "best": best, "final": final, "teacher": teacher_metric,
+                   "history": history, "train_seconds": train_seconds,
+                   "examples_per_second": examples / train_seconds if train_seconds else None,
+                   "caches": {n: [r.manifest.fingerprint for r in ds.joined.readers] for n, ds in train_sets.items()},
+                   "cachebrew": __version__, "config": cfg.to_dict()}
+        tmp = out / ".results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, out / "results.json")
+    return DistillResult(str(out), steps, best, final, teacher_metric, time.perf_counter() - t_start,
+                         examples / train_seconds if train_seconds else 0.0)

@@ -1,0 +1,115 @@
+"""Building the student: a Hugging Face model (pretrained directory or config) or a user entry point,
+and, for multi-task distillation, one shared encoder with a classification head per task."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from ..errors import CachebrewError
+from ..export.teachers import call_entry_point
+from .config import StudentConfig
+
+
+def _hf_config(spec: StudentConfig, num_labels: int | None, want_attention: bool):
+    from transformers import AutoConfig
+
+    if spec.path is not None:
+        if not (Path(spec.path) / "config.json").is_file():
+            raise CachebrewError(f"student.path: {spec.path} is not a Hugging Face model directory (no config.json)")
+        cfg = AutoConfig.from_pretrained(spec.path)
+    else:
+        fields = spec.config
+        if isinstance(fields, str):
+            try:
+                fields = json.loads(Path(fields).read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise CachebrewError(f"student.config: cannot read {spec.config}: {e}") from None
+        fields = dict(fields)
+        model_type = fields.pop("model_type", "bert")
+        try:
+            cfg = AutoConfig.for_model(model_type, **fields)
+        except ValueError as e:
+            raise CachebrewError(f"student.config: {e}") from None
+    if num_labels is not None:
+        cfg.num_labels = num_labels
+    cfg.output_hidden_states = True
+    if want_attention:
+        cfg._attn_implementation = "eager"
+        cfg.output_attentions = True
+    return cfg
+
+
+def build_student(spec: StudentConfig, token_level: bool, num_labels: int | None, want_attention: bool):
+    if spec.entry_point is not None:
+        model = call_entry_point(spec.entry_point, "student.entry_point")
+        if not isinstance(model, nn.Module):
+            raise CachebrewError(f"student.entry_point returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+    import transformers
+
+    cls_name = spec.model_class or ("AutoModelForTokenClassification" if token_level
+                                    else "AutoModelForSequenceClassification")
+    cls = getattr(transformers, cls_name, None)
+    if cls is None:
+        raise CachebrewError(f"student.model_class: transformers has no {cls_name}")
+    cfg = _hf_config(spec, num_labels, want_attention)
+    if spec.path is not None:
+        kwargs = {"attn_implementation": "eager"} if want_attention else {}
+        return cls.from_pretrained(spec.path, config=cfg, **kwargs)
+    return cls.from_config(cfg)
+
+
+class MultiTaskStudent(nn.Module):
+    """A shared encoder with one linear head per task; ``forward(..., task=name)`` picks the head."""
+
+    def __init__(self, encoder: nn.Module, num_labels: dict[str, int], token_level: dict[str, bool]):
+        super().__init__()
+        self.encoder = encoder
+        hidden = encoder.config.hidden_size
+        self.heads = nn.ModuleDict({t: nn.Linear(hidden, n) for t, n in num_labels.items()})
+        self.token_level = token_level
+        self.dropout = nn.Dropout(getattr(encoder.config, "hidden_dropout_prob", 0.1))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, task=None, **kwargs):
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                           **kwargs)
+        seq = out.last_hidden_state
+        features = seq if self.token_level[task] else seq[:, 0]
+        logits = self.heads[task](self.dropout(features))
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                               ignore_index=-100)
+        return SimpleNamespace(logits=logits, loss=loss, hidden_states=out.hidden_states,
+                               attentions=getattr(out, "attentions", None))
+
+
+def build_multitask_student(spec: StudentConfig, num_labels: dict, token_level: dict, want_attention: bool):
+    from transformers import AutoModel
+
+    cfg = _hf_config(spec, None, want_attention)
+    encoder = AutoModel.from_pretrained(spec.path, config=cfg) if spec.path else AutoModel.from_config(cfg)
+    return MultiTaskStudent(encoder, num_labels, token_level)
+
+
+def hf_adaptor(batch, outputs):
+    """Student adaptor for Hugging Face-style outputs: everything the distillation config may ask for."""
+    get = (lambda k: outputs.get(k)) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k, None))
+    out = {"logits": get("logits")}
+    if get("hidden_states") is not None:
+        out["hidden"] = get("hidden_states")
+    if get("attentions") is not None:
+        out["attention"] = get("attentions")
+    if "attention_mask" in batch:
+        out["inputs_mask"] = batch["attention_mask"]
+    if get("loss") is not None:
+        out["losses"] = get("loss")
+    if "labels" in batch:
+        out["labels"] = batch["labels"]
+        if out["logits"] is not None and out["logits"].dim() == 3 and "attention_mask" in batch:
+            out["logits_mask"] = batch["attention_mask"]
+    return out

@@ -1,0 +1,242 @@
+"""`cachebrew distill`: cache-fed student == online student, kill + resume == uninterrupted, joins, multi-task."""
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from cachebrew import ConfigError, DistillationConfig, GeneralDistiller, TrainingConfig
+from cachebrew.cache.loader import CacheBatches
+from cachebrew.distill import DistillRunConfig, run_distill
+from cachebrew.distill.metrics import bio_entities, entity_f1
+from cachebrew.distill.run import _optimizer, seed_everything, warmup_linear
+from cachebrew.distill.student import build_student, hf_adaptor
+from cachebrew.errors import CacheFormatError, CachebrewError
+from cachebrew.export import ExportConfig, run_export
+from fixtures import export_config, make_ner_data, make_teacher_dir, make_text_data
+
+HERE = Path(__file__).parent
+STUDENT = {"model_type": "bert", "vocab_size": 88, "hidden_size": 16, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64,
+           "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+MATCH = [{"layer_T": 2, "layer_S": 1, "feature": "hidden", "loss": "hidden_mse", "weight": 1,
+          "proj": ["linear", 16, 32]}]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    teacher, teacher2 = make_teacher_dir(root / "teacher"), make_teacher_dir(root / "teacher2", seed=7)
+    train, dev = make_text_data(root / "train.jsonl", n=64, seed=1), make_text_data(root / "dev.jsonl", n=24, seed=2)
+    caches = {}
+    for name, t, data in (("train", teacher, train), ("dev", teacher, dev), ("train2", teacher2, train)):
+        cfg = export_config(root / name, t, data, outputs={"hidden_layers": [0, 2], "attention_layers": []},
+                            teachers=[{"name": "b" if name == "train2" else "a", "path": str(t)}])
+        run_export(ExportConfig.from_dict(cfg))
+        caches[name] = str(root / name / "cache")
+    return {"root": root, "teacher": teacher, "caches": caches, "train_data": train}
+
+
+def distill_cfg(world, out, **over):
+    cfg = {"output_dir": str(out), "caches": [world["caches"]["train"]], "eval_cache": world["caches"]["dev"],
+           "student": {"config": dict(STUDENT)}, "seed": 3,
+           "distill": {"temperature": 4, "hard_label_weight": 0.5, "intermediate_matches": MATCH},
+           "train": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "progress_bar": False, "shuffle_buffer": 16}}
+    for k, v in over.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    return cfg
+
+
+def test_cache_distill_equals_online_distillation(world, tmp_path):
+    cfg = DistillRunConfig.from_dict(distill_cfg(world, tmp_path / "run"))
+    result = run_distill(cfg)
+    assert result.global_step == 16 and result.best is not None and result.teacher is not None
+    cached_weights = load_file(tmp_path / "run" / "last" / "model.safetensors")
+
+    # the same job online: the teacher in memory computes its outputs on the same batches, in the same order
+    from transformers import AutoModelForSequenceClassification
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(str(world["teacher"]), output_hidden_states=True).eval()
+    seed_everything(cfg.seed)
+    ds = CacheBatches(cfg.caches, 8, shuffle=True, seed=cfg.seed, buffer_size=16)
+    student = build_student(cfg.student, False, 2, False)
+    init = copy.deepcopy(student.state_dict())
+
+    class Epochs:  # the cache loader's epoch-dependent order, with the teacher cache removed
+        def __init__(self):
+            self.epoch = 0
+
+        def __len__(self):
+            return len(ds)
+
+        def __iter__(self):
+            ds.set_epoch(self.epoch)
+            self.epoch += 1
+            return iter([{"student": b["student"], "teacher": {k: v for k, v in b["student"].items()}} for b in ds])
+
+    d = GeneralDistiller(TrainingConfig(device="cpu", output_dir=str(tmp_path / "online"), progress_bar=False),
+                         DistillationConfig(**cfg.distill), teacher, student, hf_adaptor, hf_adaptor)
+    opt = _optimizer(student, 1e-3, 0.01)
+    with d:
+        d.train(opt, Epochs(), num_epochs=2, scheduler_class=warmup_linear, max_grad_norm=1.0,
+                scheduler_args={"num_warmup_steps": 1, "num_training_steps": 16})
+    online = student.state_dict()
+    moved = max((online[k] - init[k]).abs().max().item() for k in online)
+    diff = max((online[k] - cached_weights[k]).abs().max().item() for k in cached_weights)
+    assert moved > 1e-3  # 100x the tolerance below: the comparison is not vacuous
+    assert diff < 1e-5, f"cache-fed and online students differ by {diff}"
+
+
+def test_results_checkpoints_and_reload(world, tmp_path):
+    run_distill(DistillRunConfig.from_dict(distill_cfg(world, tmp_path / "run")))
+    out = tmp_path / "run"
+    results = json.loads((out / "results.json").read_text())
+    assert [h["step"] for h in results["history"]] == [8, 16]
+    assert 0 <= results["best"]["default"]["accuracy"] <= 1 and results["teacher"]["default"]["accuracy"] > 0
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(out / "best"))
+    tok = AutoTokenizer.from_pretrained(str(out / "best"))
+    assert model(**tok(["good film"], return_tensors="pt")).logits.shape == (1, 2)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000008", "step-000016"]
+    with pytest.raises(CachebrewError, match="pass --resume"):
+        run_distill(DistillRunConfig.from_dict(distill_cfg(world, out)))
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_the_same_weights(world, tmp_path):
+    def write(name, steps):
+        cfg = distill_cfg(world, tmp_path / name, student={"config": None, "entry_point": "slow_teacher:slow_student"},
+                          train={"epochs": None, "steps": steps, "save_every": 5, "eval_every": 20,
+                                 "gradient_accumulation_steps": 2})
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    env = {**os.environ, "CB_STUDENT_DELAY": "0"}
+    cmd = lambda p, *extra: [sys.executable, "-m", "cachebrew", "distill", str(p), "--no-progress", *extra]
+    full = subprocess.run(cmd(write("full", 60)), cwd=HERE, env=env, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr[-2000:]
+    path = write("cut", 60)
+    proc = subprocess.Popen(cmd(path), cwd=HERE, env={**env, "CB_STUDENT_DELAY": "0.03"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "cut" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpts / "step-000025" / "state.json").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "results.json").exists()
+    res = subprocess.run(cmd(path, "--resume"), cwd=HERE, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming" in res.stderr
+    a = load_file(tmp_path / "full" / "last" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "last" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run ended with different weights"
+    ra, rb = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("full", "cut"))
+    assert ra["history"] == rb["history"]
+
+
+def test_multi_teacher_join(world, tmp_path):
+    joined = CacheBatches([world["caches"]["train"], world["caches"]["train2"]], 8, shuffle=False)
+    a = CacheBatches(world["caches"]["train"], 8, shuffle=False)
+    b = CacheBatches(world["caches"]["train2"], 8, shuffle=False)
+    for j, x, y in zip(joined, a, b):
+        assert j["ids"] == x["ids"] == y["ids"]
+        mean = (x["teacher_cache"]["logits"] + y["teacher_cache"]["logits"]) / 2
+        assert torch.equal(j["teacher_cache"]["logits"], mean)
+        assert not torch.equal(x["teacher_cache"]["logits"], y["teacher_cache"]["logits"])
+    weighted = CacheBatches([world["caches"]["train"], world["caches"]["train2"]], 8, shuffle=False,
+                            teacher_weights={"a": 3.0, "b": 1.0})
+    w, x, y = next(iter(weighted)), next(iter(a)), next(iter(b))
+    torch.testing.assert_close(w["teacher_cache"]["logits"],
+                               (3 * x["teacher_cache"]["logits"] + y["teacher_cache"]["logits"]) / 4)
+    with pytest.raises(CacheFormatError, match="exported from different data"):
+        CacheBatches([world["caches"]["train"], world["caches"]["dev"]], 8)
+    with pytest.raises(CachebrewError, match=r"teacher\(s\) \['zzz'\] not in the caches"):
+        CacheBatches([world["caches"]["train"]], 8, teachers=["zzz"])
+    result = run_distill(DistillRunConfig.from_dict(distill_cfg(
+        world, tmp_path / "mt", caches=[world["caches"]["train"], world["caches"]["train2"]],
+        distill={"intermediate_matches": []})))
+    assert result.global_step == 16
+
+
+def test_loader_orders_ranks_workers_and_positions(world):
+    path = world["caches"]["train"]
+    ds = CacheBatches(path, 8, seed=5, buffer_size=16)
+    key = lambda b: tuple(tuple(k) for k in b["ids"])
+    e0 = [key(b) for b in ds]
+    assert len(e0) == len(ds) == 8 and len({k for b in e0 for k in b}) == 64
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    assert [key(b) for b in loader] == e0  # workers split batches, order unchanged
+    ds.set_epoch(1)
+    e1 = [key(b) for b in ds]
+    assert e1 != e0 and sorted(sum(e1, ())) == sorted(sum(e0, ()))
+    ds.set_position(0, 5)
+    assert [key(b) for b in ds] == e0[5:]
+    ranks = [CacheBatches(path, 8, seed=5, buffer_size=16, rank=r, world_size=2) for r in (0, 1)]
+    seen = [k for r in ranks for b in r for k in key(b)]
+    assert len(seen) == 64 and len(set(seen)) == 64 and all(len(r) == 4 for r in ranks)
+    plain = CacheBatches(path, 8, shuffle=False)
+    lengths = [b["student"]["input_ids"].shape[1] for b in plain]
+    assert len(set(lengths)) > 1  # each batch padded to its own longest row
+    b = next(iter(plain))
+    assert b["teacher_cache"]["hidden"][1] is None and b["teacher_cache"]["hidden"][2].shape[:2] == \
+        b["student"]["input_ids"].shape
+
+
+def test_multitask_distill(world, tmp_path):
+    cfg = distill_cfg(world, tmp_path / "mt", caches=[], eval_cache=None,
+                      tasks={"one": {"caches": [world["caches"]["train"]], "eval_cache": world["caches"]["dev"]},
+                             "two": {"caches": [world["caches"]["dev"]], "eval_cache": world["caches"]["dev"]}},
+                      tau=1.0, train={"epochs": None, "steps": 12, "eval_every": 6})
+    cfg["caches"] = []
+    result = run_distill(DistillRunConfig.from_dict(cfg))
+    assert result.global_step == 12 and set(result.best) >= {"one", "two", "score"}
+    assert (tmp_path / "mt" / "last" / "heads.safetensors").exists()
+    state = json.loads((tmp_path / "mt" / "checkpoints" / "step-000012" / "state.json").read_text())
+    assert sum(state["task_counts"].values()) == 12 and set(state["task_counts"]) <= {"one", "two"}
+
+
+def test_token_level_distill_reports_entity_f1(world, tmp_path):
+    teacher = make_teacher_dir(world["root"] / "ner_teacher", num_labels=2, token_level=True)
+    for name, seed in (("ner_train", 1), ("ner_dev", 2)):
+        data = make_ner_data(world["root"] / f"{name}.jsonl", n=24, seed=seed)
+        run_export(ExportConfig.from_dict(export_config(
+            world["root"] / name, teacher, data, data={"path": str(data), "text": None, "tokens": "tokens",
+                                                       "label": "tags", "id": None},
+            teachers=[{"name": "a", "path": str(teacher), "model_class": "AutoModelForTokenClassification"}],
+            outputs={"hidden_layers": [2], "attention_layers": []})))
+    cfg = distill_cfg(world, tmp_path / "ner", caches=[str(world["root"] / "ner_train" / "cache")],
+                      eval_cache=str(world["root"] / "ner_dev" / "cache"))
+    result = run_distill(DistillRunConfig.from_dict(cfg))
+    assert {"f1", "precision", "recall", "token_accuracy"} <= set(result.best["default"])
+
+
+def test_entity_f1():
+    assert bio_entities(["B-PER", "I-PER", "O", "B-LOC", "I-PER", "I-PER"]) == {("PER", 0, 2), ("LOC", 3, 4),
+                                                                               ("PER", 4, 6)}
+    assert bio_entities(["I-ORG", "I-ORG", "O"]) == {("ORG", 0, 2)}
+    r = entity_f1([["B-PER", "I-PER", "O", "B-LOC"]], [["B-PER", "I-PER", "O", "B-ORG"]])
+    assert r == {"precision": 0.5, "recall": 0.5, "f1": 0.5}
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError) as e:
+        DistillRunConfig.from_dict({"student": {"path": "x", "config": {}}, "train": {"epochs": 2, "steps": 3,
+                                                                                    "lr": -1, "bogus": 1},
+                                    "distill": {"temperature": 0}, "extra": 1})
+    text = str(e.value)
+    for part in ("output_dir: required", "student: give exactly one", "caches: at least one",
+                 "train: give exactly one of epochs or steps", "train.lr", "train.bogus: unknown field",
+                 "distill: DistillationConfig.temperature", "extra: unknown field"):
+        assert part in text, part
