@@ -1,0 +1,168 @@
+"""Throughput of distillation from a cache vs the ceiling (student-only training) vs online distillation.
+
+    python benchmarks/distill_throughput.py [--steps 40] [--device cpu|cuda] [--json out.json]
+
+All figures are measured in this one run, on this machine, with the same student, batches and loss:
+  ceiling      student training on hard labels only, batches already in memory (no distillation)
+  cache        cachebrew: CacheBatches streaming the cache from disk -> GeneralDistiller, model_T=None
+  online       cachebrew GeneralDistiller with the teacher in memory (teacher forward every step)
+  textbrewer   TextBrewer 0.2.1 GeneralDistiller online (if installed)
+KD on logits + hidden_mse on 4 layer pairs through linear projections. On CPU the models are small
+(teacher 6x256, student 3x128); with --device cuda: BERT-base teacher -> 3-layer student, seq 128, bf16.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def build(args, tmp):
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from fixtures import WORDS, write_vocab
+
+    teacher_dir = tmp / "teacher"
+    teacher_dir.mkdir()
+    vocab = write_vocab(teacher_dir / "vocab.txt")
+    BertTokenizerFast(vocab=str(teacher_dir / "vocab.txt")).save_pretrained(str(teacher_dir))
+    gpu = args.device == "cuda"
+    tcfg = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072) if gpu else \
+        dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024)
+    scfg = dict(tcfg, num_hidden_layers=3) if gpu else dict(hidden_size=128, num_hidden_layers=3,
+                                                            num_attention_heads=2, intermediate_size=512)
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=vocab, num_labels=3, max_position_embeddings=160,
+                                             **tcfg)).save_pretrained(str(teacher_dir))
+    rng = random.Random(0)
+    with open(tmp / "train.jsonl", "w") as f:
+        for i in range(args.examples):
+            n = args.seq if gpu else rng.randint(12, 48)
+            f.write(json.dumps({"text": " ".join(rng.choices(WORDS, k=n)), "label": rng.randrange(3)}) + "\n")
+    layers_T = [0, tcfg["num_hidden_layers"] // 3, 2 * tcfg["num_hidden_layers"] // 3, tcfg["num_hidden_layers"]]
+    return teacher_dir, vocab, scfg, layers_T
+
+
+def _train_in(runner, optimizer, data, steps):
+    with runner:
+        runner.train(optimizer, data, num_epochs=None, num_steps=steps)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--examples", type=int, default=2048)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    import cachebrew
+    from cachebrew.cache.loader import CacheBatches
+    from cachebrew.distill.student import hf_adaptor
+    from cachebrew.export import ExportConfig, run_export
+
+    tmp = Path(tempfile.mkdtemp())
+    teacher_dir, vocab, scfg, layers_T = build(args, tmp)
+    dev = torch.device(args.device)
+    amp = "bf16" if dev.type == "cuda" else None
+    export = run_export(ExportConfig.from_dict({
+        "output": str(tmp / "cache"), "teachers": [{"name": "t", "path": str(teacher_dir)}],
+        "data": {"path": str(tmp / "train.jsonl")}, "max_length": args.seq, "batch_size": 64, "device": args.device,
+        "outputs": {"hidden_layers": layers_T}, "dtypes": {"hidden": "bf16" if amp else "fp16"}, "progress_bar": False}))
+    teacher = AutoModelForSequenceClassification.from_pretrained(str(teacher_dir), output_hidden_states=True)
+    teacher.to(dev).eval()
+    d_student = scfg["hidden_size"]
+    d_teacher = teacher.config.hidden_size
+    matches = [{"layer_T": t, "layer_S": s, "feature": "hidden", "loss": "hidden_mse", "weight": 1,
+                "proj": ["linear", d_student, d_teacher]} for s, t in enumerate(layers_T)]
+    dk = dict(temperature=8, hard_label_weight=1.0, intermediate_matches=matches)
+
+    def student():
+        torch.manual_seed(1)
+        return BertForSequenceClassification(BertConfig(vocab_size=vocab, num_labels=3, max_position_embeddings=160,
+                                                        output_hidden_states=True, **scfg)).to(dev)
+
+    cache_ds = CacheBatches(str(tmp / "cache"), args.batch, seed=0)
+    loader = torch.utils.data.DataLoader(cache_ds, batch_size=None, num_workers=args.workers,
+                                         pin_memory=dev.type == "cuda", persistent_workers=args.workers > 0,
+                                         prefetch_factor=4 if args.workers else None)
+    in_memory = [b["student"] for b in CacheBatches(str(tmp / "cache"), args.batch, seed=0)]
+    steps = min(args.steps, len(in_memory))
+    results = {}
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(name, make):
+        """make() -> run(n) on fresh objects; steady-state rate = extra steps / extra time."""
+        spans = {}
+        for n in (3, 3 + steps):
+            run = make()
+            sync()
+            t = time.perf_counter()
+            run(n)
+            sync()
+            spans[n] = time.perf_counter() - t
+        results[name] = steps * args.batch / (spans[3 + steps] - spans[3])
+        print(f"{name:<12} {results[name]:10.1f} examples/s", flush=True)
+
+    def tc(**kw):
+        return cachebrew.TrainingConfig(device=args.device, output_dir=str(tmp / "out"), progress_bar=False, amp=amp,
+                                        ckpt_steps=10**9, **kw)
+
+    def ceiling():
+        s = student()
+        trainer = cachebrew.BasicTrainer(tc(), s, lambda b, o: {"losses": o.loss})
+        opt = torch.optim.AdamW(s.parameters(), lr=1e-4)
+        return lambda n: _train_in(trainer, opt, in_memory, n)
+
+    def distiller(lib, model_T, adaptor_T, data, adaptor_S):
+        def make():
+            s = student()
+            cfg = lib.TrainingConfig(device=args.device, output_dir=str(tmp / lib.__name__), ckpt_steps=10**9,
+                                     **({"progress_bar": False, "amp": amp} if lib is cachebrew else {}))
+            d = lib.GeneralDistiller(cfg, lib.DistillationConfig(**dk), model_T, s, adaptor_T, adaptor_S)
+            opt = torch.optim.AdamW(s.parameters(), lr=1e-4)
+            return lambda n: _train_in(d, opt, data, n)
+        return make
+
+    timed("ceiling", ceiling)
+    timed("cache", distiller(cachebrew, None, None, loader, hf_adaptor))
+    timed("online", distiller(cachebrew, teacher, hf_adaptor, in_memory, hf_adaptor))
+    try:
+        import logging
+
+        import textbrewer
+
+        logging.getLogger("Distillation").setLevel(logging.WARNING)
+        tad = lambda b, o: {"logits": o.logits, "hidden": o.hidden_states, "inputs_mask": b["attention_mask"],
+                            "losses": o.loss}
+        timed("textbrewer", distiller(textbrewer, teacher, tad, in_memory, tad))
+    except ImportError:
+        pass
+
+    print(f"\n{torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, batch {args.batch}, {steps} steps, loader workers {args.workers}")
+    print(f"cache / ceiling    = {results['cache'] / results['ceiling']:.2f}")
+    print(f"cache / online     = {results['cache'] / results['online']:.2f}")
+    if "textbrewer" in results:
+        print(f"cache / textbrewer = {results['cache'] / results['textbrewer']:.2f}")
+    print(f"(export ran at {export.rows_per_second:.0f} rows/s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"examples_per_second": results, "args": vars(args)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
