@@ -111,6 +111,43 @@ def _fmt_scores(row: dict) -> str:
 
 
 @app.command()
+def train(config: Path = typer.Argument(..., help="fine-tuning config (YAML or JSON)"),
+          set_: list[str] = typer.Option([], "--set", help="override a config value: key.sub=value"),
+          no_progress: bool = typer.Option(False, help="hide the progress bar")):
+    """Fine-tune a model on labelled data (a teacher, or a student without distillation)."""
+    from .finetune import FinetuneConfig, run_finetune
+
+    _setup_logging()
+    overrides = list(set_) + (["train.progress_bar=false"] if no_progress else [])
+    res = run_finetune(FinetuneConfig.from_file(config, overrides))
+    typer.echo(f"trained on {res['num_train']} examples; best dev {res['best']}")
+
+
+@app.command()
+def evaluate(model: Path = typer.Argument(..., help="saved model directory"),
+             data: Path = typer.Argument(..., help="data file (csv/jsonl/parquet) or saved dataset"),
+             text: str = typer.Option(None, help="text column"), tokens: str = typer.Option(None, help="word-list column"),
+             label: str = typer.Option("label", help="label column"), max_length: int = typer.Option(128),
+             output: Path = typer.Option(None, help="write the JSON result here too"),
+             device: str = typer.Option(None)):
+    """Accuracy (or entity F1), parameters, size and inference examples/s of a model on a split."""
+    import json as _json
+
+    from .export.config import DataConfig
+    from .finetune import run_evaluate
+
+    if (text is None) == (tokens is None):
+        text = text or "text"
+    res = run_evaluate(str(model), DataConfig(path=str(data), text=None if tokens else text, tokens=tokens,
+                                              label=label), max_length, device=device)
+    line = _json.dumps(res, indent=2)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(line)
+    typer.echo(line)
+
+
+@app.command()
 def inspect(cache: Path = typer.Argument(..., help="cache directory"),
             rows: int = typer.Option(1, help="sample rows to print")):
     """Show a cache's schema, rows, sizes, fingerprint and a sample."""

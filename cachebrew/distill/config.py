@@ -14,6 +14,7 @@ class StudentConfig:
     config: dict | str | None = None  # config fields (with model_type) or a config.json path: random init
     entry_point: str | None = None   # "module:function" returning an nn.Module
     model_class: str | None = None   # default: sequence or token classification from the cache
+    overrides: dict | None = None    # config fields to change, e.g. {num_hidden_layers: 3}: keep the first layers
 
 
 @dataclass

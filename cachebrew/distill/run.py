@@ -27,6 +27,7 @@ from ..distillers import GeneralDistiller, MultiTaskDistiller
 from ..distillers.batches import move_to_device
 from ..distillers.loop import ResumeState, StepState
 from ..errors import CachebrewError
+from ..paths import resolve_path
 from ..runtime import ensure_process_group, get_rank, resolve_device, resolve_local_rank
 from .checkpoints import latest_checkpoint, load_run_checkpoint, restore_rng, save_run_checkpoint
 from .config import DistillRunConfig, TaskConfig
@@ -210,10 +211,12 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     if multi_task:
         student = build_multitask_student(cfg.student, num_labels, token_level, want_attention)
     else:
-        student = build_student(cfg.student, token_level["default"], num_labels["default"], want_attention)
+        student = build_student(cfg.student, token_level["default"], num_labels["default"], want_attention,
+                                train_sets["default"].joined.manifest.label_names)
     student.to(device)
-    tokenizer_source = train_sets[next(iter(tasks))].joined.manifest.config.get("tokenizer") or next(
-        (t.get("source") for t in train_sets[next(iter(tasks))].joined.manifest.teachers.values()), None)
+    first = train_sets[next(iter(tasks))].joined.manifest
+    tokenizer_source = first.config.get("tokenizer") or next((t.get("source") for t in first.teachers.values()), None)
+    tokenizer_source = resolve_path(tokenizer_source) if tokenizer_source else None
 
     # 3. distiller, optimizer and schedule
     accum = tc.gradient_accumulation_steps

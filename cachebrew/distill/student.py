@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import CachebrewError
 from ..export.teachers import call_entry_point
+from ..paths import resolve_path
 from .config import StudentConfig
 
 
@@ -18,9 +19,10 @@ def _hf_config(spec: StudentConfig, num_labels: int | None, want_attention: bool
     from transformers import AutoConfig
 
     if spec.path is not None:
-        if not (Path(spec.path) / "config.json").is_file():
+        path = resolve_path(spec.path)
+        if not (Path(path) / "config.json").is_file():
             raise CachebrewError(f"student.path: {spec.path} is not a Hugging Face model directory (no config.json)")
-        cfg = AutoConfig.from_pretrained(spec.path)
+        cfg = AutoConfig.from_pretrained(path)
     else:
         fields = spec.config
         if isinstance(fields, str):
@@ -34,6 +36,8 @@ def _hf_config(spec: StudentConfig, num_labels: int | None, want_attention: bool
             cfg = AutoConfig.for_model(model_type, **fields)
         except ValueError as e:
             raise CachebrewError(f"student.config: {e}") from None
+    for key, value in (spec.overrides or {}).items():
+        setattr(cfg, key, value)
     if num_labels is not None:
         cfg.num_labels = num_labels
     cfg.output_hidden_states = True
@@ -43,7 +47,8 @@ def _hf_config(spec: StudentConfig, num_labels: int | None, want_attention: bool
     return cfg
 
 
-def build_student(spec: StudentConfig, token_level: bool, num_labels: int | None, want_attention: bool):
+def build_student(spec: StudentConfig, token_level: bool, num_labels: int | None, want_attention: bool,
+                  label_names: list | None = None):
     if spec.entry_point is not None:
         model = call_entry_point(spec.entry_point, "student.entry_point")
         if not isinstance(model, nn.Module):
@@ -57,9 +62,12 @@ def build_student(spec: StudentConfig, token_level: bool, num_labels: int | None
     if cls is None:
         raise CachebrewError(f"student.model_class: transformers has no {cls_name}")
     cfg = _hf_config(spec, num_labels, want_attention)
+    if label_names:
+        cfg.id2label = dict(enumerate(label_names))
+        cfg.label2id = {n: i for i, n in enumerate(label_names)}
     if spec.path is not None:
         kwargs = {"attn_implementation": "eager"} if want_attention else {}
-        return cls.from_pretrained(spec.path, config=cfg, **kwargs)
+        return cls.from_pretrained(resolve_path(spec.path), config=cfg, **kwargs)
     return cls.from_config(cfg)
 
 
@@ -92,7 +100,7 @@ def build_multitask_student(spec: StudentConfig, num_labels: dict, token_level: 
     from transformers import AutoModel
 
     cfg = _hf_config(spec, None, want_attention)
-    encoder = AutoModel.from_pretrained(spec.path, config=cfg) if spec.path else AutoModel.from_config(cfg)
+    encoder = AutoModel.from_pretrained(resolve_path(spec.path), config=cfg) if spec.path else AutoModel.from_config(cfg)
     return MultiTaskStudent(encoder, num_labels, token_level)
 
 

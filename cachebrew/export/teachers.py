@@ -16,6 +16,7 @@ import torch
 from ..cache.fingerprint import hash_files
 from ..cache.format import TensorSpec
 from ..errors import CachebrewError, ConfigError
+from ..paths import resolve_path
 from .config import ExportConfig, TeacherConfig
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -43,7 +44,7 @@ def load_teacher(tc: TeacherConfig, index: int, want_attention: bool):
             raise CachebrewError(f"{where}.entry_point: {tc.entry_point} returned {type(model).__name__}, "
                                  "not a torch.nn.Module (or a (model, tokenizer) tuple)")
         return model.eval(), tokenizer
-    path = Path(tc.path)
+    path = Path(resolve_path(tc.path))
     if not (path / "config.json").is_file():
         raise CachebrewError(f"{where}.path: {path} is not a Hugging Face model directory (no config.json)")
     import transformers
@@ -67,6 +68,7 @@ def load_tokenizer(cfg: ExportConfig, teacher_tokenizers: list):
             return teacher_tokenizers[0], "entry_point:" + first.entry_point
         else:
             raise ConfigError("tokenizer: required when the first teacher is an entry point that returns no tokenizer")
+    spec = resolve_path(spec)
     if ":" in spec and not Path(spec).exists():
         tok = call_entry_point(spec, "tokenizer")
         return tok, "entry_point:" + spec
