@@ -59,7 +59,7 @@ def main():
             "data": {"path": str(tmp / "data.jsonl")}, "max_length": max_len, "batch_size": 32,
             "outputs": {"hidden_layers": layers, "attention_layers": [5]}, "dtypes": dtypes, "progress_bar": False})
         t = time.perf_counter()
-        res = run_export(cfg)
+        run_export(cfg)
         m = CacheReader(cfg.output).manifest
         lengths = [len(r["input_ids"]) for r in CacheReader(cfg.output).iter_rows()] if not lengths else lengths
         results.append({"option": name, "bytes_per_example": m.num_bytes / m.num_rows,

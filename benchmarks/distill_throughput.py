@@ -12,7 +12,6 @@ KD on logits + hidden_mse on 4 layer pairs through linear projections. On CPU th
 """
 import argparse
 import json
-import os
 import random
 import sys
 import tempfile

@@ -60,5 +60,5 @@ def save_checkpoint(model: torch.nn.Module, path, metadata: dict | None = None) 
 def load_checkpoint(model: torch.nn.Module, path, strict: bool = True) -> torch.nn.Module:
     """Load weights written by save_checkpoint into `model` (on the model's device)."""
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else "cpu"
-    missing, unexpected = load_model(model, str(path), strict=strict, device=str(device))
+    load_model(model, str(path), strict=strict, device=str(device))
     return model

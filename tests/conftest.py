@@ -3,7 +3,6 @@ unchanged under `textbrewer` or `cachebrew` (the oracle and the implementation u
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 
 import pytest

@@ -10,7 +10,11 @@ def build():
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(os.environ["CB_TEACHER_DIR"])
-    delay = float(os.environ.get("CB_TEACHER_DELAY", "0.05"))
+    return _slowed(model, float(os.environ.get("CB_TEACHER_DELAY", "0.05")))
+
+
+def _slowed(model, delay: float):
+    """Make every forward sleep `delay` seconds first."""
     original = model.forward
 
     def slow_forward(*args, **kwargs):
@@ -42,13 +46,4 @@ def slow_student():
 
     cfg = BertConfig(vocab_size=88, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                      max_position_embeddings=64, num_labels=2, output_hidden_states=True)
-    model = BertForSequenceClassification(cfg)
-    delay = float(os.environ.get("CB_STUDENT_DELAY", "0"))
-    original = model.forward
-
-    def slow_forward(*args, **kwargs):
-        time.sleep(delay)
-        return original(*args, **kwargs)
-
-    model.forward = slow_forward
-    return model
+    return _slowed(BertForSequenceClassification(cfg), float(os.environ.get("CB_STUDENT_DELAY", "0")))

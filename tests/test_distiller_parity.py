@@ -1,5 +1,4 @@
 """Distillers train a tiny BERT student to TextBrewer's weights: same init, data order and optimizer."""
-import copy
 import os
 
 import numpy as np

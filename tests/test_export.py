@@ -1,5 +1,4 @@
 """`cachebrew export` on a tiny BERT: exact read-back, compact storage, resume, verify, skip, errors."""
-import json
 import os
 import signal
 import subprocess

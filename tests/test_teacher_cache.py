@@ -1,5 +1,4 @@
 """Distillation fed by teacher_cache batches: the teacher is never called and may be None."""
-import copy
 
 import pytest
 import torch

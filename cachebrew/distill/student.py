@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
 from torch import nn
 
 from ..errors import CachebrewError
