@@ -129,7 +129,7 @@ def evaluate(model: Path = typer.Argument(..., help="saved model directory"),
              text: str = typer.Option(None, help="text column"), tokens: str = typer.Option(None, help="word-list column"),
              label: str = typer.Option("label", help="label column"), max_length: int = typer.Option(128),
              output: Path = typer.Option(None, help="write the JSON result here too"),
-             device: str = typer.Option(None)):
+             device: str = typer.Option(None), task: str = typer.Option(None, help="task of a multi-task student")):
     """Accuracy (or entity F1), parameters, size and inference examples/s of a model on a split."""
     import json as _json
 
@@ -139,7 +139,7 @@ def evaluate(model: Path = typer.Argument(..., help="saved model directory"),
     if (text is None) == (tokens is None):
         text = text or "text"
     res = run_evaluate(str(model), DataConfig(path=str(data), text=None if tokens else text, tokens=tokens,
-                                              label=label), max_length, device=device)
+                                              label=label), max_length, device=device, task=task)
     line = _json.dumps(res, indent=2)
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)

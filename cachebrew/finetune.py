@@ -185,17 +185,28 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     return results
 
 
-def run_evaluate(model_dir: str, data: DataConfig, max_length: int, batch_size: int = 64, device: str | None = None
-                 ) -> dict:
-    """Metric, size and CPU/GPU inference speed of a saved model on a data split."""
+def run_evaluate(model_dir: str, data: DataConfig, max_length: int, batch_size: int = 64, device: str | None = None,
+                 task: str | None = None) -> dict:
+    """Metric, size and CPU/GPU inference speed of a saved model (or one task of a multi-task student)."""
+    import functools
     import time
 
     from transformers import AutoConfig, AutoTokenizer
     import transformers
 
+    from .distill.student import load_multitask_student
+
     config = AutoConfig.from_pretrained(model_dir)
-    arch = (config.architectures or ["AutoModelForSequenceClassification"])[0]
-    model = getattr(transformers, arch).from_pretrained(model_dir)
+    if (Path(model_dir) / "tasks.json").is_file():
+        if task is None:
+            raise ConfigError(f"{model_dir} is a multi-task student: pass --task "
+                              f"({', '.join(json.loads((Path(model_dir) / 'tasks.json').read_text()))})")
+        model = load_multitask_student(model_dir)
+        model.forward = functools.partial(model.forward, task=task)
+        config.label2id, config.id2label = {}, None
+    else:
+        arch = (config.architectures or ["AutoModelForSequenceClassification"])[0]
+        model = getattr(transformers, arch).from_pretrained(model_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -211,7 +222,7 @@ def run_evaluate(model_dir: str, data: DataConfig, max_length: int, batch_size: 
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t
     size = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
-    return {"model": model_dir, "data": data.path, **score(preds, golds, config.id2label),
+    return {"model": model_dir, "task": task, "data": data.path, **score(preds, golds, config.id2label),
             "parameters": sum(p.numel() for p in model.parameters()), "size_mb": size / 2**20,
             "inference_examples_per_second": len(examples) / seconds, "examples": len(examples),
             "device": dev.type, "threads": torch.get_num_threads()}

@@ -35,7 +35,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     amp: str | None = "auto"         # auto: bf16 on GPU; none / bf16 / fp16
     shuffle_buffer: int = 2048
-    num_workers: int = 0
+    num_workers: int | None = None   # loader processes decoding shards; None: 2 on GPU, 0 on CPU
     eval_every: int | None = None    # optimizer steps; None: every epoch (or every `save_every` with steps)
     save_every: int | None = None    # optimizer steps between resumable checkpoints; None: with every eval
     keep_checkpoints: int = 2
@@ -80,7 +80,10 @@ class DistillRunConfig:
             sub_known = {f.name for f in fields(sub)}
             errors += [f"{key}.{k}: unknown field (valid: {', '.join(sorted(sub_known))})" for k in value
                        if k not in sub_known]
-            kwargs[key] = sub(**{k: v for k, v in value.items() if k in sub_known})
+            value = {k: v for k, v in value.items() if k in sub_known}
+            if key == "train" and value.get("steps") is not None and "epochs" not in value:
+                value["epochs"] = None  # `steps: N` alone means a step budget, not steps plus the default epochs
+            kwargs[key] = sub(**value)
         if isinstance(kwargs.get("tasks"), dict):
             tasks = {}
             for name, t in kwargs["tasks"].items():
@@ -123,7 +126,7 @@ class DistillRunConfig:
             v = getattr(t, name)
             if not isinstance(v, int) or v < 1:
                 e.append(f"train.{name}: must be an integer >= 1, got {v!r}")
-        if not isinstance(t.num_workers, int) or t.num_workers < 0:
+        if t.num_workers is not None and (not isinstance(t.num_workers, int) or t.num_workers < 0):
             e.append(f"train.num_workers: must be an integer >= 0, got {t.num_workers!r}")
         if not (isinstance(t.lr, (int, float)) and t.lr > 0):
             e.append(f"train.lr: must be > 0, got {t.lr!r}")

@@ -196,7 +196,8 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
                  for name, t in tasks.items() if t.eval_cache}
     # Each DataLoader iterator draws a base seed; from its own generator, not the global RNG, so that a
     # resumed run (which creates its first iterator mid-epoch) sees the same dropout masks.
-    loaders = {name: torch.utils.data.DataLoader(ds, batch_size=None, num_workers=tc.num_workers,
+    workers = tc.num_workers if tc.num_workers is not None else (2 if device.type == "cuda" else 0)
+    loaders = {name: torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
                                                  pin_memory=device.type == "cuda",
                                                  generator=torch.Generator().manual_seed(cfg.seed))
                for name, ds in train_sets.items()}

@@ -120,3 +120,16 @@ def hf_adaptor(batch, outputs):
         if out["logits"] is not None and out["logits"].dim() == 3 and "attention_mask" in batch:
             out["logits_mask"] = batch["attention_mask"]
     return out
+
+
+def load_multitask_student(path) -> MultiTaskStudent:
+    """Load what `cachebrew distill` saves for a multi-task run: the encoder, heads.safetensors, tasks.json."""
+    from safetensors.torch import load_model
+    from transformers import AutoModel
+
+    path = Path(path)
+    tasks = json.loads((path / "tasks.json").read_text())
+    model = MultiTaskStudent(AutoModel.from_pretrained(str(path)), {t: v["num_labels"] for t, v in tasks.items()},
+                             {t: v["token_level"] for t, v in tasks.items()})
+    load_model(model.heads, str(path / "heads.safetensors"))
+    return model

@@ -56,13 +56,17 @@ def is_split_batch(batch) -> bool:
 
 
 def split_batch(batch, device):
-    """Return (teacher_batch, student_batch, teacher_cache or None), all on `device`."""
+    """Return (teacher_batch, student_batch, teacher_cache or None), all on `device`.
+
+    Copies to a GPU are asynchronous: from pinned memory (DataLoader(pin_memory=True)) they overlap compute.
+    """
+    nb = torch.device(device).type == "cuda"
     if is_split_batch(batch):
-        student_batch = move_to_device(batch["student"], device)
-        teacher_batch = move_to_device(batch["teacher"], device) if "teacher" in batch else student_batch
+        student_batch = move_to_device(batch["student"], device, nb)
+        teacher_batch = move_to_device(batch["teacher"], device, nb) if "teacher" in batch else student_batch
         cache = batch.get(CACHE_KEY)
-        return teacher_batch, student_batch, None if cache is None else move_to_device(cache, device)
-    batch = move_to_device(batch, device)
+        return teacher_batch, student_batch, None if cache is None else move_to_device(cache, device, nb)
+    batch = move_to_device(batch, device, nb)
     return batch, batch, None
 
 
