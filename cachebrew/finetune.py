@@ -137,14 +137,14 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     seed_everything(cfg.seed)
     tok_path = resolve_path(cfg.tokenizer or cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(tok_path)
-    ds = load_table(cfg.data)
-    label_col = ds[cfg.data.label] if cfg.data.label else []
+    eval_data = DataConfig(**{**_to_dict(cfg.data), "path": cfg.eval_path, "limit": None}) if cfg.eval_path else None
+    label_col = []
+    if cfg.data.label:  # the vocabulary covers the eval labels too: a small train split may miss a class
+        for d in [cfg.data] + ([eval_data] if eval_data else []):
+            label_col += list(load_table(d)[d.label])
     label_names, label_map = label_vocabulary(label_col, None)
     train, _ = _encode(cfg.data, tokenizer, cfg.max_length, label_map)
-    dev = None
-    if cfg.eval_path:
-        dev, _ = _encode(DataConfig(**{**_to_dict(cfg.data), "path": cfg.eval_path, "limit": None}), tokenizer,
-                         cfg.max_length, label_map)
+    dev = _encode(eval_data, tokenizer, cfg.max_length, label_map)[0] if eval_data else None
     num_labels = len(label_names) if label_names else int(max(max(t["labels"]) if isinstance(t["labels"], list)
                                                               else t["labels"] for t in train)) + 1
     model = build_student(cfg.model, cfg.data.tokens is not None, num_labels, False, label_names)

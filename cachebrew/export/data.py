@@ -133,6 +133,16 @@ def build_rows(ds, cfg: DataConfig, aug: AugmentConfig, mask_token: str) -> list
     return rows
 
 
+def _label_id(label, label_map: dict | None, row: PlanRow) -> int:
+    if label_map is None:
+        return int(label)
+    try:
+        return label_map[str(label)]
+    except KeyError:
+        raise CachebrewError(f"row {row.id!r}: label {label!r} is not in the label vocabulary "
+                             f"{sorted(label_map, key=label_map.get)}") from None
+
+
 def tokenize_rows(rows: list[PlanRow], tokenizer, max_length: int, label_map: dict | None, token_level: bool):
     """input_ids / attention_mask / token_type_ids and labels (aligned to first sub-words when token-level)."""
     out = []
@@ -148,14 +158,14 @@ def tokenize_rows(rows: list[PlanRow], tokenizer, max_length: int, label_map: di
             item = {k: enc[k][j] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
             if r.label is not None:
                 if token_level:
-                    tags = [label_map[str(t)] if label_map else int(t) for t in r.label]
+                    tags = [_label_id(t, label_map, r) for t in r.label]
                     labels, prev = [], None
                     for w in enc.word_ids(j):
                         labels.append(-100 if w is None or w == prev or w >= len(tags) else tags[w])
                         prev = w
                     item["labels"] = labels
                 else:
-                    item["labels"] = label_map[str(r.label)] if label_map else int(r.label)
+                    item["labels"] = _label_id(r.label, label_map, r)
             out.append(item)
     return out
 
