@@ -46,6 +46,14 @@ def kd_ce_loss(logits_S, logits_T, temperature=1):
     return -(p_T * F.log_softmax(beta_logits_S, dim=-1)).sum(dim=-1).mean()
 
 
+def kd_kl_loss(logits_S, logits_T, temperature=1):
+    """KL(teacher || student) of the tempered distributions, batch mean: kd_ce_loss minus the teacher's entropy,
+    so the same gradient; its value reaches 0 when the student matches (INC's 'KL' KD loss)."""
+    beta_logits_S, beta_logits_T = _scaled(logits_S, logits_T, temperature)
+    log_p_T = F.log_softmax(beta_logits_T, dim=-1)
+    return (log_p_T.exp() * (log_p_T - F.log_softmax(beta_logits_S, dim=-1))).sum(dim=-1).mean()
+
+
 def att_mse_loss(attention_S, attention_T, mask=None):
     """MSE between attention maps (batch, heads, len, len); without a mask, scores <= -1e-3 count as padding."""
     attention_S, attention_T = _f32(attention_S, attention_T)

@@ -11,7 +11,7 @@ are validated against the registry contents at construction time.
 from __future__ import annotations
 
 from .losses import (att_ce_loss, att_ce_mean_loss, att_mse_loss, att_mse_sum_loss, cos_loss, fsp_loss,
-                     hid_mse_loss, kd_ce_loss, kd_mse_loss, mmd_loss, pkd_loss)
+                     hid_mse_loss, kd_ce_loss, kd_kl_loss, kd_mse_loss, mmd_loss, pkd_loss)
 from .projections import linear_projection, projection_with_activation
 from .schedulers import (constant_temperature_scheduler, cwsm_temperature_scheduler_builder,
                          flsw_temperature_scheduler_builder, linear_decay_weight_scheduler,
@@ -81,7 +81,7 @@ FEATURES = ["hidden", "attention"]
 
 ADAPTOR_KEYS = ["logits", "logits_mask", "losses", "inputs_mask", "labels"] + FEATURES
 
-KD_LOSS_MAP = Registry("kd loss", {"mse": kd_mse_loss, "ce": kd_ce_loss})
+KD_LOSS_MAP = Registry("kd loss", {"mse": kd_mse_loss, "ce": kd_ce_loss, "kl": kd_kl_loss})  # kl: not in TextBrewer
 
 MATCH_LOSS_MAP = Registry("match loss", {
     "attention_mse_sum": att_mse_sum_loss,

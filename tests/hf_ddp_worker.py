@@ -1,0 +1,28 @@
+"""One DistillationTrainer run (under torchrun or alone) for tests/test_hf_trainer.py's DDP test.
+
+    hf_ddp_worker.py CACHE OUT ACCUMULATION
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+from safetensors.torch import save_model  # noqa: E402
+
+from cachebrew.hf import DistillationTrainer  # noqa: E402
+from test_hf_trainer import INC, args, student  # noqa: E402
+
+torch.set_num_threads(1)
+cache, out, accumulation = sys.argv[1], sys.argv[2], int(sys.argv[3])
+trainer = DistillationTrainer(model=student(), distillation_config=INC, teacher_cache=cache,
+                              args=args(out, per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
+                                        train_sampling_strategy="sequential",
+                                        ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None))
+torch.manual_seed(1234)
+trainer._losses.projs[0].reset_parameters()  # the same projection start on every rank and in both runs
+trainer.train()
+if trainer.args.process_index == 0:
+    save_model(trainer.model, os.path.join(out, "student.safetensors"))
+    save_model(trainer._projections(), os.path.join(out, "proj.safetensors"))
+    print("steps", trainer.state.global_step)
