@@ -2,7 +2,9 @@
 
     cachebrew export CONFIG.yaml [--set key=value]   # teachers -> cache
     cachebrew distill CONFIG.yaml [--resume]         # cache -> student
-    cachebrew inspect CACHE | cachebrew verify CACHE
+    cachebrew inspect CACHE | cachebrew verify CACHE  # CACHE: a directory or a URI (s3://, gs://, file://)
+    cachebrew push CACHE URI | cachebrew pull URI DIR  # verified, resumable copies
+    cachebrew ls ROOT                                # the caches under a root: teacher, data, size, fingerprint
     cachebrew validate CONFIG.yaml                   # report every problem in a config at once
     cachebrew version
 """
@@ -148,7 +150,7 @@ def evaluate(model: Path = typer.Argument(..., help="saved model directory"),
 
 
 @app.command()
-def inspect(cache: Path = typer.Argument(..., help="cache directory"),
+def inspect(cache: str = typer.Argument(..., help="cache directory or URI (s3://bucket/cache, ...)"),
             rows: int = typer.Option(1, help="sample rows to print")):
     """Show a cache's schema, rows, sizes, fingerprint and a sample."""
     from .cache import CacheReader
@@ -192,7 +194,7 @@ def _short(v):
 
 
 @app.command()
-def verify(cache: Path = typer.Argument(..., help="cache directory")):
+def verify(cache: str = typer.Argument(..., help="cache directory or URI")):
     """Check every shard's checksum, row count and schema; exit 1 naming each bad shard."""
     from .cache import CacheReader
 
@@ -204,6 +206,60 @@ def verify(cache: Path = typer.Argument(..., help="cache directory")):
         typer.echo(f"{cache}: {len(problems)} bad shard(s) of {len(reader.manifest.shards)}", err=True)
         raise typer.Exit(1)
     typer.echo(f"{cache}: OK ({len(reader.manifest.shards)} shards, {reader.num_rows} rows)")
+
+
+@app.command()
+def push(cache: str = typer.Argument(..., help="local cache directory (or any cache location)"),
+         uri: str = typer.Argument(..., help="destination: s3://bucket/path, gs://..., file://..., or a directory"),
+         overwrite: bool = typer.Option(False, help="replace a different cache at the destination")):
+    """Copy a cache to shared storage: sha256-verified, resumable, manifest published last."""
+    _copy(cache, uri, overwrite)
+
+
+@app.command()
+def pull(uri: str = typer.Argument(..., help="source cache URI (or directory)"),
+         directory: str = typer.Argument(..., help="local destination directory"),
+         overwrite: bool = typer.Option(False, help="replace a different cache in the directory")):
+    """Copy a shared cache to a local directory: sha256-verified, resumable, manifest written last."""
+    _copy(uri, directory, overwrite)
+
+
+def _copy(src, dst, overwrite):
+    import time
+
+    from .cache.storage import copy_cache
+
+    t = time.perf_counter()
+    report = copy_cache(src, dst, overwrite=overwrite,
+                        progress=lambda info: typer.echo(f"  {info.path} ({info.bytes / 2**20:.2f} MiB) verified"))
+    typer.echo(f"{src} -> {dst}: {report.copied} shard(s) copied ({report.bytes / 2**20:.2f} MiB), "
+               f"{report.skipped} already there, {time.perf_counter() - t:.1f} s")
+
+
+@app.command("ls")
+def ls(root: str = typer.Argument(..., help="directory or URI to search for caches"),
+       depth: int = typer.Option(4, help="how many levels below ROOT to look")):
+    """List the caches under ROOT: teachers, data, rows, size, fingerprint, creation date."""
+    from .cache import CacheReader
+    from .cache.storage import find_caches
+
+    found = find_caches(root, depth)
+    if not found:
+        typer.echo(f"{root}: no caches (no manifest.json within {depth} levels)")
+        return
+    header = f"{'cache':<40} {'teachers':<24} {'data':<28} {'rows':>8} {'MiB':>8} {'fingerprint':<13} created"
+    typer.echo(header)
+    for loc in found:
+        name = loc.split("?")[0]  # without connection options
+        try:
+            m = CacheReader(loc).manifest
+        except CachebrewError as e:
+            typer.echo(f"{name:<40} unreadable: {e}")
+            continue
+        teachers = ",".join(f"{n}({Path(str(t.get('source', '?'))).name})" for n, t in m.teachers.items())
+        data = Path(str(m.config.get("data", {}).get("path", "?"))).name
+        typer.echo(f"{name:<40} {teachers[:24]:<24} {data[:28]:<28} {m.num_rows:>8} {m.num_bytes / 2**20:>8.2f} "
+                   f"{m.fingerprint[:12]:<13} {m.created[:19]}")
 
 
 def _setup_logging():

@@ -214,12 +214,12 @@ class CacheBatches(torch.utils.data.IterableDataset):
         if key not in decoded:
             reader = self.joined.readers[ci]
             info = reader.manifest.shards[ref.shard]
-            path = reader.shard_path(info)
             try:
-                with pa.memory_map(str(path)) as source:
+                with reader.open_input(info) as source:
                     decoded[key] = pa.ipc.open_file(source).get_batch(ref.batch)
             except (pa.ArrowInvalid, OSError) as e:
-                raise CacheFormatError(f"{path}: unreadable shard ({e}); run `cachebrew verify {reader.path}`") from None
+                raise CacheFormatError(f"{reader.shard_path(info)}: unreadable shard ({e}); "
+                                       f"run `cachebrew verify {reader.path}`") from None
         return decoded[key]
 
     def _gather(self, ci: int, rows: list[int], decoded: dict) -> pa.Table:

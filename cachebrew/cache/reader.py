@@ -6,59 +6,77 @@ of the streaming loader used by distill.
 """
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
+import json
 
 import pyarrow as pa
 
 from ..errors import CacheFormatError
 from .format import (ATTENTION_MASK, COPY, ID, INPUT_IDS, LABELS, TASK, TEXT, TEXT_PAIR, TOKEN_TYPE_IDS, WORDS,
                      decode_int_column, decode_tensor_column)
-from .manifest import Manifest
+from .manifest import MANIFEST, Manifest
 from .shards import META_KEY
+from .storage import locate
 
 
 class CacheReader:
+    """A cache in a local directory or at a filesystem URI (s3://bucket/cache, ...)."""
+
     def __init__(self, path):
-        self.path = Path(path)
-        self.manifest = Manifest.read(self.path)
+        self.location = locate(path)
+        self.path = self.location.uri if not self.location.local else self.location.path
+        if self.location.local:
+            self.manifest = Manifest.read(self.location.path)
+        else:
+            where = self.location.where(MANIFEST)
+            try:
+                text = self.location.read_text(MANIFEST)
+            except FileNotFoundError:
+                raise CacheFormatError(f"{where}: missing; not a cache, or an incomplete copy") from None
+            except OSError as e:
+                raise CacheFormatError(f"{where}: cannot read ({e})") from None
+            try:
+                d = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise CacheFormatError(f"{where}: not valid JSON ({e})") from None
+            self.manifest = Manifest.from_dict(d, where)
 
     @property
     def num_rows(self) -> int:
         return self.manifest.num_rows
 
-    def shard_path(self, info) -> Path:
-        return self.path / info.path
+    def shard_path(self, info) -> str:
+        return self.location.where(info.path)
+
+    def open_input(self, info):
+        """The shard as a random-access file (memory map locally), for pa.ipc.open_file."""
+        try:
+            return self.location.open_input(info.path)
+        except FileNotFoundError:
+            raise CacheFormatError(f"{self.shard_path(info)}: shard listed in the manifest is missing") from None
 
     def open_shard(self, info) -> pa.Table:
-        path = self.shard_path(info)
-        if not path.is_file():
-            raise CacheFormatError(f"{path}: shard listed in the manifest is missing")
+        source = self.open_input(info)
         try:
-            with pa.memory_map(str(path)) as source:
+            with source:
                 return pa.ipc.open_file(source).read_all()
         except (pa.ArrowInvalid, OSError) as e:
-            raise CacheFormatError(f"{path}: unreadable shard ({e})") from None
+            raise CacheFormatError(f"{self.shard_path(info)}: unreadable shard ({e})") from None
 
     def verify(self, progress=None) -> list[str]:
         """Problems found, one line per bad shard (empty: the cache is intact)."""
         problems = []
         expected = [(name, t) for name, t in self.manifest.columns.items()]
         for info in self.manifest.shards:
-            path = self.shard_path(info)
-            if not path.is_file():
+            if not self.location.exists(info.path):
                 problems.append(f"{info.path}: missing")
                 continue
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-            if h.hexdigest() != info.sha256:
-                problems.append(f"{info.path}: checksum mismatch (sha256 {h.hexdigest()[:16]}…, "
+            digest = self.location.sha256(info.path)
+            if digest != info.sha256:
+                problems.append(f"{info.path}: checksum mismatch (sha256 {digest[:16]}…, "
                                 f"manifest says {info.sha256[:16]}…)")
                 continue
             try:
-                with pa.memory_map(str(path)) as source:
+                with self.open_input(info) as source:
                     reader = pa.ipc.open_file(source)
                     schema = reader.schema
                     rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))

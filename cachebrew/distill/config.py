@@ -41,6 +41,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     device: str | None = None
     progress_bar: bool = True
+    verify_caches: bool = True       # sha256 of every shard before training: a corrupt cache stops the run early
 
 
 @dataclass

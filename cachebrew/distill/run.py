@@ -25,7 +25,7 @@ from ..configurations import TrainingConfig
 from ..distillers import GeneralDistiller, MultiTaskDistiller
 from ..distillers.batches import move_to_device
 from ..distillers.loop import ResumeState, StepState
-from ..errors import CachebrewError
+from ..errors import CacheFormatError, CachebrewError
 from ..paths import resolve_path
 from ..runtime import ensure_process_group, get_rank, resolve_device, resolve_local_rank
 from .checkpoints import latest_checkpoint, load_run_checkpoint, restore_rng, save_run_checkpoint
@@ -78,6 +78,20 @@ def _num_labels(ds: CacheBatches) -> int:
     if m.label_names:
         return len(m.label_names)
     raise CachebrewError(f"{ds.joined.readers[0].path}: no teacher logits and no label names; cannot size the head")
+
+
+def _verify_caches(readers):
+    """Every shard's checksum, rows and schema, before the student sees a byte of it."""
+    seen = set()
+    for reader in readers:
+        if reader.path in seen:
+            continue
+        seen.add(reader.path)
+        problems = reader.verify()
+        if problems:
+            raise CacheFormatError(f"{reader.path}: {len(problems)} bad shard(s), not training on it: "
+                                   + "; ".join(problems[:5]) + " (re-export or re-pull it; train.verify_caches: "
+                                   "false skips this check)")
 
 
 def _optimizer(model, lr, weight_decay):
@@ -201,6 +215,8 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
                                                  pin_memory=device.type == "cuda",
                                                  generator=torch.Generator().manual_seed(cfg.seed))
                for name, ds in train_sets.items()}
+    if tc.verify_caches:
+        _verify_caches([r for ds in (*train_sets.values(), *eval_sets.values()) for r in ds.joined.readers])
     for name, ds in train_sets.items():
         logger.info("task %s: %d rows, %d batches per epoch on this rank, teachers %s", name, ds.joined.num_rows,
                     len(ds), ds.joined.teachers)
@@ -291,10 +307,10 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
 
     distiller.add_step_hook(checkpoint_hook)
     start_step = 0
-    if resume:
-        ckpt = latest_checkpoint(out / "checkpoints")
-        if ckpt is None:
-            raise CachebrewError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
+    ckpt = latest_checkpoint(out / "checkpoints") if resume else None
+    if resume and ckpt is None:  # killed before its first checkpoint: `--resume` is always safe to pass
+        logger.info("--resume: no complete checkpoint under %s yet; starting from step 0", out / "checkpoints")
+    if ckpt is not None:
         saved = json.loads((ckpt / "state.json").read_text())["config"]
         if saved != cfg.to_dict():
             changed = sorted(k for k in set(saved) | set(cfg.to_dict()) if saved.get(k) != cfg.to_dict().get(k))

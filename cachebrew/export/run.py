@@ -9,6 +9,8 @@ Under torchrun each rank writes the shards k with k % world_size == rank; rank 0
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import logging
 import math
 import os
@@ -28,7 +30,9 @@ from ..cache.format import (ATTENTION_MASK, COPY, FORMAT_VERSION, ID, INPUT_IDS,
                             TOKEN_COLUMNS, TOKEN_TYPE_IDS, WORDS, encode_int_rows, encode_tensor_rows, slice_rows)
 from ..cache.manifest import MANIFEST, Manifest
 from ..cache.shards import (ShardWriter, describe_shard, list_shards, read_shard_meta, remove_temp_files)
-from ..errors import CacheFormatError, CacheMismatchError
+from ..cache.lock import DirectoryLock
+from ..cache.storage import copy_cache, is_uri, local_path
+from ..errors import CacheFormatError, CachebrewError, CacheMismatchError
 from ..runtime import resolve_device
 from .config import ExportConfig
 from .data import build_rows, data_fingerprint, label_vocabulary, load_table, sorted_order, tokenize_rows
@@ -225,13 +229,52 @@ def _amp(cfg: ExportConfig, device):
     return dtype
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def staging_dir(uri: str) -> Path:
+    """Where an export to a URI is built before it is pushed; stable per URI, so a crashed export resumes."""
+    base = Path(os.environ.get("CACHEBREW_STAGING", Path.home() / ".cache" / "cachebrew" / "staging"))
+    return base / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
 def run_export(cfg: ExportConfig) -> ExportResult:
+    """Export into cfg.output, a directory or a filesystem URI (built locally, then pushed with checksums).
+
+    One export at a time per directory (a lock file); a full disk stops with a clear error and only
+    complete shards on disk, which a rerun keeps.
+    """
+    if is_uri(cfg.output):
+        from dataclasses import replace
+
+        staged = staging_dir(cfg.output)
+        result = run_export(replace(cfg, output=str(staged)))
+        if _dist_env()[1] == 0:
+            report = copy_cache(staged, cfg.output, overwrite=cfg.overwrite)
+            logger.info("pushed %s to %s: %d shards copied, %d already there", staged, cfg.output, report.copied,
+                        report.skipped)
+        result.output = cfg.output
+        return result
+    world, rank, _ = _dist_env()
+    out = local_path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    with DirectoryLock(out, ".lock" if rank == 0 else f".lock-rank{rank}"):
+        try:
+            return _export(cfg, out)
+        except OSError as e:
+            if e.errno not in _DISK_FULL:
+                raise
+            raise CachebrewError(f"{out}: {e.strerror or 'no space left on device'} while writing the cache. The "
+                                 "shard being written was removed; complete shards stay and a rerun resumes from "
+                                 "them once there is space (or choose another output).") from None
+
+
+def _export(cfg: ExportConfig, out: Path) -> ExportResult:
     t0 = time.perf_counter()
     world, rank, local_rank = _dist_env()
     device = resolve_device(cfg.device, local_rank)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")  # only barriers and the final gather travel over it
-    out = Path(cfg.output)
     want_attention = bool(cfg.outputs.attention_layers)
 
     # 1. everything the fingerprint is made of
@@ -249,7 +292,6 @@ def run_export(cfg: ExportConfig) -> ExportResult:
     fingerprint = combine(fingerprint_inputs)
 
     # 2. what the output directory holds
-    out.mkdir(parents=True, exist_ok=True)
     state = None
     if rank == 0:
         state = check_output_dir(out, fingerprint, cfg.overwrite)
