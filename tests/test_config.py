@@ -37,7 +37,7 @@ def test_training_config_has_no_side_effects(tmp_path):
 def test_all_errors_reported_at_once_naming_fields():
     with pytest.raises(ConfigError) as e:
         DistillationConfig(
-            temperature=-1, kd_loss_type="kl", kd_loss_weight=-0.5, temperature_scheduler="flsw",
+            temperature=-1, kd_loss_type="kld", kd_loss_weight=-0.5, temperature_scheduler="flsw",
             hard_label_weight_scheduler="cosine",
             intermediate_matches=[
                 GOOD_MATCH,
@@ -51,7 +51,7 @@ def test_all_errors_reported_at_once_naming_fields():
     text = "\n".join(errors)
     expected = [
         "DistillationConfig.temperature:",
-        "DistillationConfig.kd_loss_type: unknown KD loss 'kl'",
+        "DistillationConfig.kd_loss_type: unknown KD loss 'kld'",
         "DistillationConfig.kd_loss_weight: must be a number >= 0",
         "DistillationConfig.temperature_scheduler: 'flsw' needs parameters (beta, gamma)",
         "DistillationConfig.hard_label_weight_scheduler: unknown scheduler 'cosine'",
@@ -142,7 +142,7 @@ def test_cli_validate_reports_errors_without_traceback(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("train_config:\n  output_dir: out\ndistill_config:\n  temperature: 8\n")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("train_config:\n  ckpt_frequency: 0\ndistill_config:\n  kd_loss_type: kl\nextra: 1\n")
+    bad.write_text("train_config:\n  ckpt_frequency: 0\ndistill_config:\n  kd_loss_type: kld\nextra: 1\n")
     ok = subprocess.run([sys.executable, "-m", "cachebrew", "validate", str(good)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "distill_config OK" in ok.stdout

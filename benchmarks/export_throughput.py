@@ -1,0 +1,141 @@
+"""`cachebrew export` throughput against the bare teacher forward pass, per output configuration.
+
+    python benchmarks/export_throughput.py [--examples 1024] [--device cpu|cuda] [--json out.json]
+
+Measured side by side in this one run, on the same teacher, data and batches:
+  bare      the teacher's forward pass in inference mode over the same length-sorted batches, outputs
+            dropped (the limit: what export would cost if writing were free)
+  export    run_export end to end: tokenized plan -> teacher forward -> encode -> zstd Arrow shards on disk
+ratio = export ex/s ÷ bare ex/s (target >= 0.9). Configurations: logits only; logits + 4 hidden layers;
+logits + hidden + attention; 3 teachers (logits + 4 hidden each). On CPU the teacher is 6x256; with
+--device cuda BERT-base (12x768), seq 128, bf16 autocast. Peak RSS of the process is reported too.
+"""
+import argparse
+import contextlib
+import json
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def build(args, tmp: Path):
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from fixtures import WORDS, write_vocab
+
+    gpu = args.device == "cuda"
+    cfg = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072) if gpu else \
+        dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024)
+    teachers = []
+    for t in range(3):
+        d = tmp / f"teacher{t}"
+        d.mkdir()
+        vocab = write_vocab(d / "vocab.txt")
+        BertTokenizerFast(vocab=str(d / "vocab.txt")).save_pretrained(str(d))
+        torch.manual_seed(t)
+        BertForSequenceClassification(BertConfig(vocab_size=vocab, num_labels=3, max_position_embeddings=160,
+                                                 attn_implementation="eager", **cfg)).save_pretrained(str(d))
+        teachers.append(d)
+    rng = random.Random(0)
+    with open(tmp / "train.jsonl", "w") as f:
+        for i in range(args.examples):
+            n = args.seq if gpu else rng.randint(12, 60)
+            f.write(json.dumps({"id": f"ex{i}", "text": " ".join(rng.choices(WORDS, k=n)),
+                                "label": rng.randrange(3)}) + "\n")
+    return teachers, cfg["num_hidden_layers"]
+
+
+def export_config(args, tmp, teachers, outputs, name):
+    return {"output": str(tmp / "caches" / name), "task": "bench",
+            "teachers": [{"name": f"t{i}", "path": str(t)} for i, t in enumerate(teachers)],
+            "data": {"path": str(tmp / "train.jsonl"), "text": "text", "label": "label", "id": "id"},
+            "max_length": args.seq, "outputs": outputs, "batch_size": args.batch, "shard_rows": 1024,
+            "dtypes": {"logits": "fp32", "hidden": "fp16", "attention": "fp16"},
+            "device": args.device, "progress_bar": False}
+
+
+def bare_forward(args, cfg_dict):
+    """The same plan and batches as export, teacher forward only (inference mode, the same autocast)."""
+    from cachebrew.export import ExportConfig
+    from cachebrew.export.data import build_rows, load_table, sorted_order, tokenize_rows
+    from cachebrew.export.run import _collate
+    from cachebrew.export.teachers import forward, load_teacher, load_tokenizer
+
+    cfg = ExportConfig.from_dict(cfg_dict)
+    device = torch.device(args.device)
+    ds = load_table(cfg.data)
+    loaded = [load_teacher(tc, i, bool(cfg.outputs.attention_layers)) for i, tc in enumerate(cfg.teachers)]
+    tokenizer, _ = load_tokenizer(cfg, [tok for _, tok in loaded])
+    rows = build_rows(ds, cfg.data, cfg.augment, "[MASK]")
+    label_map = {v: i for i, v in enumerate(sorted(set(ds[cfg.data.label])))}
+    tokens = tokenize_rows(rows, tokenizer, cfg.max_length, label_map, False)
+    order = sorted_order([len(t["input_ids"]) for t in tokens], cfg.sort_window * cfg.batch_size)
+    models = [m.to(device) for m, _ in loaded]
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    with torch.inference_mode(), amp:
+        for start in range(0, len(order), cfg.batch_size):
+            batch = _collate([tokens[i] for i in order[start:start + cfg.batch_size]], tokenizer.pad_token_id, device)
+            for m in models:
+                forward(m, batch, cfg)
+    sync()
+    return len(order) / (time.perf_counter() - t)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--examples", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    from cachebrew.export import ExportConfig, run_export
+
+    tmp = Path(tempfile.mkdtemp(prefix="cb-export-bench-"))
+    try:
+        teachers, L = build(args, tmp)
+        hidden = [0, L // 3, 2 * L // 3, L]
+        configs = {
+            "logits only": (teachers[:1], {"logits": True, "hidden_layers": [], "attention_layers": []}),
+            "logits + 4 hidden": (teachers[:1], {"logits": True, "hidden_layers": hidden, "attention_layers": []}),
+            "logits + hidden + attention": (teachers[:1], {"logits": True, "hidden_layers": hidden,
+                                                           "attention_layers": [L // 2, L - 1]}),
+            "3 teachers (logits + 4 hidden)": (teachers, {"logits": True, "hidden_layers": hidden,
+                                                          "attention_layers": []}),
+        }
+        results = []
+        for name, (ts, outputs) in configs.items():
+            cfg = export_config(args, tmp, ts, outputs, name.split(" (")[0].replace(" ", "_").replace("+", "p"))
+            bare_forward(args, cfg)  # warm-up (allocator, kernels, file cache)
+            bare = bare_forward(args, cfg)
+            shutil.rmtree(cfg["output"], ignore_errors=True)
+            t = time.perf_counter()
+            result = run_export(ExportConfig.from_dict(cfg))
+            export = result.rows_total / (time.perf_counter() - t)
+            row = {"config": name, "bare_ex_s": bare, "export_ex_s": export, "ratio": export / bare,
+                   "bytes_per_example": result.bytes_total / result.rows_total,
+                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            results.append(row)
+            print(f"{name:<32} bare {bare:8.1f} ex/s  export {export:8.1f} ex/s  ratio {export / bare:5.2f}  "
+                  f"{row['bytes_per_example']:>9,.0f} B/ex  peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"device": args.device, "examples": args.examples,
+                                                   "batch": args.batch, "results": results}, indent=2))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
