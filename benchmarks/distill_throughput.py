@@ -67,7 +67,7 @@ def main():
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
     import cachebrew
-    from cachebrew.cache.loader import CacheBatches
+    from cachebrew.cache.loader import CacheBatches, identity_collate
     from cachebrew.distill.student import hf_adaptor
     from cachebrew.export import ExportConfig, run_export
 
@@ -93,7 +93,7 @@ def main():
                                                         output_hidden_states=True, **scfg)).to(dev)
 
     cache_ds = CacheBatches(str(tmp / "cache"), args.batch, seed=0)
-    loader = torch.utils.data.DataLoader(cache_ds, batch_size=None, num_workers=args.workers,
+    loader = torch.utils.data.DataLoader(cache_ds, batch_size=None, num_workers=args.workers, collate_fn=identity_collate,
                                          pin_memory=dev.type == "cuda", persistent_workers=args.workers > 0,
                                          prefetch_factor=4 if args.workers else None)
     in_memory = [b["student"] for b in CacheBatches(str(tmp / "cache"), args.batch, seed=0)]

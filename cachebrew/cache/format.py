@@ -194,6 +194,74 @@ def decode_tensor_column(spec: TensorSpec, table: pa.Table, lengths: list[int], 
     return rows
 
 
+class Selection:
+    """Rows of one batch, as they lie in decoded Arrow record batches: [(record batch, rows in it, batch positions)].
+
+    Columns are read from Arrow memory without copying and copied once, straight into the padded batch
+    tensor (one vectorized gather per record batch and column).
+    """
+
+    def __init__(self, groups: list, size: int):
+        self.groups = [(rb, np.asarray(local, np.int64), np.asarray(pos, np.int64)) for rb, local, pos in groups]
+        self.size = size
+        self.lengths = np.zeros(size, np.int64)
+        for rb, local, pos in self.groups:
+            off = np.asarray(rb.column(INPUT_IDS).offsets)
+            self.lengths[pos] = off[local + 1] - off[local]
+
+    def scalars(self, name: str) -> list:
+        out = [None] * self.size
+        for rb, local, pos in self.groups:
+            for p, v in zip(pos.tolist(), rb.column(name).take(pa.array(local)).to_pylist()):
+                out[p] = v
+        return out
+
+    def padded(self, name: str, length: int, width: int, fill, dtype, per_token: bool = True) -> np.ndarray:
+        """(size * length, width) array: row i's tokens at [i*length, i*length + len_i); per_token=False: (size, width)."""
+        out = np.full(((self.size * length) if per_token else self.size, width), fill, dtype=dtype)
+        for rb, local, pos in self.groups:
+            arr = rb.column(name)
+            off = np.asarray(arr.offsets)
+            values = arr.values.to_numpy(zero_copy_only=False).reshape(-1, width)
+            starts = off[local] // width
+            if not per_token:
+                out[pos] = values[starts]
+                continue
+            lens = off[local + 1] // width - starts
+            within = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+            out[np.repeat(pos * length, lens) + within] = values[np.repeat(starts, lens) + within]
+        return out
+
+    def rows_table(self, columns: list[str]) -> pa.Table:
+        """The rows in batch order as a table (one-row slices; for the per-row decode path)."""
+        pieces = [None] * self.size
+        for rb, local, pos in self.groups:
+            sub = rb.select(columns)
+            for r, p in zip(local.tolist(), pos.tolist()):
+                pieces[p] = sub.slice(r, 1)
+        return pa.Table.from_batches(pieces)
+
+
+def pad_ints(sel: Selection, name: str, length: int, value: int) -> torch.Tensor:
+    return torch.from_numpy(sel.padded(name, length, 1, value, np.int64).reshape(sel.size, length))
+
+
+def decode_selection(spec: TensorSpec, sel: Selection, length: int) -> torch.Tensor | None:
+    """The batch tensor (B, *shape with L = length), zero-padded, for logits [C] and hidden / token logits [L, D]
+    in fp32/fp16/bf16/int8; None for attention maps and top-k, which take the per-row path."""
+    if spec.topk or "L" in spec.shape[1:]:
+        return None
+    per_token = bool(spec.shape) and spec.shape[0] == "L"
+    dims = [int(x) for x in (spec.shape[1:] if per_token else spec.shape)]
+    width = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    out = sel.padded(spec.column, length, width, 0, _NUMPY_VALUE_TYPE[spec.dtype], per_token)
+    if spec.dtype == "int8":
+        scale = sel.padded(spec.column + ".scale", length, 1, 0.0, np.float32, per_token)
+        out = out.astype(np.float32) * scale
+    shape = (sel.size, length, *dims) if per_token else (sel.size, *dims)
+    return _from_storage(out.reshape(shape), spec.dtype)
+
+
 def decode_int_column(table: pa.Table, name: str) -> list[np.ndarray]:
     offsets, values = _list_values(table.column(name).combine_chunks())
     return [values[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]

@@ -21,8 +21,8 @@ import pyarrow as pa
 import torch
 
 from ..errors import CacheFormatError, CachebrewError
-from .format import (ATTENTION_MASK, COPY, ID, INPUT_IDS, LABELS, TOKEN_TYPE_IDS, TensorSpec, decode_int_column,
-                     decode_tensor_column)
+from .format import (ATTENTION_MASK, COPY, ID, INPUT_IDS, LABELS, TOKEN_TYPE_IDS, Selection, TensorSpec,
+                     decode_selection, decode_tensor_column, pad_ints)
 from .reader import CacheReader
 
 
@@ -140,11 +140,16 @@ class JoinedCaches:
         return mapping
 
 
+def identity_collate(batch):
+    """collate_fn for DataLoader(CacheBatches, batch_size=None): batches are complete; skip default_convert's walk."""
+    return batch
+
+
 class CacheBatches(torch.utils.data.IterableDataset):
     """Batches of ``{'student': inputs, 'teacher_cache': {...}}`` streamed from cache(s).
 
     Usable as a plain iterable or inside ``torch.utils.data.DataLoader(ds, batch_size=None, num_workers=n,
-    pin_memory=True)``; ``len()`` is the number of batches this rank sees per epoch. ``set_epoch`` and
+    pin_memory=True, collate_fn=identity_collate)``; ``len()`` is the number of batches this rank sees per epoch. ``set_epoch`` and
     ``set_position`` select what the next iteration yields.
     """
 
@@ -167,7 +172,6 @@ class CacheBatches(torch.utils.data.IterableDataset):
         self.epoch = 0
         self.start_batch = 0
         self._shard_rows = [info.rows for info in self.joined.manifest.shards]
-        self._row_to_ref = self.joined.refs[0]
 
     # -- plan -------------------------------------------------------------------------------------
     def __len__(self):
@@ -197,17 +201,20 @@ class CacheBatches(torch.utils.data.IterableDataset):
         mine = [(i, b) for i, b in enumerate(self.rank_batches(self.epoch)) if i >= self.start_batch]
         mine = mine[worker::workers]
         self.start_batch = 0
-        last_use = {}
-        for k, (_, rows) in enumerate(mine):
-            for r in rows:
-                ref = self._row_to_ref[r]
-                last_use[(0, ref.shard, ref.batch)] = k
+        last_use = {}  # (cache, shard, record batch) -> the last batch of this pass that reads it
+        for ci, (refs, mapping) in enumerate(zip(self.joined.refs, self.joined.maps)):
+            for k, (_, rows) in enumerate(mine):
+                for r in rows:
+                    ref = refs[r if mapping is None else mapping[r]]
+                    last_use[(ci, ref.shard, ref.batch)] = k
+        free_after = defaultdict(list)
+        for key, k in last_use.items():
+            free_after[k].append(key)
         decoded: dict = {}
         for k, (_, rows) in enumerate(mine):
             yield self._collate(rows, decoded)
-            for key in [key for key, last in last_use.items() if last == k]:
+            for key in free_after.pop(k, ()):
                 decoded.pop(key, None)
-                last_use.pop(key)
 
     def _record_batch(self, ci: int, ref: RowRef, decoded: dict) -> pa.RecordBatch:
         key = (ci, ref.shard, ref.batch)
@@ -222,40 +229,49 @@ class CacheBatches(torch.utils.data.IterableDataset):
                                        f"run `cachebrew verify {reader.path}`") from None
         return decoded[key]
 
-    def _gather(self, ci: int, rows: list[int], decoded: dict) -> pa.Table:
+    def _select(self, ci: int, rows: list[int], decoded: dict) -> Selection:
+        """Where the rows lie: grouped by record batch (decoded once, kept until their last use)."""
         mapping = self.joined.maps[ci]
         refs_all = self.joined.refs[ci]
-        refs = [refs_all[r if mapping is None else mapping[r]] for r in rows]
-        pieces = [self._record_batch(ci, ref, decoded).slice(ref.row, 1) for ref in refs]
-        return pa.Table.from_batches(pieces)
+        groups: dict = {}
+        for pos, r in enumerate(rows):
+            ref = refs_all[r if mapping is None else mapping[r]]
+            g = groups.get((ref.shard, ref.batch))
+            if g is None:
+                g = groups[(ref.shard, ref.batch)] = (self._record_batch(ci, ref, decoded), [], [])
+            g[1].append(ref.row)
+            g[2].append(pos)
+        return Selection(list(groups.values()), len(rows))
 
     def _collate(self, rows: list[int], decoded: dict) -> dict:
-        primary = self._gather(0, rows, decoded)
-        ids = decode_int_column(primary, INPUT_IDS)
-        lengths = [len(x) for x in ids]
+        primary = self._select(0, rows, decoded)
+        lengths = primary.lengths.tolist()
         L = max(lengths)
-        student = {INPUT_IDS: _pad_ints(ids, L, 0)}
+        names = self.joined.readers[0].manifest.columns
+        student = {INPUT_IDS: pad_ints(primary, INPUT_IDS, L, 0)}
         for name in (ATTENTION_MASK, TOKEN_TYPE_IDS):
-            if name in primary.column_names:
-                student[name] = _pad_ints(decode_int_column(primary, name), L, 0)
-        if self.with_labels and LABELS in primary.column_names:
-            col = primary.column(LABELS)
-            if pa.types.is_list(col.type):
-                student["labels"] = _pad_ints(decode_int_column(primary, LABELS), L, -100)
+            if name in names:
+                student[name] = pad_ints(primary, name, L, 0)
+        if self.with_labels and LABELS in names:
+            if names[LABELS].startswith("list"):
+                student["labels"] = pad_ints(primary, LABELS, L, -100)
             else:
-                student["labels"] = torch.tensor(col.to_pylist(), dtype=torch.long)
-        tables = {0: primary}
-        keys = list(zip(primary.column(ID).to_pylist(), primary.column(COPY).to_pylist()))
+                student["labels"] = torch.tensor(primary.scalars(LABELS), dtype=torch.long)
+        selections = {0: primary}
+        keys = list(zip(primary.scalars(ID), primary.scalars(COPY)))
         per_teacher: dict[str, dict] = defaultdict(dict)
         for ci, spec in self.joined.specs:
-            if ci not in tables:
-                tables[ci] = self._gather(ci, rows, decoded)
-                other = list(zip(tables[ci].column(ID).to_pylist(), tables[ci].column(COPY).to_pylist()))
+            if ci not in selections:
+                selections[ci] = self._select(ci, rows, decoded)
+                other = list(zip(selections[ci].scalars(ID), selections[ci].scalars(COPY)))
                 if other != keys:
                     raise CacheFormatError(f"{self.joined.readers[ci].path} is not aligned with "
                                            f"{self.joined.readers[0].path}: rows {other[:2]}… vs {keys[:2]}…")
-            tensors = decode_tensor_column(spec, tables[ci], lengths)
-            per_teacher[spec.teacher][(spec.kind, spec.layer)] = _pad_stack(spec, tensors, L)
+            padded = decode_selection(spec, selections[ci], L)
+            if padded is None:  # attention maps, top-k: per row
+                table = selections[ci].rows_table([spec.column, *spec.aux_columns()])
+                padded = _pad_stack(spec, decode_tensor_column(spec, table, lengths), L)
+            per_teacher[spec.teacher][(spec.kind, spec.layer)] = padded
         batch = {"student": student, "teacher_cache": self._teacher_cache(per_teacher, student)}
         batch["ids"] = keys
         if self.task is not None:
@@ -290,13 +306,6 @@ class CacheBatches(torch.utils.data.IterableDataset):
         cache["per_teacher_logits"] = {t: per_teacher[t][("logits", None)] for t in teachers
                                        if ("logits", None) in per_teacher[t]}
         return cache
-
-
-def _pad_ints(rows: list[np.ndarray], length: int, value: int) -> torch.Tensor:
-    out = np.full((len(rows), length), value, dtype=np.int64)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return torch.from_numpy(out)
 
 
 def _pad_stack(spec: TensorSpec, tensors: list[torch.Tensor], L: int) -> torch.Tensor:

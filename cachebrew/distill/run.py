@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..cache.loader import CacheBatches
+from ..cache.loader import CacheBatches, identity_collate
 from ..configurations import TrainingConfig
 from ..distillers import GeneralDistiller, MultiTaskDistiller
 from ..distillers.batches import move_to_device
@@ -211,7 +211,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     # Each DataLoader iterator draws a base seed; from its own generator, not the global RNG, so that a
     # resumed run (which creates its first iterator mid-epoch) sees the same dropout masks.
     workers = tc.num_workers if tc.num_workers is not None else (2 if device.type == "cuda" else 0)
-    loaders = {name: torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
+    loaders = {name: torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=identity_collate,
                                                  pin_memory=device.type == "cuda",
                                                  generator=torch.Generator().manual_seed(cfg.seed))
                for name, ds in train_sets.items()}

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from ..cache.loader import CacheBatches
+from ..cache.loader import CacheBatches, identity_collate
 from ..configurations import DistillationConfig, TrainingConfig
 from ..distill.student import hf_adaptor
 from ..distillers import GeneralDistiller
@@ -174,6 +174,7 @@ class DistillationTrainer(Trainer):
         a = self.args
         workers = a.dataloader_num_workers
         return CacheDataLoader(ds, batch_size=None, num_workers=workers, pin_memory=a.dataloader_pin_memory,
+                               collate_fn=identity_collate,
                                persistent_workers=a.dataloader_persistent_workers and workers > 0,
                                prefetch_factor=a.dataloader_prefetch_factor if workers > 0 else None,
                                generator=torch.Generator().manual_seed(a.seed))
