@@ -5,6 +5,7 @@
 All figures are measured in this one run, on this machine, with the same student, batches and loss:
   ceiling      student training on hard labels only, batches already in memory (no distillation)
   cache        cachebrew: CacheBatches streaming the cache from disk -> GeneralDistiller, model_T=None
+  cache_mem    the same distillation from batches decoded beforehand and held in memory (the loader's limit)
   online       cachebrew GeneralDistiller with the teacher in memory (teacher forward every step)
   textbrewer   TextBrewer 0.2.1 GeneralDistiller online (if installed)
 KD on logits + hidden_mse on 4 layer pairs through linear projections. On CPU the models are small
@@ -62,6 +63,8 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--config", choices=["logits", "hidden", "attention"], default="hidden",
+                    help="what is distilled: KD on logits only; + hidden_mse on 4 layers; + attention_mse on 2 layers")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
@@ -73,30 +76,45 @@ def main():
 
     tmp = Path(tempfile.mkdtemp())
     teacher_dir, vocab, scfg, layers_T = build(args, tmp)
+    if args.config == "attention":  # attention maps are compared head by head: give the student the teacher's heads
+        scfg = dict(scfg, num_attention_heads=12 if args.device == "cuda" else 4)
     dev = torch.device(args.device)
     amp = "bf16" if dev.type == "cuda" else None
     export = run_export(ExportConfig.from_dict({
         "output": str(tmp / "cache"), "teachers": [{"name": "t", "path": str(teacher_dir)}],
         "data": {"path": str(tmp / "train.jsonl")}, "max_length": args.seq, "batch_size": 64, "device": args.device,
-        "outputs": {"hidden_layers": layers_T}, "dtypes": {"hidden": "bf16" if amp else "fp16"}, "progress_bar": False}))
-    teacher = AutoModelForSequenceClassification.from_pretrained(str(teacher_dir), output_hidden_states=True)
+        "outputs": {"hidden_layers": [] if args.config == "logits" else layers_T,
+                    "attention_layers": [layers_T[-1] - 1, layers_T[-1] - 2] if args.config == "attention" else []},
+        "dtypes": {"hidden": "bf16" if amp else "fp16", "attention": "bf16" if amp else "fp16"},
+        "progress_bar": False}))
+    attention = args.config == "attention"
+    teacher = AutoModelForSequenceClassification.from_pretrained(
+        str(teacher_dir), output_hidden_states=True, output_attentions=attention,
+        **({"attn_implementation": "eager"} if attention else {}))
     teacher.to(dev).eval()
     d_student = scfg["hidden_size"]
     d_teacher = teacher.config.hidden_size
-    matches = [{"layer_T": t, "layer_S": s, "feature": "hidden", "loss": "hidden_mse", "weight": 1,
-                "proj": ["linear", d_student, d_teacher]} for s, t in enumerate(layers_T)]
+    matches = [] if args.config == "logits" else [
+        {"layer_T": t, "layer_S": s, "feature": "hidden", "loss": "hidden_mse", "weight": 1,
+         "proj": ["linear", d_student, d_teacher]} for s, t in enumerate(layers_T)]
+    if attention:  # heads must agree: the student has as many heads as the teacher here
+        n_S = scfg["num_hidden_layers"]
+        matches += [{"layer_T": layers_T[-1] - 1 - i, "layer_S": n_S - 1 - i, "feature": "attention",
+                     "loss": "attention_mse", "weight": 1} for i in range(2)]
     dk = dict(temperature=8, hard_label_weight=1.0, intermediate_matches=matches)
 
     def student():
         torch.manual_seed(1)
-        return BertForSequenceClassification(BertConfig(vocab_size=vocab, num_labels=3, max_position_embeddings=160,
-                                                        output_hidden_states=True, **scfg)).to(dev)
+        return BertForSequenceClassification(BertConfig(
+            vocab_size=vocab, num_labels=3, max_position_embeddings=160, output_hidden_states=True,
+            output_attentions=attention, **({"attn_implementation": "eager"} if attention else {}), **scfg)).to(dev)
 
     cache_ds = CacheBatches(str(tmp / "cache"), args.batch, seed=0)
     loader = torch.utils.data.DataLoader(cache_ds, batch_size=None, num_workers=args.workers, collate_fn=identity_collate,
                                          pin_memory=dev.type == "cuda", persistent_workers=args.workers > 0,
                                          prefetch_factor=4 if args.workers else None)
-    in_memory = [b["student"] for b in CacheBatches(str(tmp / "cache"), args.batch, seed=0)]
+    cached_in_memory = list(CacheBatches(str(tmp / "cache"), args.batch, seed=0))
+    in_memory = [b["student"] for b in cached_in_memory]
     steps = min(args.steps, len(in_memory))
     results = {}
 
@@ -139,6 +157,7 @@ def main():
 
     timed("ceiling", ceiling)
     timed("cache", distiller(cachebrew, None, None, loader, hf_adaptor))
+    timed("cache_mem", distiller(cachebrew, None, None, cached_in_memory, hf_adaptor))
     timed("online", distiller(cachebrew, teacher, hf_adaptor, in_memory, hf_adaptor))
     try:
         import logging
@@ -146,15 +165,17 @@ def main():
         import textbrewer
 
         logging.getLogger("Distillation").setLevel(logging.WARNING)
-        tad = lambda b, o: {"logits": o.logits, "hidden": o.hidden_states, "inputs_mask": b["attention_mask"],
-                            "losses": o.loss}
+        tad = lambda b, o: {"logits": o.logits, "hidden": o.hidden_states, "attention": o.attentions,
+                            "inputs_mask": b["attention_mask"], "losses": o.loss}
         timed("textbrewer", distiller(textbrewer, teacher, tad, in_memory, tad))
     except ImportError:
         pass
 
     print(f"\n{torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, batch {args.batch}, {steps} steps, loader workers {args.workers}")
+          f"{torch.get_num_threads()} threads, batch {args.batch}, {steps} steps, loader workers {args.workers}, "
+          f"config {args.config}")
     print(f"cache / ceiling    = {results['cache'] / results['ceiling']:.2f}")
+    print(f"cache / cache_mem  = {results['cache'] / results['cache_mem']:.2f}  (streaming from disk vs decoded batches)")
     print(f"cache / online     = {results['cache'] / results['online']:.2f}")
     if "textbrewer" in results:
         print(f"cache / textbrewer = {results['cache'] / results['textbrewer']:.2f}")

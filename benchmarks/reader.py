@@ -3,7 +3,8 @@
     python benchmarks/reader.py [--sizes 10000 100000 1000000] [--workers 0 2] [--json out.json]
 
 Synthetic caches in the exact on-disk format (zstd Arrow shards + manifest, written by cachebrew's
-ShardWriter), so sizes up to 1M rows cost seconds, not a teacher run:
+ShardWriter, 8,192-row shards of 256-row record batches as `export` writes them by default), so sizes up to 1M rows
+cost seconds, not a teacher run:
   hidden   rows of ~32 tokens (12..52), logits fp32 [3] + 4 hidden layers fp16 [L, 256]  (the distill case)
   logits   the same rows, logits only (for the 10k -> 1M scaling; memory must stay flat)
 Each measurement iterates one shuffled epoch of CacheBatches (batch 32, shuffle buffer 2048), in the main
@@ -26,7 +27,7 @@ import pyarrow as pa
 
 
 def make_cache(path: Path, rows: int, hidden_layers: int, width: int = 256, shard_rows: int = 8192,
-               batch_rows: int = 1024, seed: int = 0):
+               batch_rows: int = 256, seed: int = 0):
     from cachebrew.cache.format import ATTENTION_MASK, COPY, ID, INPUT_IDS, LABELS, TASK, TensorSpec, _list_array
     from cachebrew.cache.manifest import Manifest
     from cachebrew.cache.shards import ShardWriter
@@ -88,8 +89,10 @@ def measure(path: str, workers: int, batch: int = 32) -> dict:
     disk = ds.joined.manifest.num_bytes
     return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "batches_per_s": len(ds) / seconds,
             "disk_gb_per_s": disk / seconds / 1e9, "decoded_gb_per_s": decoded / seconds / 1e9,
-            "disk_bytes": disk, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_before_mib": rss0 / 1024}
+            "disk_bytes": disk, "rss_before_mib": rss0 / 1024,
+            # the main process, or the largest loader worker when there are workers
+            "peak_rss_mib": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024}
 
 
 def main():
@@ -97,6 +100,7 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--hidden-rows", type=int, default=20_000)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--record-batch-rows", type=int, default=256, help="export's record_batch_rows (before: 32)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -116,10 +120,11 @@ def main():
         for kind, n, layers in cases:
             path = tmp / f"{kind}-{n}"
             t = time.perf_counter()
-            make_cache(path, n, layers)
+            make_cache(path, n, layers, batch_rows=args.record_batch_rows)
             made = time.perf_counter() - t
             for w in args.workers:
-                r = {"cache": kind, "rows_in_cache": n, "workers": w, **child(path, w)}
+                r = {"cache": kind, "rows_in_cache": n, "workers": w, "record_batch_rows": args.record_batch_rows,
+                     **child(path, w)}
                 results.append(r)
                 print(f"{kind:<7} {n:>9,} rows  workers {w}  {r['rows_per_s']:>9,.0f} rows/s  "
                       f"{r['batches_per_s']:>7,.1f} batches/s  disk {r['disk_gb_per_s']:.3f} GB/s  "

@@ -194,35 +194,61 @@ def decode_tensor_column(spec: TensorSpec, table: pa.Table, lengths: list[int], 
     return rows
 
 
+class ColumnViews:
+    """A decoded record batch with numpy views of its list columns, made once however many batches read it."""
+
+    def __init__(self, batch: pa.RecordBatch):
+        self.batch = batch
+        self._views: dict = {}
+
+    @property
+    def num_rows(self) -> int:
+        return self.batch.num_rows
+
+    def list_column(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets, flat values) without copying."""
+        v = self._views.get(name)
+        if v is None:
+            arr = self.batch.column(name)
+            v = self._views[name] = (np.asarray(arr.offsets).astype(np.int64),
+                                     arr.values.to_numpy(zero_copy_only=False))
+        return v
+
+    def scalar_column(self, name: str) -> np.ndarray:
+        v = self._views.get(name)
+        if v is None:
+            v = self._views[name] = self.batch.column(name).to_numpy(zero_copy_only=False)
+        return v
+
+
 class Selection:
-    """Rows of one batch, as they lie in decoded Arrow record batches: [(record batch, rows in it, batch positions)].
+    """Rows of one batch, as they lie in decoded record batches: [(ColumnViews, rows in it, batch positions)].
 
     Columns are read from Arrow memory without copying and copied once, straight into the padded batch
     tensor (one vectorized gather per record batch and column).
     """
 
     def __init__(self, groups: list, size: int):
-        self.groups = [(rb, np.asarray(local, np.int64), np.asarray(pos, np.int64)) for rb, local, pos in groups]
+        self.groups = [(cv if isinstance(cv, ColumnViews) else ColumnViews(cv), np.asarray(local, np.int64),
+                        np.asarray(pos, np.int64)) for cv, local, pos in groups]
         self.size = size
         self.lengths = np.zeros(size, np.int64)
-        for rb, local, pos in self.groups:
-            off = np.asarray(rb.column(INPUT_IDS).offsets)
+        for cv, local, pos in self.groups:
+            off, _ = cv.list_column(INPUT_IDS)
             self.lengths[pos] = off[local + 1] - off[local]
 
     def scalars(self, name: str) -> list:
-        out = [None] * self.size
-        for rb, local, pos in self.groups:
-            for p, v in zip(pos.tolist(), rb.column(name).take(pa.array(local)).to_pylist()):
-                out[p] = v
-        return out
+        out = np.empty(self.size, dtype=object)
+        for cv, local, pos in self.groups:
+            out[pos] = cv.scalar_column(name)[local]
+        return out.tolist()
 
     def padded(self, name: str, length: int, width: int, fill, dtype, per_token: bool = True) -> np.ndarray:
         """(size * length, width) array: row i's tokens at [i*length, i*length + len_i); per_token=False: (size, width)."""
         out = np.full(((self.size * length) if per_token else self.size, width), fill, dtype=dtype)
-        for rb, local, pos in self.groups:
-            arr = rb.column(name)
-            off = np.asarray(arr.offsets)
-            values = arr.values.to_numpy(zero_copy_only=False).reshape(-1, width)
+        for cv, local, pos in self.groups:
+            off, values = cv.list_column(name)
+            values = values.reshape(-1, width)
             starts = off[local] // width
             if not per_token:
                 out[pos] = values[starts]
@@ -235,8 +261,8 @@ class Selection:
     def rows_table(self, columns: list[str]) -> pa.Table:
         """The rows in batch order as a table (one-row slices; for the per-row decode path)."""
         pieces = [None] * self.size
-        for rb, local, pos in self.groups:
-            sub = rb.select(columns)
+        for cv, local, pos in self.groups:
+            sub = cv.batch.select(columns)
             for r, p in zip(local.tolist(), pos.tolist()):
                 pieces[p] = sub.slice(r, 1)
         return pa.Table.from_batches(pieces)

@@ -13,7 +13,6 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,46 +20,51 @@ import pyarrow as pa
 import torch
 
 from ..errors import CacheFormatError, CachebrewError
-from .format import (ATTENTION_MASK, COPY, ID, INPUT_IDS, LABELS, TOKEN_TYPE_IDS, Selection, TensorSpec,
-                     decode_selection, decode_tensor_column, pad_ints)
+from .format import (ATTENTION_MASK, COPY, ID, INPUT_IDS, LABELS, TOKEN_TYPE_IDS, ColumnViews, Selection,
+                     TensorSpec, decode_selection, decode_tensor_column, pad_ints)
 from .reader import CacheReader
 
 
-@dataclass(frozen=True)
-class RowRef:
-    shard: int   # position in manifest.shards
-    batch: int   # record batch inside the shard
-    row: int     # row inside the record batch
+def _row_refs(reader: CacheReader) -> np.ndarray:
+    """(rows, 3) int32: shard, record batch and row inside it, for every row of the cache in order.
 
-
-def _row_refs(reader: CacheReader) -> list[RowRef]:
-    refs = []
+    One small array instead of a Python object per row: a million-row cache costs 12 MB here and
+    nothing for the garbage collector to walk.
+    """
+    parts = []
     for si, info in enumerate(reader.manifest.shards):
-        sizes = info.batches or [info.rows]
-        for bi, n in enumerate(sizes):
-            refs.extend(RowRef(si, bi, r) for r in range(n))
-    return refs
+        for bi, n in enumerate(info.batches or [info.rows]):
+            part = np.empty((n, 3), np.int32)
+            part[:, 0], part[:, 1], part[:, 2] = si, bi, np.arange(n)
+            parts.append(part)
+    return np.concatenate(parts) if parts else np.zeros((0, 3), np.int32)
 
 
-def epoch_order(num_rows_per_shard: list[int], seed: int, epoch: int, shuffle: bool, buffer_size: int) -> list[int]:
-    """Global row indices for one epoch: shard order shuffled, then rows through a shuffle buffer."""
-    starts = np.concatenate([[0], np.cumsum(num_rows_per_shard)]).astype(int)
-    shards = list(range(len(num_rows_per_shard)))
+def epoch_order(num_rows_per_shard: list[int], seed: int, epoch: int, shuffle: bool, buffer_size: int) -> np.ndarray:
+    """Global row indices for one epoch: shard order shuffled, then rows through a shuffle buffer.
+
+    An int64 array (8 bytes a row), not a list of Python ints: the plan of a million-row epoch is 8 MB.
+    """
+    starts = np.concatenate([[0], np.cumsum(num_rows_per_shard)]).astype(np.int64)
+    total = int(starts[-1])
     if not shuffle:
-        return list(range(int(starts[-1])))
+        return np.arange(total, dtype=np.int64)
+    shards = list(range(len(num_rows_per_shard)))
     rng = random.Random(f"{seed}:{epoch}")
     rng.shuffle(shards)
-    stream = (i for s in shards for i in range(starts[s], starts[s + 1]))
-    out, buf = [], []
-    for i in stream:
-        if len(buf) < buffer_size:
-            buf.append(i)
-            continue
-        j = rng.randrange(buffer_size)
-        out.append(buf[j])
-        buf[j] = i
+    out = np.empty(total, dtype=np.int64)
+    n, buf = 0, []
+    for s in shards:
+        for i in range(int(starts[s]), int(starts[s + 1])):
+            if len(buf) < buffer_size:
+                buf.append(i)
+                continue
+            j = rng.randrange(buffer_size)
+            out[n] = buf[j]
+            n += 1
+            buf[j] = i
     rng.shuffle(buf)
-    out.extend(buf)
+    out[n:] = buf
     return out
 
 
@@ -105,6 +109,7 @@ class JoinedCaches:
             self.teachers = available
         self.refs = [_row_refs(r) for r in self.readers]
         self.maps = [None] + [self._alignment(r, i + 1) for i, r in enumerate(self.readers[1:])]
+        self.maps = [None if m is None else np.asarray(m, np.int64) for m in self.maps]
 
     @property
     def manifest(self):
@@ -172,6 +177,10 @@ class CacheBatches(torch.utils.data.IterableDataset):
         self.epoch = 0
         self.start_batch = 0
         self._shard_rows = [info.rows for info in self.joined.manifest.shards]
+        inputs = {ID, COPY, INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS} | ({LABELS} if with_labels else set())
+        self._needed = [inputs | {c for cj, spec in self.joined.specs if cj == ci
+                                  for c in (spec.column, *spec.aux_columns())}
+                        for ci in range(len(self.joined.readers))]
 
     # -- plan -------------------------------------------------------------------------------------
     def __len__(self):
@@ -187,9 +196,9 @@ class CacheBatches(torch.utils.data.IterableDataset):
         """Continue from `batch` batches into `epoch` (what a resumed run needs)."""
         self.epoch, self.start_batch = int(epoch), int(batch)
 
-    def rank_batches(self, epoch: int) -> list[list[int]]:
+    def rank_batches(self, epoch: int) -> list[np.ndarray]:
         order = epoch_order(self._shard_rows, self.seed, epoch, self.shuffle, self.buffer_size)
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]  # views
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
         return batches[self.rank::self.world_size][:len(self)]
@@ -201,29 +210,37 @@ class CacheBatches(torch.utils.data.IterableDataset):
         mine = [(i, b) for i, b in enumerate(self.rank_batches(self.epoch)) if i >= self.start_batch]
         mine = mine[worker::workers]
         self.start_batch = 0
-        last_use = {}  # (cache, shard, record batch) -> the last batch of this pass that reads it
-        for ci, (refs, mapping) in enumerate(zip(self.joined.refs, self.joined.maps)):
-            for k, (_, rows) in enumerate(mine):
-                for r in rows:
-                    ref = refs[r if mapping is None else mapping[r]]
-                    last_use[(ci, ref.shard, ref.batch)] = k
-        free_after = defaultdict(list)
-        for key, k in last_use.items():
-            free_after[k].append(key)
+        free_after = defaultdict(list)  # batch k -> (cache, shard, record batch) that no later batch reads
+        if mine:
+            ks = np.concatenate([np.full(len(rows), k, np.int64) for k, (_, rows) in enumerate(mine)])
+            flat = np.concatenate([np.asarray(rows, np.int64) for _, rows in mine])
+            for ci, (refs, mapping) in enumerate(zip(self.joined.refs, self.joined.maps)):
+                where = refs[flat if mapping is None else mapping[flat]].astype(np.int64)
+                keys = (where[:, 0] << 32) | where[:, 1]
+                uniq, first_from_end = np.unique(keys[::-1], return_index=True)
+                for key, k in zip(uniq.tolist(), ks[::-1][first_from_end].tolist()):
+                    free_after[k].append((ci, key >> 32, key & 0xFFFFFFFF))
         decoded: dict = {}
         for k, (_, rows) in enumerate(mine):
             yield self._collate(rows, decoded)
             for key in free_after.pop(k, ()):
                 decoded.pop(key, None)
 
-    def _record_batch(self, ci: int, ref: RowRef, decoded: dict) -> pa.RecordBatch:
-        key = (ci, ref.shard, ref.batch)
+    def _record_batch(self, ci: int, shard: int, batch: int, decoded: dict) -> pa.RecordBatch:
+        key = (ci, shard, batch)
         if key not in decoded:
             reader = self.joined.readers[ci]
-            info = reader.manifest.shards[ref.shard]
+            info = reader.manifest.shards[shard]
             try:
-                with reader.open_input(info) as source:
-                    decoded[key] = pa.ipc.open_file(source).get_batch(ref.batch)
+                files = decoded.setdefault("files", {})  # open shard readers, kept for this pass
+                if (ci, shard) not in files:
+                    # plain reads, not a memory map: zstd buffers are decompressed into new memory anyway, and
+                    # mapped pages would pile up in the process's RSS; only the columns batches use are read
+                    names = reader.manifest.columns
+                    fields = [i for i, name in enumerate(names) if name in self._needed[ci]]
+                    files[(ci, shard)] = pa.ipc.open_file(reader.open_input(info, mmap=False),
+                                                          options=pa.ipc.IpcReadOptions(included_fields=fields))
+                decoded[key] = ColumnViews(files[(ci, shard)].get_batch(batch))
             except (pa.ArrowInvalid, OSError) as e:
                 raise CacheFormatError(f"{reader.shard_path(info)}: unreadable shard ({e}); "
                                        f"run `cachebrew verify {reader.path}`") from None
@@ -233,13 +250,13 @@ class CacheBatches(torch.utils.data.IterableDataset):
         """Where the rows lie: grouped by record batch (decoded once, kept until their last use)."""
         mapping = self.joined.maps[ci]
         refs_all = self.joined.refs[ci]
+        index = np.asarray(rows, np.int64)
         groups: dict = {}
-        for pos, r in enumerate(rows):
-            ref = refs_all[r if mapping is None else mapping[r]]
-            g = groups.get((ref.shard, ref.batch))
+        for pos, (shard, batch, row) in enumerate(refs_all[index if mapping is None else mapping[index]].tolist()):
+            g = groups.get((shard, batch))
             if g is None:
-                g = groups[(ref.shard, ref.batch)] = (self._record_batch(ci, ref, decoded), [], [])
-            g[1].append(ref.row)
+                g = groups[(shard, batch)] = (self._record_batch(ci, shard, batch, decoded), [], [])
+            g[1].append(row)
             g[2].append(pos)
         return Selection(list(groups.values()), len(rows))
 

@@ -47,10 +47,10 @@ class CacheReader:
     def shard_path(self, info) -> str:
         return self.location.where(info.path)
 
-    def open_input(self, info):
-        """The shard as a random-access file (memory map locally), for pa.ipc.open_file."""
+    def open_input(self, info, mmap: bool = True):
+        """The shard as a random-access file (memory map locally unless mmap=False), for pa.ipc.open_file."""
         try:
-            return self.location.open_input(info.path)
+            return self.location.open_input(info.path, mmap)
         except FileNotFoundError:
             raise CacheFormatError(f"{self.shard_path(info)}: shard listed in the manifest is missing") from None
 

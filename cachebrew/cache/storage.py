@@ -61,12 +61,12 @@ class Location:
         with self.fs.open_input_stream(self.join(name)) as f:
             return f.read().decode("utf-8")
 
-    def open_input(self, name: str):
-        """A random-access file: memory-mapped locally, ranged reads on object stores."""
+    def open_input(self, name: str, mmap: bool = True):
+        """A random-access file: memory-mapped (or plain reads) locally, ranged reads on object stores."""
         import pyarrow as pa
 
         if self.local:
-            return pa.memory_map(self.join(name))
+            return pa.memory_map(self.join(name)) if mmap else pa.OSFile(self.join(name))
         return self.fs.open_input_file(self.join(name))
 
     def sha256(self, name: str) -> str:

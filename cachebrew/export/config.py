@@ -78,6 +78,7 @@ class ExportConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     batch_size: int = 32
     shard_rows: int = 4096
+    record_batch_rows: int = 256       # rows per Arrow record batch: fewer, larger batches decode faster in distill
     sort_window: int = 64              # batches per length-sorting window
     device: str | None = None
     amp: str | None = "auto"           # auto: bf16 on GPU, none on CPU; or none / bf16 / fp16
@@ -132,7 +133,7 @@ class ExportConfig:
             e.append(f"data.format: one of csv, json, jsonl, parquet, arrow, saved (or null), got {self.data.format!r}")
         if (self.data.text is None) == (self.data.tokens is None):
             e.append("data: give exactly one of data.text (a text column) or data.tokens (a column of word lists)")
-        for name in ("max_length", "batch_size", "shard_rows", "sort_window"):
+        for name in ("max_length", "batch_size", "shard_rows", "sort_window", "record_batch_rows"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 e.append(f"{name}: must be an integer >= 1, got {v!r}")

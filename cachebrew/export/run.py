@@ -114,8 +114,9 @@ def check_output_dir(out: Path, fingerprint: str, overwrite: bool) -> str:
 class _WriterThread:
     """Encodes and writes shards off the compute thread; errors surface on the next put()."""
 
-    def __init__(self, directory, schema, shard_meta, specs, maxsize=8):
+    def __init__(self, directory, schema, shard_meta, specs, maxsize=8, record_batch_rows=256):
         self.directory, self.schema, self.meta, self.specs = directory, schema, shard_meta, specs
+        self.record_batch_rows = record_batch_rows
         self.q: queue.Queue = queue.Queue(maxsize)
         self.error: BaseException | None = None
         self.abort = threading.Event()
@@ -150,9 +151,14 @@ class _WriterThread:
                 if op == "open":
                     writer = ShardWriter(self.directory, item[1], self.schema, {**self.meta, "first_row": item[2]})
                     writer.__enter__()
+                    pending = []
                 elif op == "rows":
-                    writer.write(self._record_batch(*item[1:]))
+                    # teacher batches are gathered into record batches of record_batch_rows rows
+                    pending.append(self._record_batch(*item[1:]))
+                    if sum(b.num_rows for b in pending) >= self.record_batch_rows:
+                        self._flush(writer, pending)
                 elif op == "close":
+                    self._flush(writer, pending)
                     writer.__exit__(None, None, None)
                     self.infos.append(writer.info)
                     self.bytes_written += writer.info.bytes
@@ -161,6 +167,12 @@ class _WriterThread:
             self.error = e
             if writer is not None:
                 writer.__exit__(type(e), e, None)  # removes the temp file: no half shard survives
+
+    @staticmethod
+    def _flush(writer, pending):
+        if pending:
+            writer.write(pa.Table.from_batches(pending).combine_chunks().to_batches()[0])
+            pending.clear()
 
     def _record_batch(self, rows, tokens, tensors, task):
         cols = {ID: pa.array([r.id for r in rows], pa.string()), COPY: pa.array([r.copy for r in rows], pa.int32()),
@@ -343,7 +355,8 @@ def _export(cfg: ExportConfig, out: Path) -> ExportResult:
     schema = _schema(cfg, tokens, specs, token_level)
 
     # 5. compute and write
-    writer = _WriterThread(out, schema, {"fingerprint": fingerprint, "format_version": FORMAT_VERSION}, specs)
+    writer = _WriterThread(out, schema, {"fingerprint": fingerprint, "format_version": FORMAT_VERSION}, specs,
+                           record_batch_rows=cfg.record_batch_rows)
     rows_todo = sum(len(order[s * cfg.shard_rows:(s + 1) * cfg.shard_rows]) for s in todo)
     progress = None
     if cfg.progress_bar and rank == 0:
