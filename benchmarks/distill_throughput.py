@@ -14,6 +14,7 @@ KD on logits + hidden_mse on 4 layer pairs through linear projections. On CPU th
 import argparse
 import json
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -63,6 +64,8 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="rounds over all configurations, interleaved; each rate is the median (machine drift cancels)")
     ap.add_argument("--config", choices=["logits", "hidden", "attention"], default="hidden",
                     help="what is distilled: KD on logits only; + hidden_mse on 4 layers; + attention_mse on 2 layers")
     ap.add_argument("--json", default=None)
@@ -122,6 +125,8 @@ def main():
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    rates: dict = {}
+
     def timed(name, make):
         """make() -> run(n) on fresh objects; steady-state rate = extra steps / extra time."""
         spans = {}
@@ -132,8 +137,9 @@ def main():
             run(n)
             sync()
             spans[n] = time.perf_counter() - t
-        results[name] = steps * args.batch / (spans[3 + steps] - spans[3])
-        print(f"{name:<12} {results[name]:10.1f} examples/s", flush=True)
+        rates.setdefault(name, []).append(steps * args.batch / (spans[3 + steps] - spans[3]))
+        results[name] = statistics.median(rates[name])
+        print(f"{name:<12} {rates[name][-1]:10.1f} examples/s", flush=True)
 
     def tc(**kw):
         return cachebrew.TrainingConfig(device=args.device, output_dir=str(tmp / "out"), progress_bar=False, amp=amp,
@@ -155,10 +161,9 @@ def main():
             return lambda n: _train_in(d, opt, data, n)
         return make
 
-    timed("ceiling", ceiling)
-    timed("cache", distiller(cachebrew, None, None, loader, hf_adaptor))
-    timed("cache_mem", distiller(cachebrew, None, None, cached_in_memory, hf_adaptor))
-    timed("online", distiller(cachebrew, teacher, hf_adaptor, in_memory, hf_adaptor))
+    runners = [("ceiling", ceiling), ("cache", distiller(cachebrew, None, None, loader, hf_adaptor)),
+               ("cache_mem", distiller(cachebrew, None, None, cached_in_memory, hf_adaptor)),
+               ("online", distiller(cachebrew, teacher, hf_adaptor, in_memory, hf_adaptor))]
     try:
         import logging
 
@@ -167,13 +172,16 @@ def main():
         logging.getLogger("Distillation").setLevel(logging.WARNING)
         tad = lambda b, o: {"logits": o.logits, "hidden": o.hidden_states, "attention": o.attentions,
                             "inputs_mask": b["attention_mask"], "losses": o.loss}
-        timed("textbrewer", distiller(textbrewer, teacher, tad, in_memory, tad))
+        runners.append(("textbrewer", distiller(textbrewer, teacher, tad, in_memory, tad)))
     except ImportError:
         pass
+    for _ in range(args.repeats):  # interleaved rounds: a slow minute of the machine hits every runner alike
+        for name, make in runners:
+            timed(name, make)
 
     print(f"\n{torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, batch {args.batch}, {steps} steps, loader workers {args.workers}, "
-          f"config {args.config}")
+          f"config {args.config}, median of {args.repeats} interleaved rounds")
     print(f"cache / ceiling    = {results['cache'] / results['ceiling']:.2f}")
     print(f"cache / cache_mem  = {results['cache'] / results['cache_mem']:.2f}  (streaming from disk vs decoded batches)")
     print(f"cache / online     = {results['cache'] / results['online']:.2f}")
@@ -181,7 +189,8 @@ def main():
         print(f"cache / textbrewer = {results['cache'] / results['textbrewer']:.2f}")
     print(f"(export ran at {export.rows_per_second:.0f} rows/s)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"examples_per_second": results, "args": vars(args)}, indent=2))
+        Path(args.json).write_text(json.dumps({"examples_per_second": results, "rounds": rates, "args": vars(args)},
+                                              indent=2))
 
 
 if __name__ == "__main__":

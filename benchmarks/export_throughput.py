@@ -6,7 +6,9 @@ Measured side by side in this one run, on the same teacher, data and batches:
   bare      the teacher's forward pass in inference mode over the same length-sorted batches, outputs
             dropped (the limit: what export would cost if writing were free)
   export    run_export end to end: tokenized plan -> teacher forward -> encode -> zstd Arrow shards on disk
-ratio = export ex/s ÷ bare ex/s (target >= 0.9). Configurations: logits only; logits + 4 hidden layers;
+ratio = export ex/s ÷ bare ex/s (target >= 0.9), end to end (loading teachers, hashing their weights,
+tokenizing: fixed costs a small benchmark magnifies) and marginal: (rows of the full run − rows of a
+half-size run) ÷ (the difference of their times), the rate a large export converges to. Configurations: logits only; logits + 4 hidden layers;
 logits + hidden + attention; 3 teachers (logits + 4 hidden each). On CPU the teacher is 6x256; with
 --device cuda BERT-base (12x768), seq 128, bf16 autocast. Peak RSS of the process is reported too.
 """
@@ -16,6 +18,7 @@ import json
 import random
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -45,18 +48,19 @@ def build(args, tmp: Path):
                                                  attn_implementation="eager", **cfg)).save_pretrained(str(d))
         teachers.append(d)
     rng = random.Random(0)
-    with open(tmp / "train.jsonl", "w") as f:
-        for i in range(args.examples):
-            n = args.seq if gpu else rng.randint(12, 60)
-            f.write(json.dumps({"id": f"ex{i}", "text": " ".join(rng.choices(WORDS, k=n)),
-                                "label": rng.randrange(3)}) + "\n")
+    lines = []
+    for i in range(args.examples):
+        n = args.seq if gpu else rng.randint(12, 60)
+        lines.append(json.dumps({"id": f"ex{i}", "text": " ".join(rng.choices(WORDS, k=n)), "label": i % 3}) + "\n")
+    (tmp / "train.jsonl").write_text("".join(lines))
+    (tmp / "half.jsonl").write_text("".join(lines[:len(lines) // 2]))  # for the marginal (setup-free) rate
     return teachers, cfg["num_hidden_layers"]
 
 
-def export_config(args, tmp, teachers, outputs, name):
+def export_config(args, tmp, teachers, outputs, name, data="train.jsonl"):
     return {"output": str(tmp / "caches" / name), "task": "bench",
             "teachers": [{"name": f"t{i}", "path": str(t)} for i, t in enumerate(teachers)],
-            "data": {"path": str(tmp / "train.jsonl"), "text": "text", "label": "label", "id": "id"},
+            "data": {"path": str(tmp / data), "text": "text", "label": "label", "id": "id"},
             "max_length": args.seq, "outputs": outputs, "batch_size": args.batch, "shard_rows": 1024,
             "dtypes": {"logits": "fp32", "hidden": "fp16", "attention": "fp16"},
             "device": args.device, "progress_bar": False}
@@ -65,7 +69,7 @@ def export_config(args, tmp, teachers, outputs, name):
 def bare_forward(args, cfg_dict):
     """The same plan and batches as export, teacher forward only (inference mode, the same autocast)."""
     from cachebrew.export import ExportConfig
-    from cachebrew.export.data import build_rows, load_table, sorted_order, tokenize_rows
+    from cachebrew.export.data import build_rows, label_vocabulary, load_table, sorted_order, tokenize_rows
     from cachebrew.export.run import _collate
     from cachebrew.export.teachers import forward, load_teacher, load_tokenizer
 
@@ -75,7 +79,7 @@ def bare_forward(args, cfg_dict):
     loaded = [load_teacher(tc, i, bool(cfg.outputs.attention_layers)) for i, tc in enumerate(cfg.teachers)]
     tokenizer, _ = load_tokenizer(cfg, [tok for _, tok in loaded])
     rows = build_rows(ds, cfg.data, cfg.augment, "[MASK]")
-    label_map = {v: i for i, v in enumerate(sorted(set(ds[cfg.data.label])))}
+    _, label_map = label_vocabulary(ds[cfg.data.label], getattr(loaded[0][0].config, "label2id", None))
     tokens = tokenize_rows(rows, tokenizer, cfg.max_length, label_map, False)
     order = sorted_order([len(t["input_ids"]) for t in tokens], cfg.sort_window * cfg.batch_size)
     models = [m.to(device) for m, _ in loaded]
@@ -98,6 +102,7 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
@@ -119,17 +124,30 @@ def main():
         for name, (ts, outputs) in configs.items():
             cfg = export_config(args, tmp, ts, outputs, name.split(" (")[0].replace(" ", "_").replace("+", "p"))
             bare_forward(args, cfg)  # warm-up (allocator, kernels, file cache)
-            bare = bare_forward(args, cfg)
-            shutil.rmtree(cfg["output"], ignore_errors=True)
-            t = time.perf_counter()
-            result = run_export(ExportConfig.from_dict(cfg))
-            export = result.rows_total / (time.perf_counter() - t)
-            row = {"config": name, "bare_ex_s": bare, "export_ex_s": export, "ratio": export / bare,
+            rounds = []
+            for _ in range(args.repeats):  # interleaved: bare, half export, full export, and again
+                bare = bare_forward(args, cfg)
+                timings = {}
+                for data in ("half.jsonl", "train.jsonl"):
+                    c = export_config(args, tmp, ts, outputs, f"run-{data[:4]}", data)
+                    shutil.rmtree(c["output"], ignore_errors=True)
+                    t = time.perf_counter()
+                    result = run_export(ExportConfig.from_dict(c))
+                    timings[data] = (result.rows_total, time.perf_counter() - t)
+                (n1, t1), (n2, t2) = timings["half.jsonl"], timings["train.jsonl"]
+                rounds.append((bare, n2 / t2, (n2 - n1) / (t2 - t1)))
+            med = lambda i: statistics.median(r[i] for r in rounds)
+            bare, export, marginal = med(0), med(1), med(2)
+            ratio, ratio_marginal = (statistics.median(r[1] / r[0] for r in rounds),
+                                     statistics.median(r[2] / r[0] for r in rounds))
+            row = {"config": name, "bare_ex_s": bare, "export_ex_s": export, "export_marginal_ex_s": marginal,
+                   "ratio": ratio, "ratio_marginal": ratio_marginal, "rounds": rounds,
                    "bytes_per_example": result.bytes_total / result.rows_total,
                    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
             results.append(row)
-            print(f"{name:<32} bare {bare:8.1f} ex/s  export {export:8.1f} ex/s  ratio {export / bare:5.2f}  "
-                  f"{row['bytes_per_example']:>9,.0f} B/ex  peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+            print(f"{name:<32} bare {bare:7.1f} ex/s  export {export:7.1f} ex/s (ratio {ratio:4.2f})  "
+                  f"marginal {marginal:7.1f} ex/s (ratio {ratio_marginal:4.2f})  {row['bytes_per_example']:>9,.0f} B/ex  "
+                  f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({"device": args.device, "examples": args.examples,
                                                    "batch": args.batch, "results": results}, indent=2))

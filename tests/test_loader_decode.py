@@ -51,3 +51,20 @@ def test_attention_and_topk_take_the_per_row_path():
     sel = Selection([], 0)
     assert decode_selection(TensorSpec("t", "attention", 1, "fp16", [2, "L", "L"]), sel, 1) is None
     assert decode_selection(TensorSpec("t", "logits", None, "fp32", [50], topk=5), sel, 1) is None
+
+
+@pytest.mark.parametrize("dtype, shape", [(d, s) for d in ("fp32", "fp16", "bf16") for s in (["L", 24], [3], ["L", 3])]
+                         + [("int8", ["L", 24]), ("fp16", [2, "L", "L"])])
+def test_encode_batch_equals_per_row_encode(dtype, shape):
+    from cachebrew.cache.format import encode_batch, slice_rows
+
+    g = torch.Generator().manual_seed(1)
+    lengths = [7, 2, 11, 5]
+    spec = TensorSpec("t", "hidden" if dtype == "int8" else "attention" if len(shape) == 3 else "logits",
+                      None, dtype, shape)
+    padded = torch.randn(len(lengths), *[12 if s == "L" else s for s in shape], generator=g)
+    fast = encode_batch(spec, padded, lengths)
+    slow = encode_tensor_rows(spec, slice_rows(spec, padded, lengths))
+    assert fast.keys() == slow.keys()
+    for k in fast:
+        assert fast[k].equals(slow[k]), k

@@ -142,6 +142,38 @@ def encode_tensor_rows(spec: TensorSpec, rows: list[torch.Tensor]) -> dict[str, 
     return out
 
 
+def encode_batch(spec: TensorSpec, batch_tensor: torch.Tensor, lengths: list[int]) -> dict[str, pa.Array]:
+    """Like encode_tensor_rows, from the padded (B, ...) batch tensor: for logits [C] and [L, D] tensors the
+    unpadded rows are cut out in one masked select and converted once (the per-row path is kept for
+    attention maps and top-k)."""
+    if spec.topk or "L" in spec.shape[1:]:
+        return encode_tensor_rows(spec, slice_rows(spec, batch_tensor, lengths))
+    B = batch_tensor.shape[0]
+    if spec.shape and spec.shape[0] == "L":
+        L = batch_tensor.shape[1]
+        keep = torch.arange(L)[None, :] < torch.as_tensor(lengths)[:, None]
+        flat = batch_tensor[keep]                       # (sum of lengths, *dims), rows in order
+        per_row = [n * int(np.prod(flat.shape[1:], dtype=np.int64)) for n in lengths]
+    else:
+        flat = batch_tensor.reshape(B, -1)
+        per_row = [flat.shape[1]] * B
+    offsets = np.zeros(B + 1, dtype=np.int32)
+    np.cumsum(per_row, out=offsets[1:])
+    offsets = pa.array(offsets, pa.int32())
+    out = {}
+    if spec.dtype == "int8":
+        q, scale = quantize_int8(flat)
+        out[spec.column] = pa.ListArray.from_arrays(offsets, pa.array(q.numpy().reshape(-1), type=pa.int8()))
+        scale_offsets = np.zeros(B + 1, dtype=np.int32)
+        np.cumsum(lengths, out=scale_offsets[1:])
+        out[spec.column + ".scale"] = pa.ListArray.from_arrays(pa.array(scale_offsets, pa.int32()),
+                                                               pa.array(scale.numpy().reshape(-1), type=pa.float32()))
+        return out
+    values = _to_storage(flat, spec.dtype).reshape(-1)
+    out[spec.column] = pa.ListArray.from_arrays(offsets, pa.array(values, type=_ARROW_VALUE_TYPE[spec.dtype]))
+    return out
+
+
 def encode_int_rows(rows: list, value_type: pa.DataType) -> pa.ListArray:
     np_type = {pa.int32(): np.int32, pa.int8(): np.int8, pa.int64(): np.int64}[value_type]
     return _list_array([np.asarray(r, dtype=np_type) for r in rows], value_type)

@@ -27,7 +27,7 @@ import torch
 from .. import __version__
 from ..cache.fingerprint import combine, hash_state_dict
 from ..cache.format import (ATTENTION_MASK, COPY, FORMAT_VERSION, ID, INPUT_IDS, LABELS, TASK, TEXT, TEXT_PAIR,
-                            TOKEN_COLUMNS, TOKEN_TYPE_IDS, WORDS, encode_int_rows, encode_tensor_rows, slice_rows)
+                            TOKEN_COLUMNS, TOKEN_TYPE_IDS, WORDS, encode_batch, encode_int_rows)
 from ..cache.manifest import MANIFEST, Manifest
 from ..cache.shards import (ShardWriter, describe_shard, list_shards, read_shard_meta, remove_temp_files)
 from ..cache.lock import DirectoryLock
@@ -175,6 +175,7 @@ class _WriterThread:
             pending.clear()
 
     def _record_batch(self, rows, tokens, tensors, task):
+        lengths = [len(t[INPUT_IDS]) for t in tokens]
         cols = {ID: pa.array([r.id for r in rows], pa.string()), COPY: pa.array([r.copy for r in rows], pa.int32()),
                 TASK: pa.array([task] * len(rows), pa.string())}
         names = self.schema.names
@@ -193,7 +194,7 @@ class _WriterThread:
             else:
                 cols[LABELS] = pa.array([t["labels"] for t in tokens], pa.int64())
         for spec in self.specs:
-            cols.update(encode_tensor_rows(spec, tensors[spec.column]))
+            cols.update(encode_batch(spec, tensors[spec.column], lengths))
         return pa.RecordBatch.from_arrays([cols[n] for n in names], schema=self.schema)
 
     def finish(self):
@@ -371,13 +372,14 @@ def _export(cfg: ExportConfig, out: Path) -> ExportResult:
             for start in range(0, len(shard_order), cfg.batch_size):
                 idx = shard_order[start:start + cfg.batch_size]
                 batch_tokens = [tokens[i] for i in idx]
-                outs = run_teachers(batch_tokens)
-                lengths = [len(t[INPUT_IDS]) for t in batch_tokens]
-                per_row = {}
+                # the probe already ran the plan's first batch: reuse it rather than run the teachers twice
+                outs = probe if (s == 0 and start == 0 and probe is not None) else run_teachers(batch_tokens)
+                probe = None
+                padded = {}  # cut into unpadded rows by the writer thread
                 for spec in specs:
                     full = outs[spec.teacher][(spec.kind, spec.layer)].detach().to("cpu")
-                    per_row[spec.column] = slice_rows(spec, full, lengths)
-                writer.put(("rows", [rows[i] for i in idx], batch_tokens, per_row, cfg.task))
+                    padded[spec.column] = full
+                writer.put(("rows", [rows[i] for i in idx], batch_tokens, padded, cfg.task))
                 written += len(idx)
                 if progress is not None:
                     progress.update(len(idx))
