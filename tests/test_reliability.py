@@ -155,12 +155,12 @@ def test_full_disk_fails_clearly_and_leaves_no_complete_looking_shard(world, tmp
     try:
         if mounted:
             res = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
-        else:  # a file-size quota: writes past it fail with EFBIG instead of ENOSPC
+        else:  # a per-file size quota (below one shard's size): writes past it fail with EFBIG, not ENOSPC
             import resource
 
             def limit():
                 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-                resource.setrlimit(resource.RLIMIT_FSIZE, (160 * 1024, 160 * 1024))
+                resource.setrlimit(resource.RLIMIT_FSIZE, (40 * 1024, 40 * 1024))
 
             res = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, preexec_fn=limit)
         assert res.returncode == 2, res.stderr[-2000:]
