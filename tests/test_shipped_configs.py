@@ -52,8 +52,11 @@ def test_run_stages_runs_dvc_commands_in_order_with_params(tmp_path):
         "one": {"cmd": "echo first ${data.n} >> log.txt", "outs": ["out/a"]},
         "two": {"cmd": "echo second ${name} >> log.txt"}}}))
     runner = PIPES / "common" / "run_stages.py"
+    (tmp_path / "out" / "a").mkdir(parents=True)
+    (tmp_path / "out" / "a" / "stale").write_text("from an earlier run")
     subprocess.run([sys.executable, str(runner), str(tmp_path / "dvc.yaml")], check=True, capture_output=True)
     assert (tmp_path / "log.txt").read_text().split("\n")[:2] == ["first 7", "second x"]
+    assert not (tmp_path / "out" / "a").exists() and (tmp_path / "out").is_dir()  # outs removed first, as DVC does
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"bad": {"cmd": "echo ${nope.x}"}}}))
     res = subprocess.run([sys.executable, str(runner), str(tmp_path / "dvc.yaml")], capture_output=True, text=True)
     assert res.returncode != 0 and "params.yaml has no 'nope.x'" in res.stderr

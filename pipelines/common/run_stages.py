@@ -1,11 +1,12 @@
 """Run a pipeline's stages without DVC: each stage's `cmd` from dvc.yaml, in the order written, in the
-pipeline's directory, with ${key.sub} filled from params.yaml. No caching or skipping: that is what
-`dvc repro` adds. Used by every pipelines/<task>/run.sh so the two paths run the same commands.
+pipeline's directory, with ${key.sub} filled from params.yaml, each stage's outs removed first (as DVC
+does). No caching or skipping: that is what `dvc repro` adds. Used by every pipelines/<task>/run.sh so the two paths run the same commands.
 
     python pipelines/common/run_stages.py pipelines/sentiment/dvc.yaml [--only STAGE ...]
 """
 import argparse
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,11 @@ def main():
         cmd = interpolate(" ".join(stage["cmd"]) if isinstance(stage["cmd"], list) else stage["cmd"], params)
         for out in stage.get("outs", []):
             target = path.parent / (out if isinstance(out, str) else next(iter(out)))
+            # as `dvc repro` does: a stage starts from no outputs, so a rerun never meets stale ones
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
             target.parent.mkdir(parents=True, exist_ok=True)
         print(f"== stage {name}: {cmd}", flush=True)
         if subprocess.run(cmd, shell=True, cwd=path.parent).returncode != 0:
