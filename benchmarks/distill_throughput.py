@@ -73,7 +73,7 @@ def main():
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
     import cachebrew
-    from cachebrew.cache.loader import CacheBatches, identity_collate
+    from cachebrew.cache.loader import CacheBatches, CacheLoader
     from cachebrew.distill.student import hf_adaptor
     from cachebrew.export import ExportConfig, run_export
 
@@ -113,9 +113,8 @@ def main():
             output_attentions=attention, **({"attn_implementation": "eager"} if attention else {}), **scfg)).to(dev)
 
     cache_ds = CacheBatches(str(tmp / "cache"), args.batch, seed=0)
-    loader = torch.utils.data.DataLoader(cache_ds, batch_size=None, num_workers=args.workers, collate_fn=identity_collate,
-                                         pin_memory=dev.type == "cuda", persistent_workers=args.workers > 0,
-                                         prefetch_factor=4 if args.workers else None)
+    loader = CacheLoader(cache_ds, num_workers=args.workers, pin_memory=dev.type == "cuda",
+                         persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)
     cached_in_memory = list(CacheBatches(str(tmp / "cache"), args.batch, seed=0))
     in_memory = [b["student"] for b in cached_in_memory]
     steps = min(args.steps, len(in_memory))

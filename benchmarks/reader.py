@@ -72,11 +72,11 @@ def measure(path: str, workers: int, batch: int = 32) -> dict:
     """One shuffled epoch; runs in a child process so peak RSS belongs to this measurement alone."""
     import torch
 
-    from cachebrew.cache.loader import CacheBatches, identity_collate
+    from cachebrew.cache.loader import CacheBatches, CacheLoader
 
     torch.set_num_threads(1)
     ds = CacheBatches(path, batch, shuffle=True, seed=0, buffer_size=2048)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=identity_collate)
+    loader = CacheLoader(ds, num_workers=workers)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     rows = decoded = 0

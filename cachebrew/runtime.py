@@ -20,14 +20,20 @@ def resolve_local_rank(local_rank: int | None) -> int:
 
 
 def resolve_device(device, local_rank: int) -> torch.device:
+    """The device this process trains or exports on, always with an index when it is a GPU.
+
+    ``torch.cuda.set_device`` rejects a bare ``cuda`` (no index), and DDP, pinned-memory copies and
+    RNG state are per device: so a bare ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun and the
+    current device (``cuda:0`` unless the caller chose another) otherwise.
+    """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    if device.type == "cuda" and local_rank >= 0 and device.index is None:
-        device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"device {device} was asked for but CUDA is not available; use device='cpu'")
+        if device.index is None:
+            device = torch.device("cuda", local_rank if local_rank >= 0 else torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device
 

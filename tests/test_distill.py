@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,13 +177,12 @@ def test_loader_orders_ranks_workers_and_positions(world):
     key = lambda b: tuple(tuple(k) for k in b["ids"])
     e0 = [key(b) for b in ds]
     assert len(e0) == len(ds) == 8 and len({k for b in e0 for k in b}) == 64
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
-    assert [key(b) for b in loader] == e0  # workers split batches, order unchanged
     ds.set_epoch(1)
     e1 = [key(b) for b in ds]
     assert e1 != e0 and sorted(sum(e1, ())) == sorted(sum(e0, ()))
     ds.set_position(0, 5)
     assert [key(b) for b in ds] == e0[5:]
+    assert [key(b) for b in ds] == e0[5:]  # a position holds until it is changed
     ranks = [CacheBatches(path, 8, seed=5, buffer_size=16, rank=r, world_size=2) for r in (0, 1)]
     seen = [k for r in ranks for b in r for k in key(b)]
     assert len(seen) == 64 and len(set(seen)) == 64 and all(len(r) == 4 for r in ranks)
@@ -240,3 +240,26 @@ def test_config_errors():
                  "train: give exactly one of epochs or steps", "train.lr", "train.bogus: unknown field",
                  "distill: DistillationConfig.temperature", "extra: unknown field"):
         assert part in text, part
+
+
+def test_a_gpu_saved_checkpoint_resumes_on_cpu(world, tmp_path, monkeypatch):
+    """optimizer.pt written on cuda:0 (storages tagged so, as torch.save does on a GPU) resumes here, exactly."""
+    cfg = distill_cfg(world, tmp_path / "full", train={"epochs": None, "steps": 6, "save_every": 3, "eval_every": 6})
+    run_distill(DistillRunConfig.from_dict(cfg))
+    cut = tmp_path / "cut"
+    run_distill(DistillRunConfig.from_dict({**cfg, "output_dir": str(cut)}))  # then undone back to step 3
+    for stale in ("last", "best", "results.json", "checkpoints/step-000006"):
+        p = cut / stale
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    ckpt = cut / "checkpoints" / "step-000003"
+    assert json.loads((ckpt / "state.json").read_text())["rng"][0].keys() >= {"torch", "python", "numpy"}
+    for name in ("optimizer.pt", "scheduler.pt"):
+        state = torch.load(ckpt / name, weights_only=True)
+        with monkeypatch.context() as m:
+            m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+            torch.save(state, ckpt / name)
+    with pytest.raises(RuntimeError, match="CUDA"):  # what a load without map_location does on this machine
+        torch.load(ckpt / "optimizer.pt", weights_only=True)
+    run_distill(DistillRunConfig.from_dict({**cfg, "output_dir": str(cut)}), resume=True)
+    a, b = (load_file(d / "last" / "model.safetensors") for d in (tmp_path / "full", cut))
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed from a GPU-saved checkpoint, ended elsewhere"

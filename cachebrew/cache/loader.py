@@ -1,11 +1,18 @@
-"""Streaming a cache into training: epoch plans, shuffling, rank/worker splits, decoding, padding.
+"""Streaming a cache into training: epoch plans, shuffling, rank/worker streams, decoding, padding.
 
-The order of an epoch is planned from the manifest alone (no I/O): shards in a seeded random order,
-rows through a shuffle buffer, then cut into batches; rank r of a DDP job takes batches r, r+W, ...,
-and DataLoader worker w of that rank every n-th of those. Only the Arrow record batches a worker needs
-are decoded, each once, and freed after its last use in the plan, so memory stays at the shuffle
-buffer's size however large the cache. Because the plan is a pure function of (seed, epoch), a
-position (epoch, batches consumed) is all that a resumed run needs.
+The rows are cut into *streams*, one per (rank, DataLoader worker), so that each Arrow record batch
+is read and decompressed by one process only: rank r takes the contiguous rows [r·N/W, (r+1)·N/W)
+of the cache (so every rank has the same number of rows; the at most W−1 record batches that
+straddle a rank boundary are the only ones two processes decode), and the rank's record batches are
+split between its workers at record-batch edges. Each epoch, a stream visits its record batches in a
+seeded random order, passes their rows through its own shuffle buffer and cuts them into batches; a
+rank yields its streams' batches round-robin, which is the order DataLoader's workers deliver them in.
+Record batches are decoded on first use and freed after their last, so memory stays at the shuffle
+buffer's size however large the cache.
+
+The plan is a pure function of (seed, epoch, world size, workers) and of the manifest (no I/O), so a
+position (epoch, batches consumed) is all that a resumed run needs. The position lives in shared
+memory: DataLoader workers, persistent ones included, read the one the main process set last.
 """
 from __future__ import annotations
 
@@ -40,22 +47,51 @@ def _row_refs(reader: CacheReader) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, 3), np.int32)
 
 
-def epoch_order(num_rows_per_shard: list[int], seed: int, epoch: int, shuffle: bool, buffer_size: int) -> np.ndarray:
-    """Global row indices for one epoch: shard order shuffled, then rows through a shuffle buffer.
+def record_batch_ranges(shard_batches: list[list[int]]) -> np.ndarray:
+    """(record batches, 2) int64: [start, stop) global rows of every record batch, in cache order.
 
-    An int64 array (8 bytes a row), not a list of Python ints: the plan of a million-row epoch is 8 MB.
+    `shard_batches` is each shard's record-batch row counts (a shard of older caches: one entry).
     """
-    starts = np.concatenate([[0], np.cumsum(num_rows_per_shard)]).astype(np.int64)
-    total = int(starts[-1])
-    if not shuffle:
-        return np.arange(total, dtype=np.int64)
-    shards = list(range(len(num_rows_per_shard)))
-    rng = random.Random(f"{seed}:{epoch}")
-    rng.shuffle(shards)
+    sizes = np.array([n for batches in shard_batches for n in batches], np.int64)
+    stops = np.cumsum(sizes)
+    return np.stack([stops - sizes, stops], axis=1) if len(sizes) else np.zeros((0, 2), np.int64)
+
+
+def cut_ranges(ranges: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """The parts of `ranges` (sorted, contiguous) that lie in rows [start, stop)."""
+    clipped = np.stack([np.maximum(ranges[:, 0], start), np.minimum(ranges[:, 1], stop)], axis=1)
+    return clipped[clipped[:, 1] > clipped[:, 0]]
+
+
+def split_at_edges(ranges: np.ndarray, parts: int) -> list[np.ndarray]:
+    """`parts` contiguous groups of whole ranges, with row counts as even as range edges allow."""
+    edges = np.concatenate([[0], np.cumsum(ranges[:, 1] - ranges[:, 0])])
+    cuts = [0]
+    for p in range(1, parts):
+        target = edges[-1] * p / parts
+        j = int(np.searchsorted(edges, target))
+        if j > 0 and (j == len(edges) or target - edges[j - 1] <= edges[j] - target):
+            j -= 1
+        cuts.append(max(j, cuts[-1]))
+    cuts.append(len(ranges))
+    return [ranges[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def stream_order(ranges: np.ndarray, rng: random.Random | None, buffer_size: int) -> np.ndarray:
+    """One epoch of a stream's rows: its ranges in a random order, rows through a shuffle buffer.
+
+    `rng=None` keeps cache order. An int64 array (8 bytes a row), not a list of Python ints.
+    """
+    total = int((ranges[:, 1] - ranges[:, 0]).sum()) if len(ranges) else 0
+    if rng is None:
+        return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in ranges]) if total else \
+            np.zeros(0, np.int64)
+    order = list(range(len(ranges)))
+    rng.shuffle(order)
     out = np.empty(total, dtype=np.int64)
     n, buf = 0, []
-    for s in shards:
-        for i in range(int(starts[s]), int(starts[s + 1])):
+    for u in order:
+        for i in range(int(ranges[u, 0]), int(ranges[u, 1])):
             if len(buf) < buffer_size:
                 buf.append(i)
                 continue
@@ -66,6 +102,11 @@ def epoch_order(num_rows_per_shard: list[int], seed: int, epoch: int, shuffle: b
     rng.shuffle(buf)
     out[n:] = buf
     return out
+
+
+def round_robin(counts: list[int]) -> list[tuple[int, int]]:
+    """(stream, batch) in the order DataLoader delivers its workers' batches: one from each live worker in turn."""
+    return [(s, k) for k in range(max(counts, default=0)) for s, n in enumerate(counts) if k < n]
 
 
 class JoinedCaches:
@@ -153,17 +194,21 @@ def identity_collate(batch):
 class CacheBatches(torch.utils.data.IterableDataset):
     """Batches of ``{'student': inputs, 'teacher_cache': {...}}`` streamed from cache(s).
 
-    Usable as a plain iterable or inside ``torch.utils.data.DataLoader(ds, batch_size=None, num_workers=n,
-    pin_memory=True, collate_fn=identity_collate)``; ``len()`` is the number of batches this rank sees per epoch. ``set_epoch`` and
-    ``set_position`` select what the next iteration yields.
+    Usable as a plain iterable or through ``CacheLoader(ds, num_workers=n, pin_memory=True)`` (a
+    DataLoader that tells the dataset its worker count, which sets the streams, so ``len()``);
+    ``len()`` is the number of batches this rank sees per epoch, the same on every rank (DDP needs
+    it). ``set_epoch`` and ``set_position`` select what the next iteration yields, in this process
+    and in DataLoader workers alike.
     """
 
     def __init__(self, caches, batch_size: int, *, shuffle=True, seed=0, buffer_size=2048, drop_last=False,
                  rank=None, world_size=None, teachers=None, teacher_weights=None, with_labels=True,
-                 task: str | None = None):
+                 task: str | None = None, num_workers: int = 0):
         self.joined = caches if isinstance(caches, JoinedCaches) else JoinedCaches(
             [caches] if isinstance(caches, (str, Path)) else list(caches), teachers)
         self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise CachebrewError(f"batch_size must be >= 1, got {batch_size!r}")
         self.shuffle, self.seed, self.buffer_size, self.drop_last = shuffle, seed, buffer_size, drop_last
         if rank is None or world_size is None:
             dist = torch.distributed
@@ -174,46 +219,89 @@ class CacheBatches(torch.utils.data.IterableDataset):
         self.with_labels = with_labels
         self.task = task
         self.token_level = self.joined.manifest.token_level
-        self.epoch = 0
-        self.start_batch = 0
-        self._shard_rows = [info.rows for info in self.joined.manifest.shards]
+        # (epoch, first batch) in shared memory: DataLoader workers hold a copy of this object, but they
+        # all see this tensor, so set_epoch/set_position reach persistent workers too
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
+        self._ranges = record_batch_ranges([info.batches or [info.rows] for info in self.joined.manifest.shards])
+        self.num_workers = num_workers
         inputs = {ID, COPY, INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS} | ({LABELS} if with_labels else set())
         self._needed = [inputs | {c for cj, spec in self.joined.specs if cj == ci
                                   for c in (spec.column, *spec.aux_columns())}
                         for ci in range(len(self.joined.readers))]
 
     # -- plan -------------------------------------------------------------------------------------
-    def __len__(self):
+    @property
+    def num_workers(self) -> int:
+        return self._num_workers
+
+    @num_workers.setter
+    def num_workers(self, n: int):
+        """DataLoader workers that will read this dataset (0: the main process): one stream each."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise CachebrewError(f"num_workers must be an integer >= 0, got {n!r}")
+        self._num_workers = n
+        self._streams = [self._rank_streams(r) for r in range(self.world_size)]
+        self._len = min(sum(self._num_batches(s) for s in streams) for streams in self._streams)
+
+    def _rank_streams(self, rank: int) -> list[np.ndarray]:
         n = self.joined.num_rows
-        batches = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-        return batches // self.world_size  # every rank sees the same number of batches (DDP needs it)
+        mine = cut_ranges(self._ranges, n * rank // self.world_size, n * (rank + 1) // self.world_size)
+        return split_at_edges(mine, max(1, self.num_workers))
+
+    def _num_batches(self, ranges: np.ndarray) -> int:
+        rows = int((ranges[:, 1] - ranges[:, 0]).sum())
+        return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
+
+    def __len__(self):
+        return self._len
+
+    @property
+    def epoch(self) -> int:
+        return int(self._position[0])
+
+    @property
+    def start_batch(self) -> int:
+        return int(self._position[1])
 
     def set_epoch(self, epoch: int):
-        self.epoch = int(epoch)
-        self.start_batch = 0
+        self.set_position(epoch, 0)
 
     def set_position(self, epoch: int, batch: int):
-        """Continue from `batch` batches into `epoch` (what a resumed run needs)."""
-        self.epoch, self.start_batch = int(epoch), int(batch)
+        """Continue from `batch` batches into `epoch` (what a resumed run needs); holds until changed."""
+        self._position[0], self._position[1] = int(epoch), int(batch)
 
-    def rank_batches(self, epoch: int) -> list[np.ndarray]:
-        order = epoch_order(self._shard_rows, self.seed, epoch, self.shuffle, self.buffer_size)
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]  # views
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
-        return batches[self.rank::self.world_size][:len(self)]
+    def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        """This rank's batches for `epoch` in the order they are yielded: (stream, global row indices)."""
+        streams = self._streams[self.rank]
+        per_stream = []
+        for s, ranges in enumerate(streams):
+            rng = random.Random(f"{self.seed}:{epoch}:{self.rank}/{self.world_size}:{s}/{len(streams)}") \
+                if self.shuffle else None
+            order = stream_order(ranges, rng, self.buffer_size)
+            cut = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]  # views
+            per_stream.append(cut[:self._num_batches(ranges)])
+        return [(s, per_stream[s][k]) for s, k in round_robin([len(b) for b in per_stream])][:len(self)]
 
     # -- iteration -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        mine = [(i, b) for i, b in enumerate(self.rank_batches(self.epoch)) if i >= self.start_batch]
-        mine = mine[worker::workers]
-        self.start_batch = 0
+        if info is not None and workers != max(1, self.num_workers):
+            raise CachebrewError(
+                f"CacheBatches was planned for num_workers={self.num_workers} but runs in a DataLoader with "
+                f"{workers} workers: build the loader with cachebrew.cache.CacheLoader(dataset, num_workers="
+                f"{workers}, ...) or pass CacheBatches(..., num_workers={workers})")
+        epoch, start = self.epoch, self.start_batch
+        plan = self.plan(epoch)[start:]
+        if info is not None and plan:
+            # DataLoader asks worker 0 first; a position in mid-round continues with plan[0]'s stream there
+            stream = (plan[0][0] + worker) % workers
+            plan = [p for p in plan if p[0] == stream]
+        mine = [rows for _, rows in plan]
         free_after = defaultdict(list)  # batch k -> (cache, shard, record batch) that no later batch reads
         if mine:
-            ks = np.concatenate([np.full(len(rows), k, np.int64) for k, (_, rows) in enumerate(mine)])
-            flat = np.concatenate([np.asarray(rows, np.int64) for _, rows in mine])
+            ks = np.concatenate([np.full(len(rows), k, np.int64) for k, rows in enumerate(mine)])
+            flat = np.concatenate(mine)
             for ci, (refs, mapping) in enumerate(zip(self.joined.refs, self.joined.maps)):
                 where = refs[flat if mapping is None else mapping[flat]].astype(np.int64)
                 keys = (where[:, 0] << 32) | where[:, 1]
@@ -221,10 +309,11 @@ class CacheBatches(torch.utils.data.IterableDataset):
                 for key, k in zip(uniq.tolist(), ks[::-1][first_from_end].tolist()):
                     free_after[k].append((ci, key >> 32, key & 0xFFFFFFFF))
         decoded: dict = {}
-        for k, (_, rows) in enumerate(mine):
+        for k, rows in enumerate(mine):
             yield self._collate(rows, decoded)
             for key in free_after.pop(k, ()):
                 decoded.pop(key, None)
+
 
     def _record_batch(self, ci: int, shard: int, batch: int, decoded: dict) -> pa.RecordBatch:
         key = (ci, shard, batch)
@@ -323,6 +412,22 @@ class CacheBatches(torch.utils.data.IterableDataset):
         cache["per_teacher_logits"] = {t: per_teacher[t][("logits", None)] for t in teachers
                                        if ("logits", None) in per_teacher[t]}
         return cache
+
+
+class CacheLoader(torch.utils.data.DataLoader):
+    """The DataLoader for CacheBatches: whole batches (no collation), one stream per worker.
+
+    It sets the dataset's worker count (which decides the streams, so the plan and ``len``) before any
+    worker starts, and forwards ``set_epoch`` (what transformers' Trainer calls each epoch).
+    """
+
+    def __init__(self, dataset: CacheBatches, num_workers: int = 0, **kwargs):
+        dataset.num_workers = num_workers
+        kwargs.setdefault("collate_fn", identity_collate)
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, **kwargs)
+
+    def set_epoch(self, epoch: int):
+        self.dataset.set_epoch(epoch)
 
 
 def _pad_stack(spec: TensorSpec, tensors: list[torch.Tensor], L: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import random
 import shutil
@@ -22,30 +23,70 @@ from safetensors.torch import load_model, save_model
 
 from ..checkpoint import _fsync_dir
 
+logger = logging.getLogger("cachebrew")
 
-def _rng_state() -> dict:
-    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-             "python": _py_state(random.getstate())}
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's RNG streams: Python, NumPy, torch CPU and, on a GPU, the generator of its own device.
+
+    Only the device this process trains on is saved (not ``get_rng_state_all``): each rank's dropout
+    stream lives on its own GPU, and a checkpoint must not depend on how many GPUs were visible.
+    """
+    state = {"torch": _b64(torch.get_rng_state()), "python": _py_state(random.getstate())}
     np_state = np.random.get_state()
     state["numpy"] = [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]
-    if torch.cuda.is_available():
-        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    if device is not None and device.type == "cuda":
+        state["cuda"] = _b64(torch.cuda.get_rng_state(device))
     return state
+
+
+def gather_rng_states(device: torch.device | None = None) -> list[dict]:
+    """Every rank's `rng_state`, in rank order (a collective: all ranks call it; one rank: a list of one)."""
+    mine = rng_state(device)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [mine]
+    states: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, mine)
+    return states
 
 
 def _py_state(s):
     return [s[0], list(s[1]), s[2]]
 
 
-def restore_rng(state: dict) -> None:
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+def restore_rng(saved, rank: int = 0, device: torch.device | None = None, world_size: int | None = None) -> None:
+    """Restore rank `rank`'s streams from `gather_rng_states`' list (or one state, as older checkpoints hold).
+
+    A run resumed with another number of ranks cannot replay their dropout streams; it continues with
+    rank 0's (or its own, where it exists) and says so. A GPU state is restored only onto a GPU.
+    """
+    states = saved if isinstance(saved, list) else [saved]
+    world = world_size if world_size is not None else (
+        torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized()
+        else 1)
+    if len(states) != world:
+        logger.warning("the checkpoint holds RNG states of %d rank(s), this run has %d: dropout after the resume "
+                       "will not match an uninterrupted run", len(states), world)
+    state = states[rank] if rank < len(states) else states[0]
+    torch.set_rng_state(_unb64(state["torch"]))
     v, internal, gauss = state["python"]
     random.setstate((v, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
-                                      for s in state["cuda"]])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # older checkpoints: every visible GPU's state; this process's device is ours
+        index = device.index if device is not None and device.index is not None else 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(_unb64(cuda), device)
 
 
 def _core(m):
@@ -53,7 +94,8 @@ def _core(m):
 
 
 def save_run_checkpoint(root: Path, global_step: int, student, projections, optimizer, scheduler, scaler,
-                        state: dict, keep: int) -> Path:
+                        state: dict, keep: int, rng_states: list[dict]) -> Path:
+    """Rank 0 writes; `rng_states` is every rank's (`gather_rng_states`, which all ranks must call)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{global_step:06d}"
     tmp = root / f".step-{global_step:06d}.tmp"
@@ -65,7 +107,7 @@ def save_run_checkpoint(root: Path, global_step: int, student, projections, opti
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save({"scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "scheduler.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "global_step": global_step, "rng": _rng_state()}))
+    (tmp / "state.json").write_text(json.dumps({**state, "global_step": global_step, "rng": rng_states}))
     for f in tmp.iterdir():
         with open(f, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -88,7 +130,9 @@ def load_run_checkpoint(path: Path, student, projections) -> dict:
     projs = torch.nn.ModuleList([_core(p) for p in projections if p is not None])
     load_model(projs, str(path / "projections.safetensors"))
     state = json.loads((path / "state.json").read_text())
-    state["optimizer"] = torch.load(path / "optimizer.pt", weights_only=True)
-    sched = torch.load(path / "scheduler.pt", weights_only=True)
+    # onto the CPU whatever device saved them: optimizer.load_state_dict moves each state tensor to its
+    # parameter's device, so a GPU checkpoint resumes on CPU and no rank materialises it on cuda:0 first
+    state["optimizer"] = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    sched = torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu")
     state["scheduler"], state["scaler"] = sched["scheduler"], sched["scaler"]
     return state

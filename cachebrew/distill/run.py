@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..cache.loader import CacheBatches, identity_collate
+from ..cache.loader import CacheBatches, CacheLoader
 from ..configurations import TrainingConfig
 from ..distillers import GeneralDistiller, MultiTaskDistiller
 from ..distillers.batches import move_to_device
@@ -28,7 +28,8 @@ from ..distillers.loop import ResumeState, StepState
 from ..errors import CacheFormatError, CachebrewError
 from ..paths import resolve_path
 from ..runtime import ensure_process_group, get_rank, resolve_device, resolve_local_rank
-from .checkpoints import latest_checkpoint, load_run_checkpoint, restore_rng, save_run_checkpoint
+from .checkpoints import (gather_rng_states, latest_checkpoint, load_run_checkpoint, restore_rng,
+                          save_run_checkpoint)
 from .config import DistillRunConfig, TaskConfig
 from .metrics import accuracy, entity_f1
 from .student import MultiTaskStudent, build_multitask_student, build_student, hf_adaptor
@@ -211,9 +212,8 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     # Each DataLoader iterator draws a base seed; from its own generator, not the global RNG, so that a
     # resumed run (which creates its first iterator mid-epoch) sees the same dropout masks.
     workers = tc.num_workers if tc.num_workers is not None else (2 if device.type == "cuda" else 0)
-    loaders = {name: torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=identity_collate,
-                                                 pin_memory=device.type == "cuda",
-                                                 generator=torch.Generator().manual_seed(cfg.seed))
+    loaders = {name: CacheLoader(ds, num_workers=workers, pin_memory=device.type == "cuda",
+                                 persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
                for name, ds in train_sets.items()}
     if tc.verify_caches:
         _verify_caches([r for ds in (*train_sets.values(), *eval_sets.values()) for r in ds.joined.readers])
@@ -296,14 +296,17 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
             evaluate_all(distiller.model_S, s.global_step)  # extra evaluations inside epochs
         due = (s.global_step == s.total_steps or (save_every is not None and s.global_step % save_every == 0)
                or (save_every is None and epoch_end))
-        if not due or rank != 0:
+        if not due:
+            return
+        rng_states = gather_rng_states(device)  # every rank's dropout stream, so each resumes its own
+        if rank != 0:
             return
         state = {"writer_step": s.writer_step, "epoch": epoch, "step": consumed, "history": history, "best": best,
                  "teacher": teacher_metric, "cachebrew": __version__, "config": cfg.to_dict()}
         if multi_task:
             state["task_counts"] = dict(distiller.sampled_tasks)
         save_run_checkpoint(out / "checkpoints", s.global_step, distiller.model_S, getattr(distiller, "projs", []),
-                            s.optimizer, s.scheduler, s.scaler, state, tc.keep_checkpoints)
+                            s.optimizer, s.scheduler, s.scaler, state, tc.keep_checkpoints, rng_states)
 
     distiller.add_step_hook(checkpoint_hook)
     start_step = 0
@@ -317,7 +320,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
             raise CachebrewError(f"--resume: the config differs from the run in {out} (fields {changed}); "
                                  "a resumed run must use the same config")
         state = load_run_checkpoint(ckpt, student, getattr(distiller, "projs", []))
-        restore_rng(state["rng"])
+        restore_rng(state["rng"], rank, device)
         history[:] = state["history"]
         best, teacher_metric = state["best"], state["teacher"]
         start_step = state["global_step"]

@@ -2,7 +2,7 @@
 criterion configs Intel Neural Compressor users know."""
 from .criteria import (IntermediateLayersKnowledgeDistillationLossConfig, KnowledgeDistillationLossConfig,
                        to_distillation_config)
-from .trainer import CacheDataLoader, DistillationTrainer
+from .trainer import DistillationTrainer
 
-__all__ = ["DistillationTrainer", "CacheDataLoader", "KnowledgeDistillationLossConfig",
+__all__ = ["DistillationTrainer", "KnowledgeDistillationLossConfig",
            "IntermediateLayersKnowledgeDistillationLossConfig", "to_distillation_config"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from ..cache.loader import CacheBatches, identity_collate
+from ..cache.loader import CacheBatches, CacheLoader
 from ..configurations import DistillationConfig, TrainingConfig
 from ..distill.student import hf_adaptor
 from ..distillers import GeneralDistiller
@@ -25,13 +25,6 @@ from ..errors import CachebrewError, ConfigError
 from .criteria import to_distillation_config
 
 PROJECTIONS_FILE = "cachebrew_projections.safetensors"
-
-
-class CacheDataLoader(torch.utils.data.DataLoader):
-    """A DataLoader over CacheBatches (which yields whole batches) that the Trainer can set the epoch of."""
-
-    def set_epoch(self, epoch: int):
-        self.dataset.set_epoch(epoch)
 
 
 class _EpochAndSchedules(TrainerCallback):
@@ -169,15 +162,14 @@ class DistillationTrainer(Trainer):
             return min(len(ds) * ds.batch_size, ds.joined.num_rows)
         return super().num_examples(dataloader)
 
-    def _cache_loader(self, ds: CacheBatches) -> CacheDataLoader:
+    def _cache_loader(self, ds: CacheBatches) -> CacheLoader:
         # Batches are already cut, padded and split by rank: no sampler, no accelerate re-sharding.
         a = self.args
         workers = a.dataloader_num_workers
-        return CacheDataLoader(ds, batch_size=None, num_workers=workers, pin_memory=a.dataloader_pin_memory,
-                               collate_fn=identity_collate,
-                               persistent_workers=a.dataloader_persistent_workers and workers > 0,
-                               prefetch_factor=a.dataloader_prefetch_factor if workers > 0 else None,
-                               generator=torch.Generator().manual_seed(a.seed))
+        return CacheLoader(ds, num_workers=workers, pin_memory=a.dataloader_pin_memory,
+                           persistent_workers=a.dataloader_persistent_workers and workers > 0,
+                           prefetch_factor=a.dataloader_prefetch_factor if workers > 0 else None,
+                           generator=torch.Generator().manual_seed(a.seed))
 
     # -- loss ----------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
