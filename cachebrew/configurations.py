@@ -104,12 +104,16 @@ class TrainingConfig(Config):
     Differences from TextBrewer (documented in the README): ``device=None`` picks CUDA when present
     and the CPU otherwise; ``amp='bf16'|'fp16'`` uses torch.amp (``fp16=True`` means ``amp='fp16'``,
     ``fp16_opt_level`` is accepted and ignored since there is no apex); ``local_rank=None`` reads
-    LOCAL_RANK when launched by torchrun; output_dir is created at the first save, not here.
+    LOCAL_RANK when launched by torchrun; output_dir is created at the first save, not here;
+    ``log_steps`` (cachebrew's): the losses of each micro-step stay on the device and reach
+    tensorboard and the progress bar every ``log_steps`` optimizer steps, in one transfer, so a GPU
+    never waits for the host inside that window (the same scalars at the same steps as TextBrewer).
     """
 
     def __init__(self, gradient_accumulation_steps=1, ckpt_frequency=1, ckpt_epoch_frequency=1, ckpt_steps=None,
                  log_dir=None, output_dir="./saved_models", device=None, fp16=False, fp16_opt_level="O1",
-                 data_parallel=False, local_rank=None, amp=None, progress_bar=True, keep_checkpoints=None):
+                 data_parallel=False, local_rank=None, amp=None, progress_bar=True, keep_checkpoints=None,
+                 log_steps=50):
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.ckpt_frequency = ckpt_frequency
         self.ckpt_epoch_frequency = ckpt_epoch_frequency
@@ -124,12 +128,13 @@ class TrainingConfig(Config):
         self.amp = amp
         self.progress_bar = progress_bar
         self.keep_checkpoints = keep_checkpoints
+        self.log_steps = log_steps
         self._validate()
 
     def _validate(self):
         errors = []
         p = "TrainingConfig."
-        for name in ("gradient_accumulation_steps", "ckpt_frequency", "ckpt_epoch_frequency"):
+        for name in ("gradient_accumulation_steps", "ckpt_frequency", "ckpt_epoch_frequency", "log_steps"):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
                 errors.append(f"{p}{name}: must be an integer >= 1, got {v!r}")

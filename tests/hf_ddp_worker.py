@@ -10,12 +10,31 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 from safetensors.torch import save_model  # noqa: E402
 
+from cachebrew.cache import CacheBatches  # noqa: E402
 from cachebrew.hf import DistillationTrainer  # noqa: E402
 from test_hf_trainer import INC, args, student  # noqa: E402
 
+
+class TwoRanksInOne(CacheBatches):
+    """What two ranks see, in one process: rank 0's batch k, then rank 1's (each rank reads its own rows)."""
+
+    def __init__(self, cache, batch_size):
+        super().__init__(cache, batch_size, shuffle=False, rank=0, world_size=2)
+        self.other = CacheBatches(cache, batch_size, shuffle=False, rank=1, world_size=2)
+
+    def __len__(self):
+        return 2 * super().__len__()
+
+    def __iter__(self):
+        for mine, theirs in zip(super().__iter__(), self.other, strict=True):
+            yield mine
+            yield theirs
+
+
 torch.set_num_threads(1)
 cache, out, accumulation = sys.argv[1], sys.argv[2], int(sys.argv[3])
-trainer = DistillationTrainer(model=student(), distillation_config=INC, teacher_cache=cache,
+source = dict(teacher_cache=cache) if "WORLD_SIZE" in os.environ else dict(train_dataset=TwoRanksInOne(cache, 4))
+trainer = DistillationTrainer(model=student(), distillation_config=INC, **source,
                               args=args(out, per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
                                         train_sampling_strategy="sequential",
                                         ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None))

@@ -112,3 +112,14 @@ def test_a_dataloader_with_other_workers_is_a_clear_error(cache):
         next(iter(loader))
     with pytest.raises(CachebrewError, match="num_workers must be an integer"):
         CacheBatches(cache, 8, num_workers=-1)
+
+
+def test_only_the_features_the_losses_use_are_read(cache):
+    full = next(iter(CacheBatches(cache, 8, shuffle=False)))["teacher_cache"]
+    assert full["hidden"][2] is not None
+    logits_only = CacheBatches(cache, 8, shuffle=False, features={("logits", None)})
+    batch = next(iter(logits_only))["teacher_cache"]
+    assert "hidden" not in batch and torch.equal(batch["logits"], full["logits"])
+    assert not any("hidden" in c for c in logits_only._needed[0])  # the columns are not even read
+    hidden = next(iter(CacheBatches(cache, 8, shuffle=False, features={("hidden", 2)})))["teacher_cache"]
+    assert "logits" not in hidden and torch.equal(hidden["hidden"][2], full["hidden"][2])

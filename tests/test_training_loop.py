@@ -169,3 +169,35 @@ def test_custom_match_works(cachebrew, tmp_path, pair):
         d.train(torch.optim.AdamW(s.parameters(), lr=1e-3), data, num_epochs=2)
     assert changed(student, s) > 1e-3
     assert_same_weights(reference, s, atol=1e-6)
+
+
+def test_training_steps_read_nothing_back_between_log_steps(cachebrew, tmp_path, pair, monkeypatch):
+    """12 optimizer steps (24 micro-steps), logged every 4: cachebrew's code reads tensors back 3 times.
+
+    Reads are counted where cachebrew's own code asks for a value (torch's and transformers' internals
+    are theirs: Adam's step counter, for one, is a CPU tensor even on a GPU)."""
+    import traceback
+
+    teacher, student = pair
+    reads = []
+    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, _name=name, **k):
+            caller = traceback.extract_stack(limit=2)[0]
+            if f"{os.sep}cachebrew{os.sep}" in caller.filename:
+                reads.append(f"{_name} in {caller.name}")
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    batches = list(loader(make_examples(48), batch_size=2))
+    run_distiller(cachebrew, "GeneralDistiller", teacher, student, batches, dict(intermediate_matches=MATCH),
+                  tmp_path / "out", adaptor_T=hidden_adaptor, adaptor_S=hidden_adaptor, train_kwargs=dict(num_epochs=1),
+                  train_cfg=dict(log_dir=str(tmp_path / "tb"), log_steps=4, gradient_accumulation_steps=2,
+                                 progress_bar=True))
+    assert reads == ["tolist in flush_losses"] * 3, reads
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("scalar/total_loss")] == list(range(24))  # still every micro-step

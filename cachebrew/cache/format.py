@@ -142,36 +142,65 @@ def encode_tensor_rows(spec: TensorSpec, rows: list[torch.Tensor]) -> dict[str, 
     return out
 
 
-def encode_batch(spec: TensorSpec, batch_tensor: torch.Tensor, lengths: list[int]) -> dict[str, pa.Array]:
-    """Like encode_tensor_rows, from the padded (B, ...) batch tensor: for logits [C] and [L, D] tensors the
-    unpadded rows are cut out in one masked select and converted once (the per-row path is kept for
-    attention maps and top-k)."""
-    if spec.topk or "L" in spec.shape[1:]:
-        return encode_tensor_rows(spec, slice_rows(spec, batch_tensor, lengths))
-    B = batch_tensor.shape[0]
+def cuts_on_device(spec: TensorSpec) -> bool:
+    """Logits [C] and hidden [L, D] tensors: padding is cut in one masked select (`cut_batch`); attention
+    maps (two L axes) and top-k logits take the per-row path."""
+    return not spec.topk and "L" not in spec.shape[1:]
+
+
+def cut_batch(spec: TensorSpec, batch_tensor: torch.Tensor, lengths: list[int]) -> dict[str, torch.Tensor]:
+    """What will be stored of a padded (B, ...) teacher output, computed where the tensor lives.
+
+    Padding is cut out, values are cast to the storage precision (int8: quantised with per-vector
+    scales), all on the tensor's device, so a GPU export copies only the stored bytes to the host.
+    Returns ``{"values": (rows' values, flat per row), "scale": ...}`` for `encode_cut`.
+    """
+    t = batch_tensor.detach()
     if spec.shape and spec.shape[0] == "L":
-        L = batch_tensor.shape[1]
-        keep = torch.arange(L)[None, :] < torch.as_tensor(lengths)[:, None]
-        flat = batch_tensor[keep]                       # (sum of lengths, *dims), rows in order
-        per_row = [n * int(np.prod(flat.shape[1:], dtype=np.int64)) for n in lengths]
+        L = t.shape[1]
+        keep = torch.arange(L, device=t.device)[None, :] < torch.as_tensor(lengths, device=t.device)[:, None]
+        flat = t[keep]                                   # (sum of lengths, *dims), rows in order
     else:
-        flat = batch_tensor.reshape(B, -1)
-        per_row = [flat.shape[1]] * B
+        flat = t.reshape(t.shape[0], -1)
+    if spec.dtype == "int8":
+        q, scale = quantize_int8(flat)
+        return {"values": q, "scale": scale}
+    storage = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(spec.dtype)
+    if storage is None:
+        raise CacheFormatError(f"storage dtype {spec.dtype!r} is not a float format")
+    return {"values": flat.to(storage)}
+
+
+def encode_cut(spec: TensorSpec, cut: dict[str, torch.Tensor], lengths: list[int]) -> dict[str, pa.Array]:
+    """Arrow arrays from `cut_batch`'s CPU tensors (one conversion per column)."""
+    values = cut["values"]
+    B = len(lengths)
+    if spec.shape and spec.shape[0] == "L":
+        per_row = [n * int(np.prod(values.shape[1:], dtype=np.int64)) for n in lengths]
+    else:
+        per_row = [int(np.prod(values.shape[1:], dtype=np.int64))] * B
     offsets = np.zeros(B + 1, dtype=np.int32)
     np.cumsum(per_row, out=offsets[1:])
     offsets = pa.array(offsets, pa.int32())
     out = {}
     if spec.dtype == "int8":
-        q, scale = quantize_int8(flat)
-        out[spec.column] = pa.ListArray.from_arrays(offsets, pa.array(q.numpy().reshape(-1), type=pa.int8()))
+        out[spec.column] = pa.ListArray.from_arrays(offsets, pa.array(values.numpy().reshape(-1), type=pa.int8()))
         scale_offsets = np.zeros(B + 1, dtype=np.int32)
         np.cumsum(lengths, out=scale_offsets[1:])
-        out[spec.column + ".scale"] = pa.ListArray.from_arrays(pa.array(scale_offsets, pa.int32()),
-                                                               pa.array(scale.numpy().reshape(-1), type=pa.float32()))
+        out[spec.column + ".scale"] = pa.ListArray.from_arrays(
+            pa.array(scale_offsets, pa.int32()), pa.array(cut["scale"].numpy().reshape(-1), type=pa.float32()))
         return out
-    values = _to_storage(flat, spec.dtype).reshape(-1)
-    out[spec.column] = pa.ListArray.from_arrays(offsets, pa.array(values, type=_ARROW_VALUE_TYPE[spec.dtype]))
+    array = values.view(torch.int16).numpy().view(np.uint16) if spec.dtype == "bf16" else values.numpy()
+    out[spec.column] = pa.ListArray.from_arrays(offsets, pa.array(array.reshape(-1),
+                                                                  type=_ARROW_VALUE_TYPE[spec.dtype]))
     return out
+
+
+def encode_batch(spec: TensorSpec, batch_tensor: torch.Tensor, lengths: list[int]) -> dict[str, pa.Array]:
+    """Like encode_tensor_rows, from the padded (B, ...) batch tensor (on the CPU)."""
+    if not cuts_on_device(spec):
+        return encode_tensor_rows(spec, slice_rows(spec, batch_tensor, lengths))
+    return encode_cut(spec, cut_batch(spec, batch_tensor, lengths), lengths)
 
 
 def encode_int_rows(rows: list, value_type: pa.DataType) -> pa.ListArray:

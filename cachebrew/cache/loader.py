@@ -196,6 +196,8 @@ class CacheBatches(torch.utils.data.IterableDataset):
 
     Usable as a plain iterable or through ``CacheLoader(ds, num_workers=n, pin_memory=True)`` (a
     DataLoader that tells the dataset its worker count, which sets the streams, so ``len()``);
+    ``features`` (pairs such as ``("logits", None), ("hidden", 4)``) limits what is read and decoded to
+    what the losses use;
     ``len()`` is the number of batches this rank sees per epoch, the same on every rank (DDP needs
     it). ``set_epoch`` and ``set_position`` select what the next iteration yields, in this process
     and in DataLoader workers alike.
@@ -203,7 +205,7 @@ class CacheBatches(torch.utils.data.IterableDataset):
 
     def __init__(self, caches, batch_size: int, *, shuffle=True, seed=0, buffer_size=2048, drop_last=False,
                  rank=None, world_size=None, teachers=None, teacher_weights=None, with_labels=True,
-                 task: str | None = None, num_workers: int = 0):
+                 task: str | None = None, num_workers: int = 0, features=None):
         self.joined = caches if isinstance(caches, JoinedCaches) else JoinedCaches(
             [caches] if isinstance(caches, (str, Path)) else list(caches), teachers)
         self.batch_size = int(batch_size)
@@ -224,8 +226,15 @@ class CacheBatches(torch.utils.data.IterableDataset):
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._ranges = record_batch_ranges([info.batches or [info.rows] for info in self.joined.manifest.shards])
         self.num_workers = num_workers
+        # what batches carry: every teacher's logits (they are averaged), the first teacher's hidden states and
+        # attention maps (the distillers match those), and of those only the `features` asked for
+        first = self.joined.teachers[0] if self.joined.teachers else None
+        wanted = None if features is None else {(kind, None if layer is None else int(layer)) for kind, layer in features}
+        self.specs = [(ci, spec) for ci, spec in self.joined.specs
+                      if (spec.kind == "logits" or spec.teacher == first)
+                      and (wanted is None or (spec.kind, spec.layer) in wanted)]
         inputs = {ID, COPY, INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS} | ({LABELS} if with_labels else set())
-        self._needed = [inputs | {c for cj, spec in self.joined.specs if cj == ci
+        self._needed = [inputs | {c for cj, spec in self.specs if cj == ci
                                   for c in (spec.column, *spec.aux_columns())}
                         for ci in range(len(self.joined.readers))]
 
@@ -366,7 +375,7 @@ class CacheBatches(torch.utils.data.IterableDataset):
         selections = {0: primary}
         keys = list(zip(primary.scalars(ID), primary.scalars(COPY)))
         per_teacher: dict[str, dict] = defaultdict(dict)
-        for ci, spec in self.joined.specs:
+        for ci, spec in self.specs:
             if ci not in selections:
                 selections[ci] = self._select(ci, rows, decoded)
                 other = list(zip(selections[ci].scalars(ID), selections[ci].scalars(COPY)))

@@ -41,6 +41,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     device: str | None = None
     progress_bar: bool = True
+    log_steps: int = 50              # optimizer steps between loss read-backs (tensorboard, progress bar)
     verify_caches: bool = True       # sha256 of every shard before training: a corrupt cache stops the run early
 
 
@@ -123,7 +124,7 @@ class DistillRunConfig:
             v = getattr(t, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 e.append(f"train.{name}: must be an integer >= 1, got {v!r}")
-        for name in ("batch_size", "gradient_accumulation_steps", "shuffle_buffer", "keep_checkpoints"):
+        for name in ("batch_size", "gradient_accumulation_steps", "shuffle_buffer", "keep_checkpoints", "log_steps"):
             v = getattr(t, name)
             if not isinstance(v, int) or v < 1:
                 e.append(f"train.{name}: must be an integer >= 1, got {v!r}")

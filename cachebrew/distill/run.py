@@ -199,15 +199,18 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     multi_task = bool(cfg.tasks)
     tasks = cfg.tasks or {"default": TaskConfig(cfg.caches, cfg.eval_cache)}
 
-    # 1. data: one loader per task
+    # 1. data: one loader per task, reading only the teacher outputs the losses use
+    features = {("logits", None)} | {(im.feature, layer) for im in d_config.intermediate_matches
+                                     for layer in (im.layer_T if isinstance(im.layer_T, list) else [im.layer_T])}
+
     def batches(paths, shuffle, task):
         return CacheBatches(paths, tc.batch_size, shuffle=shuffle, seed=cfg.seed, buffer_size=tc.shuffle_buffer,
                             teachers=cfg.teachers, teacher_weights=cfg.teacher_weights,
-                            task=task if multi_task else None)
+                            task=task if multi_task else None, features=features)
 
     train_sets = {name: batches(t.caches, True, name) for name, t in tasks.items()}
     eval_sets = {name: CacheBatches(t.eval_cache, tc.batch_size, shuffle=False, rank=0, world_size=1,
-                                    task=name if multi_task else None)
+                                    task=name if multi_task else None, features={("logits", None)})
                  for name, t in tasks.items() if t.eval_cache}
     # Each DataLoader iterator draws a base seed; from its own generator, not the global RNG, so that a
     # resumed run (which creates its first iterator mid-epoch) sees the same dropout masks.
@@ -250,7 +253,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     t_config = TrainingConfig(
         output_dir=str(out / "snapshots"), log_dir=str(out / "tb") if rank == 0 else None, device=str(device),
         amp=amp, gradient_accumulation_steps=accum, ckpt_steps=eval_every if tc.steps is not None else None,
-        progress_bar=tc.progress_bar, keep_checkpoints=1, local_rank=local_rank)
+        progress_bar=tc.progress_bar, keep_checkpoints=1, local_rank=local_rank, log_steps=tc.log_steps)
     if multi_task:
         distiller = MultiTaskDistiller(t_config, d_config, None, student, None, {t: hf_adaptor for t in tasks})
     else:

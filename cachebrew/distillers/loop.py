@@ -166,6 +166,7 @@ class TrainingLoop:
         self._tb_writer = None
         self._step_hooks: list[Callable[[StepState], None]] = []
         self._resume: ResumeState | None = None
+        self._loss_log: list | None = None
 
     def add_step_hook(self, hook: Callable[[StepState], None]) -> None:
         """Call `hook(state)` after every optimizer step (checkpointing, evaluation, early stop)."""
@@ -208,12 +209,30 @@ class TrainingLoop:
         return self._tb_writer
 
     def write_loss(self, total_loss, writer_step, losses_dict=None):
-        writer = self.tb_writer
-        if writer is None:
+        """Queue one micro-step's losses for tensorboard; `flush_losses` writes them (no host sync here)."""
+        if self._loss_log is None:
             return
-        writer.add_scalar("scalar/total_loss", total_loss.detach().float().cpu().item(), writer_step)
-        for name, loss in (losses_dict or {}).items():
-            writer.add_scalar(f"scalar/{name}", float(loss.detach().float().cpu().item()), writer_step)
+        self._loss_log.append((writer_step, total_loss.detach(),
+                               {name: loss.detach() for name, loss in (losses_dict or {}).items()}))
+
+    def flush_losses(self, progress=None, **postfix) -> None:
+        """Write the queued losses with one device-to-host transfer; show their last total on the progress bar."""
+        if not self._loss_log:
+            return
+        queued, self._loss_log[:] = list(self._loss_log), []
+        flat = [t for _, total, parts in queued for t in (total, *parts.values())]
+        values = iter(torch.stack([t.float().reshape(()) for t in flat]).tolist())  # the one sync
+        writer = self.tb_writer
+        total = None
+        for step, _, parts in queued:
+            total = next(values)
+            named = [(name, next(values)) for name in parts]
+            if writer is not None:
+                writer.add_scalar("scalar/total_loss", total, step)
+                for name, v in named:
+                    writer.add_scalar(f"scalar/{name}", v, step)
+        if progress is not None:
+            progress.set_postfix(loss=f"{total:.4f}", **postfix)
 
     def _wrap_parallel(self):
         """DDP (torchrun) or DataParallel around the student and each extra module."""
@@ -258,11 +277,14 @@ class TrainingLoop:
         accum = self.t_config.gradient_accumulation_steps
         scaler = torch.amp.GradScaler(self.device.type) if self.t_config.amp_dtype == torch.float16 else None
         print_every = max(plan.total_steps // self.print_freq, 1)
+        log_steps = self.t_config.log_steps
         progress = None
         if self.t_config.progress_bar and self.rank == 0:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=plan.total_steps, desc="train", unit="step", dynamic_ncols=True)
+        # losses wait on the device until the next log step: reading one back would stall the GPU's queue
+        self._loss_log = [] if progress is not None or self.tb_writer is not None else None
         global_step = writer_step = 0
         resume, self._resume = self._resume, None
         if resume is not None:
@@ -312,7 +334,8 @@ class TrainingLoop:
                 self._on_optimizer_step(global_step / plan.total_steps)
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(loss=f"{total_loss.item() * accum:.4f}", epoch=epoch + 1)
+                if global_step % log_steps == 0:
+                    self.flush_losses(progress, epoch=epoch + 1)
                 if global_step % print_every == 0:
                     logger.info("global step %d/%d, epoch %d", global_step, plan.total_steps, epoch + 1)
                 if self.tb_writer is not None:
@@ -325,6 +348,7 @@ class TrainingLoop:
                 if global_step >= plan.total_steps:
                     break
         finally:
+            self.flush_losses(progress)
             if progress is not None:
                 progress.close()
             if self._tb_writer is not None:

@@ -65,6 +65,9 @@ class AugmentConfig:
     ops: list = field(default_factory=list)  # [{"name": "masking", "p": 0.1}, ...]
 
 
+COMPRESSIONS = ("zstd", "lz4", "none")  # Arrow IPC body codecs (any pyarrow reads them) and no codec
+
+
 @dataclass
 class ExportConfig:
     output: str = ""
@@ -79,6 +82,7 @@ class ExportConfig:
     batch_size: int = 32
     shard_rows: int = 4096
     record_batch_rows: int = 256       # rows per Arrow record batch: fewer, larger batches decode faster in distill
+    compression: str = "zstd"          # Arrow IPC codec of the shards: zstd, lz4 or none (BENCHMARKS.md: codecs)
     sort_window: int = 64              # batches per length-sorting window
     device: str | None = None
     amp: str | None = "auto"           # auto: bf16 on GPU, none on CPU; or none / bf16 / fp16
@@ -137,6 +141,8 @@ class ExportConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 e.append(f"{name}: must be an integer >= 1, got {v!r}")
+        if self.compression not in COMPRESSIONS:
+            e.append(f"compression: one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
         o = self.outputs
         if not (o.logits or o.hidden_layers or o.attention_layers):
             e.append("outputs: nothing to export (logits false and no hidden/attention layers)")

@@ -27,7 +27,8 @@ import torch
 from .. import __version__
 from ..cache.fingerprint import combine, hash_state_dict
 from ..cache.format import (ATTENTION_MASK, COPY, FORMAT_VERSION, ID, INPUT_IDS, LABELS, TASK, TEXT, TEXT_PAIR,
-                            TOKEN_COLUMNS, TOKEN_TYPE_IDS, WORDS, encode_batch, encode_int_rows)
+                            TOKEN_COLUMNS, TOKEN_TYPE_IDS, WORDS, cut_batch, cuts_on_device, encode_batch,
+                            encode_cut, encode_int_rows)
 from ..cache.manifest import MANIFEST, Manifest
 from ..cache.shards import (ShardWriter, describe_shard, list_shards, read_shard_meta, remove_temp_files)
 from ..cache.lock import DirectoryLock
@@ -114,9 +115,10 @@ def check_output_dir(out: Path, fingerprint: str, overwrite: bool) -> str:
 class _WriterThread:
     """Encodes and writes shards off the compute thread; errors surface on the next put()."""
 
-    def __init__(self, directory, schema, shard_meta, specs, maxsize=8, record_batch_rows=256):
+    def __init__(self, directory, schema, shard_meta, specs, maxsize=8, record_batch_rows=256, compression="zstd"):
         self.directory, self.schema, self.meta, self.specs = directory, schema, shard_meta, specs
         self.record_batch_rows = record_batch_rows
+        self.compression = None if compression == "none" else compression
         self.q: queue.Queue = queue.Queue(maxsize)
         self.error: BaseException | None = None
         self.abort = threading.Event()
@@ -149,7 +151,8 @@ class _WriterThread:
                     return
                 op = item[0]
                 if op == "open":
-                    writer = ShardWriter(self.directory, item[1], self.schema, {**self.meta, "first_row": item[2]})
+                    writer = ShardWriter(self.directory, item[1], self.schema, {**self.meta, "first_row": item[2]},
+                                         compression=self.compression)
                     writer.__enter__()
                     pending = []
                 elif op == "rows":
@@ -174,7 +177,9 @@ class _WriterThread:
             writer.write(pa.Table.from_batches(pending).combine_chunks().to_batches()[0])
             pending.clear()
 
-    def _record_batch(self, rows, tokens, tensors, task):
+    def _record_batch(self, rows, tokens, tensors, task, ready):
+        if ready is not None:
+            ready.synchronize()  # the device-to-host copies of this batch have landed
         lengths = [len(t[INPUT_IDS]) for t in tokens]
         cols = {ID: pa.array([r.id for r in rows], pa.string()), COPY: pa.array([r.copy for r in rows], pa.int32()),
                 TASK: pa.array([task] * len(rows), pa.string())}
@@ -194,7 +199,8 @@ class _WriterThread:
             else:
                 cols[LABELS] = pa.array([t["labels"] for t in tokens], pa.int64())
         for spec in self.specs:
-            cols.update(encode_batch(spec, tensors[spec.column], lengths))
+            t = tensors[spec.column]
+            cols.update(encode_cut(spec, t, lengths) if isinstance(t, dict) else encode_batch(spec, t, lengths))
         return pa.RecordBatch.from_arrays([cols[n] for n in names], schema=self.schema)
 
     def finish(self):
@@ -206,6 +212,26 @@ class _WriterThread:
     def cancel(self):
         self.abort.set()
         self.thread.join()
+
+
+def to_host(tensors: dict) -> tuple[dict, torch.cuda.Event | None]:
+    """Start copying (nested dicts of) tensors to the host; (host tensors, the event to wait on or None).
+
+    From a GPU the copies go into pinned buffers without blocking the compute thread, which goes on to
+    the next batch; the writer thread waits on the event before it reads them. On the CPU: as they are.
+    """
+    devices = {t.device for v in tensors.values() for t in (v.values() if isinstance(v, dict) else [v])}
+    if all(d.type != "cuda" for d in devices):
+        return tensors, None
+
+    def copy(t):
+        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return buf.copy_(t, non_blocking=True)
+
+    host = {k: {n: copy(t) for n, t in v.items()} if isinstance(v, dict) else copy(v) for k, v in tensors.items()}
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 def _schema(cfg: ExportConfig, tokens: list[dict], specs, token_level: bool) -> pa.Schema:
@@ -357,7 +383,7 @@ def _export(cfg: ExportConfig, out: Path) -> ExportResult:
 
     # 5. compute and write
     writer = _WriterThread(out, schema, {"fingerprint": fingerprint, "format_version": FORMAT_VERSION}, specs,
-                           record_batch_rows=cfg.record_batch_rows)
+                           record_batch_rows=cfg.record_batch_rows, compression=cfg.compression)
     rows_todo = sum(len(order[s * cfg.shard_rows:(s + 1) * cfg.shard_rows]) for s in todo)
     progress = None
     if cfg.progress_bar and rank == 0:
@@ -375,11 +401,12 @@ def _export(cfg: ExportConfig, out: Path) -> ExportResult:
                 # the probe already ran the plan's first batch: reuse it rather than run the teachers twice
                 outs = probe if (s == 0 and start == 0 and probe is not None) else run_teachers(batch_tokens)
                 probe = None
-                padded = {}  # cut into unpadded rows by the writer thread
-                for spec in specs:
-                    full = outs[spec.teacher][(spec.kind, spec.layer)].detach().to("cpu")
-                    padded[spec.column] = full
-                writer.put(("rows", [rows[i] for i in idx], batch_tokens, padded, cfg.task))
+                lengths = [len(t[INPUT_IDS]) for t in batch_tokens]
+                host, ready = to_host({spec.column: (cut_batch(spec, outs[spec.teacher][(spec.kind, spec.layer)],
+                                                               lengths) if cuts_on_device(spec)
+                                                     else outs[spec.teacher][(spec.kind, spec.layer)].detach())
+                                       for spec in specs})
+                writer.put(("rows", [rows[i] for i in idx], batch_tokens, host, cfg.task, ready))
                 written += len(idx)
                 if progress is not None:
                     progress.update(len(idx))

@@ -186,7 +186,7 @@ class DistillationTrainer(Trainer):
         else:
             raise CachebrewError("DistillationTrainer: a train batch without 'teacher_cache' and no teacher_model")
         loss, parts = self._losses.compute_loss(results_S, results_T)
-        self._last_parts = {k: float(v.detach()) for k, v in parts.items()}
+        self._last_parts = {k: v.detach() for k, v in parts.items()}  # read back in log(), not every step
         return (loss, outputs_S) if return_outputs else loss
 
     @torch.no_grad()
@@ -212,7 +212,9 @@ class DistillationTrainer(Trainer):
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs and getattr(self, "_last_parts", None):
-            logs = {**logs, **{f"distill/{k}": v for k, v in self._last_parts.items()}}
+            parts = self._last_parts
+            values = torch.stack([v.float().reshape(()) for v in parts.values()]).tolist()  # one transfer
+            logs = {**logs, **{f"distill/{k}": v for k, v in zip(parts, values)}}
         super().log(logs, *args, **kwargs)
 
     # -- projections: trained with the student, saved in each checkpoint -------------------------------
