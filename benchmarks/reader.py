@@ -2,7 +2,7 @@
 
     python benchmarks/reader.py [--sizes 10000 100000 1000000] [--workers 0 2] [--json out.json]
 
-Synthetic caches in the exact on-disk format (zstd Arrow shards + manifest, written by cachebrew's
+Synthetic caches in the exact on-disk format (Arrow shards with the default codec, lz4, + manifest, written by cachebrew's
 ShardWriter, 8,192-row shards of 256-row record batches as `export` writes them by default), so sizes up to 1M rows
 cost seconds, not a teacher run:
   hidden   rows of ~32 tokens (12..52), logits fp32 [3] + 4 hidden layers fp16 [L, 256]  (the distill case)

@@ -123,3 +123,20 @@ def test_only_the_features_the_losses_use_are_read(cache):
     assert not any("hidden" in c for c in logits_only._needed[0])  # the columns are not even read
     hidden = next(iter(CacheBatches(cache, 8, shuffle=False, features={("hidden", 2)})))["teacher_cache"]
     assert "logits" not in hidden and torch.equal(hidden["hidden"][2], full["hidden"][2])
+
+
+def test_a_worker_sends_each_batch_as_one_shared_block(cache):
+    """One shared-memory segment per batch (not one per tensor), with the values the main process makes."""
+    ds = CacheBatches(cache, 8, seed=4, buffer_size=12, num_workers=1)
+    expected = [ds._collate(rows, {}) for _, rows in ds.plan(0)]
+    got = list(CacheLoader(ds, num_workers=1))
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        tensors = [a["student"]["input_ids"], a["student"]["attention_mask"], a["student"]["labels"],
+                   a["teacher_cache"]["logits"], a["teacher_cache"]["hidden"][2]]
+        assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1 and tensors[0].is_shared()
+        assert a["ids"] == b["ids"]
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert torch.equal(a["student"][key], b["student"][key])
+        assert torch.equal(a["teacher_cache"]["logits"], b["teacher_cache"]["logits"])
+        assert torch.equal(a["teacher_cache"]["hidden"][2], b["teacher_cache"]["hidden"][2])

@@ -319,7 +319,8 @@ class CacheBatches(torch.utils.data.IterableDataset):
                     free_after[k].append((ci, key >> 32, key & 0xFFFFFFFF))
         decoded: dict = {}
         for k, rows in enumerate(mine):
-            yield self._collate(rows, decoded)
+            batch = self._collate(rows, decoded)
+            yield pack_shared(batch) if info is not None else batch
             for key in free_after.pop(k, ()):
                 decoded.pop(key, None)
 
@@ -332,7 +333,7 @@ class CacheBatches(torch.utils.data.IterableDataset):
             try:
                 files = decoded.setdefault("files", {})  # open shard readers, kept for this pass
                 if (ci, shard) not in files:
-                    # plain reads, not a memory map: zstd buffers are decompressed into new memory anyway, and
+                    # plain reads, not a memory map: compressed buffers are decoded into new memory anyway, and
                     # mapped pages would pile up in the process's RSS; only the columns batches use are read
                     names = reader.manifest.columns
                     fields = [i for i, name in enumerate(names) if name in self._needed[ci]]
@@ -437,6 +438,51 @@ class CacheLoader(torch.utils.data.DataLoader):
 
     def set_epoch(self, epoch: int):
         self.dataset.set_epoch(epoch)
+
+
+def _tensors_in(obj, found: list):
+    if isinstance(obj, torch.Tensor):
+        found.append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _tensors_in(v, found)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _tensors_in(v, found)
+    return found
+
+
+def _replace(obj, new: dict):
+    if isinstance(obj, torch.Tensor):
+        return new[id(obj)]
+    if isinstance(obj, dict):
+        return {k: _replace(v, new) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_replace(v, new) for v in obj)
+    return obj
+
+
+def pack_shared(batch: dict) -> dict:
+    """The batch with all its tensors as views of one shared-memory block.
+
+    A DataLoader worker sends every tensor storage through its own shared-memory segment and file
+    descriptor; a batch has a dozen (inputs, labels, logits, each hidden layer), and setting up and
+    tearing down those segments costs more than decoding the batch. One block per batch: one segment.
+    """
+    tensors = list({id(t): t for t in _tensors_in(batch, [])}.values())
+    offsets, total = [], 0
+    for t in tensors:
+        total = (total + 63) // 64 * 64  # each view aligned for its dtype
+        offsets.append(total)
+        total += t.numel() * t.element_size()
+    # allocated in shared memory directly, as torch's default_collate does in workers (not a private copy moved there)
+    block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
+    new = {}
+    for t, off in zip(tensors, offsets):
+        view = block[off:off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        new[id(t)] = view
+    return _replace(batch, new)
 
 
 def _pad_stack(spec: TensorSpec, tensors: list[torch.Tensor], L: int) -> torch.Tensor:

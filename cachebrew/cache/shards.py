@@ -1,7 +1,7 @@
 """Writing shards so that a crash never leaves one that looks complete, and finding the complete ones.
 
-A shard is an Arrow IPC *file* (it has a footer, so truncation is detectable) with zstd-compressed
-buffers. It is written under a temporary dot-name, fsynced, then renamed to ``part-{index:05d}.arrow``:
+A shard is an Arrow IPC *file* (it has a footer, so truncation is detectable) with buffers
+compressed by an Arrow IPC codec (lz4 by default; zstd or none). It is written under a temporary dot-name, fsynced, then renamed to ``part-{index:05d}.arrow``:
 a file with the final name is always whole. Its schema metadata carries the cache fingerprint and the
 shard's place in the export plan, so a resumed export can tell its own complete shards from a stranger's.
 """
@@ -78,7 +78,7 @@ class ShardWriter:
     On success the shard is published atomically and ``info`` describes it; on error the temp file is removed.
     """
 
-    def __init__(self, directory, index: int, schema: pa.Schema, metadata: dict, compression="zstd"):
+    def __init__(self, directory, index: int, schema: pa.Schema, metadata: dict, compression="lz4"):
         self.directory = Path(directory)
         self.index = index
         self.final = self.directory / shard_name(index)

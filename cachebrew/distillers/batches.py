@@ -28,6 +28,49 @@ def move_to_device(batch, device, non_blocking=False):
     return batch
 
 
+def _tensors(batch):
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, (list, tuple)):
+        for x in batch:
+            yield from _tensors(x)
+    elif isinstance(batch, Mapping):
+        for x in batch.values():
+            yield from _tensors(x)
+
+
+def prefetch_to_device(items, device):
+    """Yield ``(epoch, step, batch)`` items with each batch already on `device`, copied one item ahead.
+
+    On a GPU the copy of batch N+1 (from the DataLoader's pinned memory) runs on a side stream while the
+    compute stream works on batch N; the compute stream waits for it only when it reaches N+1. Elsewhere
+    the items pass through unchanged (split_batch moves them as before).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        yield from items
+        return
+    side = torch.cuda.Stream(device)
+
+    def load(item):
+        epoch, step, batch = item
+        with torch.cuda.stream(side):
+            return epoch, step, move_to_device(batch, device, non_blocking=True)
+
+    it = iter(items)
+    ahead = next(it, None)
+    ahead = None if ahead is None else load(ahead)
+    while ahead is not None:
+        current = ahead
+        compute = torch.cuda.current_stream(device)
+        compute.wait_stream(side)
+        for t in _tensors(current[2]):
+            t.record_stream(compute)  # made on the side stream, used (and freed) on the compute stream
+        following = next(it, None)
+        ahead = None if following is None else load(following)
+        yield current
+
+
 def _same_mapping_type(original, moved):
     """Rebuild HF ModelOutput / BatchEncoding so adaptors keep attribute access (outputs.logits)."""
     for build in (lambda: type(original)(**moved), lambda: type(original)(moved)):

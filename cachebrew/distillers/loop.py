@@ -24,6 +24,7 @@ from ..configurations import TrainingConfig
 from ..errors import ConfigError
 from ..runtime import barrier, ensure_process_group, get_rank, resolve_device, resolve_local_rank
 from ..utils import cycle
+from .batches import prefetch_to_device
 
 logger = logging.getLogger("cachebrew")
 
@@ -303,7 +304,7 @@ class TrainingLoop:
         try:
             if global_step >= plan.total_steps:
                 return global_step
-            for epoch, step, batch in plan.batches:
+            for epoch, step, batch in prefetch_to_device(plan.batches, self.device):
                 if epoch != current_epoch:
                     # A new epoch drops any partial accumulation, as TextBrewer does.
                     optimizer.zero_grad()

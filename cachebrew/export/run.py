@@ -115,7 +115,7 @@ def check_output_dir(out: Path, fingerprint: str, overwrite: bool) -> str:
 class _WriterThread:
     """Encodes and writes shards off the compute thread; errors surface on the next put()."""
 
-    def __init__(self, directory, schema, shard_meta, specs, maxsize=8, record_batch_rows=256, compression="zstd"):
+    def __init__(self, directory, schema, shard_meta, specs, maxsize=8, record_batch_rows=256, compression="lz4"):
         self.directory, self.schema, self.meta, self.specs = directory, schema, shard_meta, specs
         self.record_batch_rows = record_batch_rows
         self.compression = None if compression == "none" else compression
