@@ -97,7 +97,8 @@ def measure(path: str, workers: int, batch: int = 32) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000],
+                    help="logits-only cache sizes (none: only the hidden cache)")
     ap.add_argument("--hidden-rows", type=int, default=20_000)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--record-batch-rows", type=int, default=256, help="export's record_batch_rows (before: 32)")
