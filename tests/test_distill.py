@@ -242,7 +242,7 @@ def test_config_errors():
         assert part in text, part
 
 
-def test_a_gpu_saved_checkpoint_resumes_on_cpu(world, tmp_path, monkeypatch):
+def test_a_gpu_saved_checkpoint_resumes_on_cpu(world, tmp_path, monkeypatch, caplog):
     """optimizer.pt written on cuda:0 (storages tagged so, as torch.save does on a GPU) resumes here, exactly."""
     cfg = distill_cfg(world, tmp_path / "full", train={"epochs": None, "steps": 6, "save_every": 3, "eval_every": 6})
     run_distill(DistillRunConfig.from_dict(cfg))
@@ -260,6 +260,12 @@ def test_a_gpu_saved_checkpoint_resumes_on_cpu(world, tmp_path, monkeypatch):
             torch.save(state, ckpt / name)
     with pytest.raises(RuntimeError, match="CUDA"):  # what a load without map_location does on this machine
         torch.load(ckpt / "optimizer.pt", weights_only=True)
-    run_distill(DistillRunConfig.from_dict({**cfg, "output_dir": str(cut)}), resume=True)
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["loader"] == {"world_size": 1, "num_workers": 0}
+    state["loader"]["num_workers"] = 2  # as if a GPU run (2 workers by default) were resumed here
+    (ckpt / "state.json").write_text(json.dumps(state))
+    with caplog.at_level("WARNING", logger="cachebrew"):
+        run_distill(DistillRunConfig.from_dict({**cfg, "output_dir": str(cut)}), resume=True)
+    assert "read in another order" in caplog.text
     a, b = (load_file(d / "last" / "model.safetensors") for d in (tmp_path / "full", cut))
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed from a GPU-saved checkpoint, ended elsewhere"

@@ -189,6 +189,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     if local_rank != -1:
         ensure_process_group(device)  # before the loaders: they split batches by rank
     rank = get_rank()
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     if not resume and latest_checkpoint(out / "checkpoints") is not None:
@@ -305,7 +306,8 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
         if rank != 0:
             return
         state = {"writer_step": s.writer_step, "epoch": epoch, "step": consumed, "history": history, "best": best,
-                 "teacher": teacher_metric, "cachebrew": __version__, "config": cfg.to_dict()}
+                 "teacher": teacher_metric, "cachebrew": __version__, "config": cfg.to_dict(),
+                 "loader": {"world_size": world_size, "num_workers": workers}}
         if multi_task:
             state["task_counts"] = dict(distiller.sampled_tasks)
         save_run_checkpoint(out / "checkpoints", s.global_step, distiller.model_S, getattr(distiller, "projs", []),
@@ -323,6 +325,11 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
             raise CachebrewError(f"--resume: the config differs from the run in {out} (fields {changed}); "
                                  "a resumed run must use the same config")
         state = load_run_checkpoint(ckpt, student, getattr(distiller, "projs", []))
+        loader_then = state.get("loader", {"world_size": world_size, "num_workers": workers})
+        if loader_then != {"world_size": world_size, "num_workers": workers}:
+            logger.warning("--resume: the run was split over %s, this one over %s; the rest of the epoch is read in "
+                           "another order, so the weights will not equal an uninterrupted run's", loader_then,
+                           {"world_size": world_size, "num_workers": workers})
         restore_rng(state["rng"], rank, device)
         history[:] = state["history"]
         best, teacher_metric = state["best"], state["teacher"]
@@ -346,8 +353,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
             steps = distiller.train(optimizer, loaders["default"], num_epochs=tc.epochs, scheduler_class=warmup_linear,
                                     scheduler_args=schedule, max_grad_norm=tc.max_grad_norm, callback=evaluate_all)
     train_seconds = time.perf_counter() - t_train
-    examples = (steps - start_step) * tc.batch_size * accum * max(1, torch.distributed.get_world_size()
-                                                                   if torch.distributed.is_initialized() else 1)
+    examples = (steps - start_step) * tc.batch_size * accum * world_size
 
     # 6. save
     final = history[-1] if history and history[-1]["step"] == steps else None
