@@ -74,7 +74,7 @@ def main():
 
     import cachebrew
     from cachebrew.cache.loader import CacheBatches, CacheLoader
-    from cachebrew.distill.student import hf_adaptor
+    from cachebrew.core.models import hf_adaptor
     from cachebrew.export import ExportConfig, run_export
 
     tmp = Path(tempfile.mkdtemp())

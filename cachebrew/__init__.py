@@ -2,7 +2,7 @@
 
 An existing TextBrewer script runs after replacing ``textbrewer`` by ``cachebrew`` in its imports.
 """
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 from .configurations import DistillationConfig, TrainingConfig  # noqa: E402
 from .distillers import (BasicDistiller, BasicTrainer, GeneralDistiller, MultiTaskDistiller,  # noqa: E402

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import typer
 
-from . import __version__
-from .configurations import DistillationConfig, TrainingConfig, _read_file
+from .version import __version__
+from .configurations import DistillationConfig, TrainingConfig
+from .core.config_files import read_config_file
 from .errors import CachebrewError, ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -27,7 +28,7 @@ SECTIONS = {"train_config": TrainingConfig, "distill_config": DistillationConfig
 
 def validate_file(path: Path) -> dict:
     """Validate a config file whose top level holds `train_config` and/or `distill_config` sections."""
-    data = _read_file(path)
+    data = read_config_file(path)
     if not isinstance(data, dict):
         raise ConfigError(f"top level must be a mapping with sections {sorted(SECTIONS)}", str(path))
     unknown = [k for k in data if k not in SECTIONS]
@@ -227,7 +228,7 @@ def pull(uri: str = typer.Argument(..., help="source cache URI (or directory)"),
 def _copy(src, dst, overwrite):
     import time
 
-    from .cache.storage import copy_cache
+    from .cache.sharing import copy_cache
 
     t = time.perf_counter()
     report = copy_cache(src, dst, overwrite=overwrite,
@@ -241,7 +242,7 @@ def ls(root: str = typer.Argument(..., help="directory or URI to search for cach
        depth: int = typer.Option(4, help="how many levels below ROOT to look")):
     """List the caches under ROOT: teachers, data, rows, size, fingerprint, creation date."""
     from .cache import CacheReader
-    from .cache.storage import find_caches
+    from .cache.sharing import find_caches
 
     found = find_caches(root, depth)
     if not found:

@@ -11,11 +11,11 @@ import inspect
 import json
 import numbers
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from .core.config_files import read_config_file
 from .errors import ConfigError
 from .presets import (FEATURES, KD_LOSS_MAP, MATCH_LOSS_MAP, PAIR_LOSSES, PROJ_MAP, TEMPERATURE_SCHEDULER,
                       WEIGHT_SCHEDULER, split_spec)
@@ -53,16 +53,16 @@ class Config:
 
     @classmethod
     def from_json_file(cls, json_filename):
-        return cls.from_dict(_read_file(json_filename, "json"), source=str(json_filename))
+        return cls.from_dict(read_config_file(json_filename, "json"), source=str(json_filename))
 
     @classmethod
     def from_yaml_file(cls, yaml_filename):
-        return cls.from_dict(_read_file(yaml_filename, "yaml"), source=str(yaml_filename))
+        return cls.from_dict(read_config_file(yaml_filename, "yaml"), source=str(yaml_filename))
 
     @classmethod
     def from_file(cls, filename):
         """JSON or YAML, chosen by extension (.json / .yaml / .yml)."""
-        return cls.from_dict(_read_file(filename), source=str(filename))
+        return cls.from_dict(read_config_file(filename), source=str(filename))
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.field_names()}
@@ -78,24 +78,6 @@ class Config:
         return f"{type(self).__name__}({body})"
 
     __str__ = __repr__
-
-
-def _read_file(filename, kind: str | None = None) -> Any:
-    path = Path(filename)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    kind = kind or {"json": "json", "yaml": "yaml", "yml": "yaml"}.get(path.suffix.lstrip(".").lower())
-    if kind is None:
-        raise ConfigError(f"{path}: unknown config extension {path.suffix!r}; use .json, .yaml or .yml")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if kind == "json":
-            return json.loads(text)
-        import yaml
-
-        return yaml.safe_load(text)
-    except (json.JSONDecodeError, Exception) as e:  # yaml.YAMLError has no common import-free base
-        raise ConfigError(f"{path}: not valid {kind.upper()}: {e}") from None
 
 
 class TrainingConfig(Config):

@@ -16,15 +16,16 @@ from pathlib import Path
 
 import torch
 
-from .configurations import TrainingConfig, _read_file
+from .configurations import TrainingConfig
+from .core.config_files import apply_overrides, config_to_dict, read_config_file
 from .distill.config import StudentConfig
 from .distill.metrics import accuracy, entity_f1
-from .distill.run import _amp, _optimizer, _save_student, seed_everything, warmup_linear
+from .core.training import make_optimizer, resolve_amp, save_student, seed_everything, warmup_linear
 from .distill.student import build_student
 from .distillers import BasicTrainer
 from .errors import ConfigError
 from .paths import resolve_path
-from .export.config import AugmentConfig, DataConfig, _to_dict, apply_overrides
+from .export.config import AugmentConfig, DataConfig
 from .export.data import build_rows, label_vocabulary, load_table, tokenize_rows
 
 logger = logging.getLogger("cachebrew")
@@ -56,7 +57,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_file(cls, path, overrides=None):
-        d = _read_file(path)
+        d = read_config_file(path)
         apply_overrides(d, overrides or [])
         errors = []
         known = {f.name for f in fields(cls)}
@@ -137,7 +138,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     seed_everything(cfg.seed)
     tok_path = resolve_path(cfg.tokenizer or cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(tok_path)
-    eval_data = DataConfig(**{**_to_dict(cfg.data), "path": cfg.eval_path, "limit": None}) if cfg.eval_path else None
+    eval_data = DataConfig(**{**config_to_dict(cfg.data), "path": cfg.eval_path, "limit": None}) if cfg.eval_path else None
     label_col = []
     if cfg.data.label:  # the vocabulary covers the eval labels too: a small train split may miss a class
         for d in [cfg.data] + ([eval_data] if eval_data else []):
@@ -156,7 +157,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     total = len(loader) * tc.epochs
     out = Path(cfg.output_dir)
     trainer = BasicTrainer(TrainingConfig(output_dir=str(out / "snapshots"), device=str(device),
-                                          amp=_amp(tc.amp, device), progress_bar=tc.progress_bar, keep_checkpoints=1,
+                                          amp=resolve_amp(tc.amp, device), progress_bar=tc.progress_bar, keep_checkpoints=1,
                                           log_dir=str(out / "tb")), model, lambda b, o: {"losses": o.loss})
     history, best = [], None
     id2label = getattr(model.config, "id2label", None)
@@ -171,15 +172,15 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         logger.info("eval at step %d: %s", step, m)
         if best is None or m[key] > best[key]:
             best = {"step": step, **m}
-            _save_student(model, out / "best", tok_path)
+            save_student(model, out / "best", tok_path)
 
-    opt = _optimizer(model, tc.lr, tc.weight_decay)
+    opt = make_optimizer(model, tc.lr, tc.weight_decay)
     with trainer:
         trainer.train(opt, loader, num_epochs=tc.epochs, scheduler_class=warmup_linear,
                       scheduler_args={"num_warmup_steps": int(tc.warmup_ratio * total), "num_training_steps": total},
                       max_grad_norm=tc.max_grad_norm, callback=evaluate)
     if dev is None:
-        _save_student(model, out / "best", tok_path)
+        save_student(model, out / "best", tok_path)
     results = {"best": best, "history": history, "num_train": len(train), "labels": label_names, "seed": cfg.seed}
     (out / "train_results.json").write_text(json.dumps(results, indent=2))
     return results

@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 
 from cachebrew import ConfigError, DistillationConfig, GeneralDistiller, TrainingConfig
 from cachebrew.cache.loader import CacheBatches
+from cachebrew.core.models import hf_adaptor
+from cachebrew.core.training import make_optimizer, seed_everything, warmup_linear
 from cachebrew.distill import DistillRunConfig, run_distill
 from cachebrew.distill.metrics import bio_entities, entity_f1
-from cachebrew.distill.run import _optimizer, seed_everything, warmup_linear
-from cachebrew.distill.student import build_student, hf_adaptor
+from cachebrew.distill.student import build_student
 from cachebrew.errors import CacheFormatError, CachebrewError
 from cachebrew.export import ExportConfig, run_export
 from fixtures import export_config, make_ner_data, make_teacher_dir, make_text_data
@@ -85,7 +86,7 @@ def test_cache_distill_equals_online_distillation(world, tmp_path):
 
     d = GeneralDistiller(TrainingConfig(device="cpu", output_dir=str(tmp_path / "online"), progress_bar=False),
                          DistillationConfig(**cfg.distill), teacher, student, hf_adaptor, hf_adaptor)
-    opt = _optimizer(student, 1e-3, 0.01)
+    opt = make_optimizer(student, 1e-3, 0.01)
     with d:
         d.train(opt, Epochs(), num_epochs=2, scheduler_class=warmup_linear, max_grad_norm=1.0,
                 scheduler_args={"num_warmup_steps": 1, "num_training_steps": 16})

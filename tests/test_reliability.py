@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from cachebrew.cache import CacheReader
 from cachebrew.cache.loader import CacheBatches
 from cachebrew.cache.lock import DirectoryLock
-from cachebrew.cache.storage import copy_cache, find_caches
+from cachebrew.cache.sharing import copy_cache, find_caches
 from cachebrew.distill import DistillRunConfig, run_distill
 from cachebrew.errors import CacheFormatError, CachebrewError
 from cachebrew.export import ExportConfig, run_export

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checkpoint import atomic_write
+from ..core.files import atomic_write_text
 from ..errors import CacheFormatError
 from .format import FORMAT_NAME, FORMAT_VERSION, TensorSpec
 from .shards import SHARD_RE, ShardInfo
@@ -55,7 +55,7 @@ class Manifest:
 
     def write(self, directory) -> Path:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
-        return atomic_write(Path(directory) / MANIFEST, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        return atomic_write_text(Path(directory) / MANIFEST, text)
 
     @classmethod
     def read(cls, directory) -> "Manifest":

@@ -1,9 +1,10 @@
 """Writing shards so that a crash never leaves one that looks complete, and finding the complete ones.
 
-A shard is an Arrow IPC *file* (it has a footer, so truncation is detectable) with buffers
-compressed by an Arrow IPC codec (lz4 by default; zstd or none). It is written under a temporary dot-name, fsynced, then renamed to ``part-{index:05d}.arrow``:
-a file with the final name is always whole. Its schema metadata carries the cache fingerprint and the
-shard's place in the export plan, so a resumed export can tell its own complete shards from a stranger's.
+A shard is an Arrow IPC *file* (it has a footer, so truncation is detectable) with buffers compressed by
+an Arrow IPC codec (lz4 by default; zstd or none). It is written under a temporary dot-name, fsynced,
+then renamed to ``part-{index:05d}.arrow``: a file with the final name is always whole. Its schema
+metadata carries the cache fingerprint and the shard's place in the export plan, so a resumed export can
+tell its own complete shards from a stranger's.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ..checkpoint import _fsync_dir
+from ..core.files import fsync_dir
 from ..errors import CacheFormatError
 
 SHARD_RE = re.compile(r"^part-(\d{5})\.arrow$")
@@ -111,7 +112,7 @@ class ShardWriter:
                 self._writer.close()
                 self._file.close()
                 os.replace(self.tmp, self.final)
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
                 self.info = ShardInfo(self.final.name, self.index, self.rows, self._file.n,
                                       self._file.h.hexdigest(), self.first_row, self.batch_rows)
         finally:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import random
 import shutil
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-from ..checkpoint import _fsync_dir
+from ..core.files import publish_dir
 
 logger = logging.getLogger("cachebrew")
 
@@ -108,13 +107,7 @@ def save_run_checkpoint(root: Path, global_step: int, student, projections, opti
     torch.save({"scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "scheduler.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "global_step": global_step, "rng": rng_states}))
-    for f in tmp.iterdir():
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
+    publish_dir(tmp, final)
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

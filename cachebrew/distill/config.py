@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from ..configurations import DistillationConfig, _read_file
+from ..configurations import DistillationConfig
+from ..core.config_files import apply_overrides, config_to_dict, read_config_file
 from ..errors import ConfigError
-from ..export.config import _to_dict, apply_overrides
 
 
 @dataclass
@@ -61,7 +61,7 @@ class DistillRunConfig:
 
     @classmethod
     def from_file(cls, path, overrides=None) -> "DistillRunConfig":
-        data = _read_file(path)
+        data = read_config_file(path)
         if not isinstance(data, dict):
             raise ConfigError("top level must be a mapping", str(path))
         apply_overrides(data, overrides or [])
@@ -149,4 +149,4 @@ class DistillRunConfig:
         return DistillationConfig.from_dict(dict(self.distill or {}))
 
     def to_dict(self) -> dict:
-        return _to_dict(self)
+        return config_to_dict(self)

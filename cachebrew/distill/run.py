@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..cache.loader import CacheBatches, CacheLoader
 from ..configurations import TrainingConfig
+from ..core.files import atomic_write_text
+from ..core.models import hf_adaptor
+from ..core.training import make_optimizer, resolve_amp, save_student, seed_everything, warmup_linear
 from ..distillers import GeneralDistiller, MultiTaskDistiller
 from ..distillers.batches import move_to_device
 from ..distillers.loop import ResumeState, StepState
@@ -32,7 +31,7 @@ from .checkpoints import (gather_rng_states, latest_checkpoint, load_run_checkpo
                           save_run_checkpoint)
 from .config import DistillRunConfig, TaskConfig
 from .metrics import accuracy, entity_f1
-from .student import MultiTaskStudent, build_multitask_student, build_student, hf_adaptor
+from .student import build_multitask_student, build_student
 
 logger = logging.getLogger("cachebrew")
 
@@ -46,29 +45,6 @@ class DistillResult:
     teacher: dict | None
     seconds: float
     examples_per_second: float
-
-
-def warmup_linear(optimizer, num_warmup_steps: int, num_training_steps: int):
-    """Linear warm-up then linear decay to 0, the schedule of TextBrewer's and BERT's experiments."""
-
-    def factor(step):
-        if step < num_warmup_steps:
-            return step / max(1, num_warmup_steps)
-        return max(0.0, (num_training_steps - step) / max(1, num_training_steps - num_warmup_steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _amp(mode, device):
-    if mode == "auto":
-        return "bf16" if device.type == "cuda" else None
-    return None if mode in (None, "none") else mode
 
 
 def _num_labels(ds: CacheBatches) -> int:
@@ -93,50 +69,6 @@ def _verify_caches(readers):
             raise CacheFormatError(f"{reader.path}: {len(problems)} bad shard(s), not training on it: "
                                    + "; ".join(problems[:5]) + " (re-export or re-pull it; train.verify_caches: "
                                    "false skips this check)")
-
-
-def _optimizer(model, lr, weight_decay):
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.dim() < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-
-
-def _save_student(model, path: Path, tokenizer_source: str | None):
-    """save_pretrained into a temporary directory, then swap it in: `path` is always a complete model."""
-    model = model.module if hasattr(model, "module") else model
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(model, MultiTaskStudent):
-        model.encoder.save_pretrained(str(tmp), safe_serialization=True)
-        from safetensors.torch import save_model
-
-        save_model(model.heads, str(tmp / "heads.safetensors"))
-        (tmp / "tasks.json").write_text(json.dumps({t: {"num_labels": h.out_features,
-                                                        "token_level": model.token_level[t]}
-                                                    for t, h in model.heads.items()}))
-    elif hasattr(model, "save_pretrained"):
-        model.save_pretrained(str(tmp), safe_serialization=True)
-    else:
-        from safetensors.torch import save_model
-
-        tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "model.safetensors"))
-    if tokenizer_source and Path(tokenizer_source).is_dir():
-        from ..export.teachers import TOKENIZER_FILES
-
-        for f in TOKENIZER_FILES:
-            if (Path(tokenizer_source) / f).is_file():
-                shutil.copy2(Path(tokenizer_source) / f, tmp / f)
-    old = path.with_name(f".{path.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 @torch.no_grad()
@@ -250,7 +182,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
                                  f"than the cache ({train_sets['default'].joined.num_rows} rows)")
         total_steps = steps_per_epoch * tc.epochs
         eval_every = tc.eval_every
-    amp = _amp(tc.amp, device)
+    amp = resolve_amp(tc.amp, device)
     t_config = TrainingConfig(
         output_dir=str(out / "snapshots"), log_dir=str(out / "tb") if rank == 0 else None, device=str(device),
         amp=amp, gradient_accumulation_steps=accum, ckpt_steps=eval_every if tc.steps is not None else None,
@@ -259,7 +191,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
         distiller = MultiTaskDistiller(t_config, d_config, None, student, None, {t: hf_adaptor for t in tasks})
     else:
         distiller = GeneralDistiller(t_config, d_config, None, student, None, hf_adaptor)
-    optimizer = _optimizer(student, tc.lr, tc.weight_decay)
+    optimizer = make_optimizer(student, tc.lr, tc.weight_decay)
     schedule = {"num_warmup_steps": int(tc.warmup_ratio * total_steps), "num_training_steps": total_steps}
 
     # 4. evaluation and checkpoints
@@ -286,7 +218,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
         if best is None or row["score"] > best["score"]:
             best = row
             if rank == 0:
-                _save_student(model, out / "best", tokenizer_source)
+                save_student(model, out / "best", tokenizer_source)
 
     save_every = tc.save_every or eval_every  # None (epochs, no eval_every): at every epoch end
 
@@ -358,16 +290,14 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     # 6. save
     final = history[-1] if history and history[-1]["step"] == steps else None
     if rank == 0:
-        _save_student(distiller.model_S, out / "last", tokenizer_source)
+        save_student(distiller.model_S, out / "last", tokenizer_source)
         if best is None:
-            _save_student(distiller.model_S, out / "best", tokenizer_source)
+            save_student(distiller.model_S, out / "best", tokenizer_source)
         results = {"global_step": steps, "best": best, "final": final, "teacher": teacher_metric,
                    "history": history, "train_seconds": train_seconds,
                    "examples_per_second": examples / train_seconds if train_seconds else None,
                    "caches": {n: [r.manifest.fingerprint for r in ds.joined.readers] for n, ds in train_sets.items()},
                    "cachebrew": __version__, "config": cfg.to_dict()}
-        tmp = out / ".results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, out / "results.json")
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     return DistillResult(str(out), steps, best, final, teacher_metric, time.perf_counter() - t_start,
                          examples / train_seconds if train_seconds else 0.0)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from torch import nn
 
 from ..errors import CachebrewError
-from ..export.teachers import call_entry_point
+from ..core.models import call_entry_point
 from ..paths import resolve_path
 from .config import StudentConfig
 
@@ -94,6 +94,16 @@ class MultiTaskStudent(nn.Module):
         return SimpleNamespace(logits=logits, loss=loss, hidden_states=out.hidden_states,
                                attentions=getattr(out, "attentions", None))
 
+    def save_pretrained(self, directory, safe_serialization=True):
+        """The encoder as a Hugging Face model, plus heads.safetensors and tasks.json (`load_multitask_student`)."""
+        from safetensors.torch import save_model
+
+        self.encoder.save_pretrained(str(directory), safe_serialization=safe_serialization)
+        save_model(self.heads, str(Path(directory) / "heads.safetensors"))
+        (Path(directory) / "tasks.json").write_text(json.dumps({t: {"num_labels": h.out_features,
+                                                                    "token_level": self.token_level[t]}
+                                                                for t, h in self.heads.items()}))
+
 
 def build_multitask_student(spec: StudentConfig, num_labels: dict, token_level: dict, want_attention: bool):
     from transformers import AutoModel
@@ -101,25 +111,6 @@ def build_multitask_student(spec: StudentConfig, num_labels: dict, token_level: 
     cfg = _hf_config(spec, None, want_attention)
     encoder = AutoModel.from_pretrained(resolve_path(spec.path), config=cfg) if spec.path else AutoModel.from_config(cfg)
     return MultiTaskStudent(encoder, num_labels, token_level)
-
-
-def hf_adaptor(batch, outputs):
-    """Student adaptor for Hugging Face-style outputs: everything the distillation config may ask for."""
-    get = (lambda k: outputs.get(k)) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k, None))
-    out = {"logits": get("logits")}
-    if get("hidden_states") is not None:
-        out["hidden"] = get("hidden_states")
-    if get("attentions") is not None:
-        out["attention"] = get("attentions")
-    if "attention_mask" in batch:
-        out["inputs_mask"] = batch["attention_mask"]
-    if get("loss") is not None:
-        out["losses"] = get("loss")
-    if "labels" in batch:
-        out["labels"] = batch["labels"]
-        if out["logits"] is not None and out["logits"].dim() == 3 and "attention_mask" in batch:
-            out["logits_mask"] = batch["attention_mask"]
-    return out
 
 
 def load_multitask_student(path) -> MultiTaskStudent:

@@ -189,15 +189,19 @@ class BasicDistiller(AbstractDistiller):
         return self.d_config.is_caching_logits
 
     def train_on_batch(self, batch, args):
-        if isinstance(batch, _CachedBatch):
+        if isinstance(batch, CachedBatch):
             results_S, results_T = self._adapt_cached(batch, args)
         else:
             results_S, results_T = self._adapt(batch, args)
         return self.compute_loss(results_S, results_T)
 
     def compute_loss(self, results_S, results_T):
-        losses_dict = {}
         logits_S, logits_T = self._masked_logits(results_S, results_T)
+        return self._prediction_loss(logits_S, logits_T, results_S)
+
+    def _prediction_loss(self, logits_S, logits_T, results_S):
+        """The weighted KD term plus the hard-label term: (total, {name: unweighted loss})."""
+        losses_dict = {}
         total_kd_loss = self._kd_term(logits_S, logits_T, results_S)
         total_loss = total_kd_loss * self.kd_loss_weight
         losses_dict["unweighted_kd_loss"] = total_kd_loss
@@ -210,7 +214,7 @@ class BasicDistiller(AbstractDistiller):
         teacher_batch, _, cache = split_batch(batch, self.device)
         results_T = teacher_outputs(self.model_T, teacher_batch, cache, args)
         results_T = apply_adaptor(self.adaptor_T, teacher_batch, results_T, from_cache=cache is not None)
-        return _CachedBatch(batch, [lo.to("cpu") for lo in results_T["logits"]])
+        return CachedBatch(batch, [lo.to("cpu") for lo in results_T["logits"]])
 
     def _adapt_cached(self, cached, args):
         _, (student_batch, results_S) = get_outputs_from_batch(
@@ -222,7 +226,7 @@ class BasicDistiller(AbstractDistiller):
         return results_S, results_T
 
 
-class _CachedBatch:
+class CachedBatch:
     """A batch with the teacher logits computed once for is_caching_logits."""
 
     def __init__(self, batch, logits):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
 from ..checkpoint import save_checkpoint
 from ..configurations import TrainingConfig
 from ..errors import ConfigError

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import BatchError, ConfigError
-from .basic import BasicDistiller, _CachedBatch
+from .basic import BasicDistiller, CachedBatch
 from .batches import (apply_adaptor, get_outputs_from_batch, has_cache, post_adaptor, select_logits_with_mask,
                       split_batch, teacher_outputs)
 
@@ -24,7 +24,7 @@ class MultiTeacherDistiller(BasicDistiller):
         return self.adaptor_T[i] if isinstance(self.adaptor_T, (list, tuple)) else self.adaptor_T
 
     def train_on_batch(self, batch, args):
-        if isinstance(batch, _CachedBatch):
+        if isinstance(batch, CachedBatch):
             cached = batch
             _, (student_batch, results_S) = get_outputs_from_batch(
                 cached.batch, self.device, None, self.model_S, args, no_teacher_forward=True)
@@ -40,7 +40,6 @@ class MultiTeacherDistiller(BasicDistiller):
         return self._multi_teacher_loss(results_S, results_T)
 
     def _multi_teacher_loss(self, results_S, results_T):
-        losses_dict = {}
         logits_list_T = [r["logits"] for r in results_T]
         logits_list_S = results_S["logits"]
         if "logits_mask" in results_S:
@@ -48,11 +47,7 @@ class MultiTeacherDistiller(BasicDistiller):
         if "logits_mask" in results_T[0]:
             logits_list_T = [select_logits_with_mask(lt, results_T[0]["logits_mask"]) for lt in logits_list_T]
         mean_logits_T = [sum(per_head) / len(per_head) for per_head in zip(*logits_list_T)]
-        total_kd_loss = self._kd_term(logits_list_S, mean_logits_T, results_S)
-        total_loss = total_kd_loss * self.kd_loss_weight
-        losses_dict["unweighted_kd_loss"] = total_kd_loss
-        total_loss = self._hard_label_term(results_S, total_loss, losses_dict)
-        return total_loss, losses_dict
+        return self._prediction_loss(logits_list_S, mean_logits_T, results_S)
 
     def _adapt_teachers(self, teacher_batch, outputs_T, from_cache):
         if not isinstance(outputs_T, (list, tuple)):
@@ -67,5 +62,5 @@ class MultiTeacherDistiller(BasicDistiller):
         teacher_batch, _, cache = split_batch(batch, self.device)
         results_T = self._adapt_teachers(teacher_batch, teacher_outputs(self.model_T, teacher_batch, cache, args),
                                          from_cache=cache is not None)
-        return _CachedBatch(batch, [[lo.to("cpu") for lo in r["logits"]] for r in results_T])
+        return CachedBatch(batch, [[lo.to("cpu") for lo in r["logits"]] for r in results_T])
 

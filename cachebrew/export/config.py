@@ -4,14 +4,10 @@ Loaded from YAML/JSON with ``--set key.sub=value`` overrides; every problem is r
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field, fields
-from typing import Any
-
-import yaml
 
 from ..cache.format import STORAGE_DTYPES
-from ..configurations import _read_file
+from ..core.config_files import apply_overrides, config_to_dict, read_config_file
 from ..data_utils import AUGMENTATIONS
 from ..errors import ConfigError
 
@@ -94,7 +90,7 @@ class ExportConfig:
     # -- loading ------------------------------------------------------------------------------------
     @classmethod
     def from_file(cls, path, overrides: list[str] | None = None) -> "ExportConfig":
-        data = _read_file(path)
+        data = read_config_file(path)
         if not isinstance(data, dict):
             raise ConfigError("top level must be a mapping", str(path))
         apply_overrides(data, overrides or [])
@@ -111,7 +107,7 @@ class ExportConfig:
         return cfg
 
     def to_dict(self) -> dict:
-        return _to_dict(self)
+        return config_to_dict(self)
 
     # -- validation ---------------------------------------------------------------------------------
     def problems(self) -> list[str]:
@@ -229,34 +225,3 @@ def _build(cls, d, where, errors):
         return None
 
 
-def _to_dict(obj) -> Any:
-    if hasattr(obj, "__dataclass_fields__"):
-        return {f.name: _to_dict(getattr(obj, f.name)) for f in fields(obj)}
-    if isinstance(obj, list):
-        return [_to_dict(x) for x in obj]
-    if isinstance(obj, dict):
-        return {k: _to_dict(v) for k, v in obj.items()}
-    return copy.deepcopy(obj)
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> None:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested config dict in place."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
-        node = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            if isinstance(node, list) and p.isdigit() and int(p) < len(node):
-                node = node[int(p)]
-            elif isinstance(node, dict):
-                node = node.setdefault(p, {})
-            else:
-                raise ConfigError(f"--set {item!r}: {p!r} is not a mapping in the config")
-        last = parts[-1]
-        if isinstance(node, list) and last.isdigit():
-            node[int(last)] = value
-        else:
-            node[last] = value

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..cache.fingerprint import combine, hash_state_dict
 from ..cache.format import (ATTENTION_MASK, COPY, FORMAT_VERSION, ID, INPUT_IDS, LABELS, TASK, TEXT, TEXT_PAIR,
                             TOKEN_COLUMNS, TOKEN_TYPE_IDS, WORDS, cut_batch, cuts_on_device, encode_batch,
@@ -32,8 +32,10 @@ from ..cache.format import (ATTENTION_MASK, COPY, FORMAT_VERSION, ID, INPUT_IDS,
 from ..cache.manifest import MANIFEST, Manifest
 from ..cache.shards import (ShardWriter, describe_shard, list_shards, read_shard_meta, remove_temp_files)
 from ..cache.lock import DirectoryLock
-from ..cache.storage import copy_cache, is_uri, local_path
+from ..cache.sharing import copy_cache
+from ..cache.storage import is_uri, local_path
 from ..errors import CacheFormatError, CachebrewError, CacheMismatchError
+from ..core.training import AMP_DTYPES, resolve_amp
 from ..runtime import resolve_device
 from .config import ExportConfig
 from .data import build_rows, data_fingerprint, label_vocabulary, load_table, sorted_order, tokenize_rows
@@ -260,14 +262,6 @@ def _collate(tokens: list[dict], pad_id: int, device) -> dict:
     return batch
 
 
-def _amp(cfg: ExportConfig, device):
-    mode = cfg.amp
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" else None
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
-    return dtype
-
-
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -322,7 +316,7 @@ def _export(cfg: ExportConfig, out: Path) -> ExportResult:
     teachers = {tc.name: model for tc, (model, _) in zip(cfg.teachers, loaded)}
     weights = {name: hash_state_dict(model) for name, model in teachers.items()}
     tokenizer, tokenizer_hash = load_tokenizer(cfg, [tok for _, tok in loaded])
-    amp_dtype = _amp(cfg, device)
+    amp_dtype = AMP_DTYPES.get(resolve_amp(cfg.amp, device))
     fingerprint_inputs = {
         "format_version": FORMAT_VERSION, "cachebrew": __version__, "torch": torch.__version__,
         "teachers": weights, "tokenizer": tokenizer_hash, "dataset": data_fingerprint(cfg.data),

@@ -6,8 +6,6 @@ Hugging Face flags output_hidden_states / output_attentions, and returns an obje
 """
 from __future__ import annotations
 
-import importlib
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -15,24 +13,10 @@ import torch
 
 from ..cache.fingerprint import hash_files
 from ..cache.format import TensorSpec
+from ..core.models import TOKENIZER_FILES, call_entry_point
 from ..errors import CachebrewError, ConfigError
 from ..paths import resolve_path
 from .config import ExportConfig, TeacherConfig
-
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "merges.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json")
-
-
-def call_entry_point(spec: str, where: str):
-    module_name, func_name = spec.split(":", 1)
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")  # `module:function` resolves against the working directory, like `python -m`
-    try:
-        func = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError) as e:
-        raise CachebrewError(f"{where}: cannot import {spec!r}: {e}") from None
-    return func()
-
 
 def load_teacher(tc: TeacherConfig, index: int, want_attention: bool):
     """(model, tokenizer or None). Attention maps need eager attention, so it is requested when exported."""

@@ -18,7 +18,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..cache.loader import CacheBatches, CacheLoader
 from ..configurations import DistillationConfig, TrainingConfig
-from ..distill.student import hf_adaptor
+from ..core.models import hf_adaptor
 from ..distillers import GeneralDistiller
 from ..distillers.batches import CACHE_KEY, apply_adaptor, call_model, post_adaptor
 from ..errors import CachebrewError, ConfigError

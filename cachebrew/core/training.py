@@ -1,0 +1,71 @@
+"""Training setup shared by `cachebrew distill` and `cachebrew train`: seeds, mixed precision, the
+optimizer and schedule of BERT-style fine-tuning, and publishing a trained model."""
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .files import publish_dir
+from .models import TOKENIZER_FILES
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_amp(mode: str | None, device: torch.device) -> str | None:
+    """A config's `amp` as the mode to use: "auto" is bf16 on a GPU and full precision elsewhere."""
+    if mode == "auto":
+        return "bf16" if device.type == "cuda" else None
+    return None if mode in (None, "none") else mode
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def warmup_linear(optimizer, num_warmup_steps: int, num_training_steps: int):
+    """Linear warm-up then linear decay to 0, the schedule of TextBrewer's and BERT's experiments."""
+
+    def factor(step):
+        if step < num_warmup_steps:
+            return step / max(1, num_warmup_steps)
+        return max(0.0, (num_training_steps - step) / max(1, num_training_steps - num_warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_optimizer(model, lr, weight_decay):
+    """AdamW with no weight decay on biases and LayerNorm weights, as BERT fine-tuning does."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def save_student(model, path: Path, tokenizer_source: str | None):
+    """save_pretrained (or safetensors) into a temporary directory with the tokenizer files, then publish it:
+    `path` is always a complete model that `from_pretrained` loads."""
+    model = model.module if hasattr(model, "module") else model
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    else:
+        from safetensors.torch import save_model
+
+        tmp.mkdir(parents=True)
+        save_model(model, str(tmp / "model.safetensors"))
+    if tokenizer_source and Path(tokenizer_source).is_dir():
+        for f in TOKENIZER_FILES:
+            if (Path(tokenizer_source) / f).is_file():
+                shutil.copy2(Path(tokenizer_source) / f, tmp / f)
+    return publish_dir(tmp, path)
