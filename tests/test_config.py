@@ -159,3 +159,48 @@ def test_cli_main_exit_codes(tmp_path, capsys):
         cli_main(["validate", str(tmp_path / "nope.json")])
     assert e.value.code == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def _valid_distill(tmp_path):
+    return {"output_dir": str(tmp_path / "out"), "caches": [str(tmp_path / "c")], "student": {"config": {}},
+            "train": {"epochs": 1}}
+
+
+@pytest.mark.parametrize("field", ["epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
+                                   "gradient_accumulation_steps", "amp", "shuffle_buffer", "num_workers",
+                                   "eval_every", "save_every", "keep_checkpoints", "progress_bar", "log_steps",
+                                   "verify_caches"])
+@pytest.mark.parametrize("bad", ["2", [1], {"a": 1}])
+def test_every_distill_train_field_rejects_a_wrong_type_by_name(tmp_path, field, bad):
+    from cachebrew.distill import DistillRunConfig
+
+    cfg = _valid_distill(tmp_path)
+    cfg["train"][field] = bad
+    with pytest.raises(ConfigError, match=rf"train\.{field}:"):
+        DistillRunConfig.from_dict(cfg)
+
+
+@pytest.mark.parametrize("field, bad", [("seed", "3"), ("tau", "1"), ("seed", True), ("tau", [1])])
+def test_distill_top_level_wrong_types(tmp_path, field, bad):
+    from cachebrew.distill import DistillRunConfig
+
+    cfg = {**_valid_distill(tmp_path), field: bad}
+    with pytest.raises(ConfigError, match=rf"{field}:"):
+        DistillRunConfig.from_dict(cfg)
+
+
+@pytest.mark.parametrize("field, bad", [("max_length", "128"), ("batch_size", True), ("shard_rows", 1.5),
+                                        ("record_batch_rows", [256]), ("compression", 3), ("augment.copies", "2"),
+                                        ("augment.copies", True)])
+def test_export_wrong_types_are_config_errors(tmp_path, field, bad):
+    from cachebrew.export import ExportConfig
+
+    cfg = {"output": str(tmp_path / "c"), "teachers": [{"name": "t", "path": str(tmp_path)}],
+           "data": {"path": str(tmp_path / "d.jsonl"), "text": "text"}}
+    if "." in field:
+        outer, inner = field.split(".")
+        cfg[outer] = {inner: bad, "ops": [{"name": "masking", "p": 0.1}]}
+    else:
+        cfg[field] = bad
+    with pytest.raises(ConfigError, match=rf"{field.split('.')[-1]}:"):
+        ExportConfig.from_dict(cfg)

@@ -16,6 +16,16 @@ import yaml
 from ..errors import ConfigError
 
 
+def is_int(value) -> bool:
+    """An integer and not a bool (True is an int to Python, not to a config)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """An int or a float and not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def read_config_file(filename, kind: str | None = None) -> Any:
     """The parsed content of a .json / .yaml / .yml config file; a ConfigError naming the file otherwise."""
     path = Path(filename)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from ..configurations import DistillationConfig
-from ..core.config_files import apply_overrides, config_to_dict, read_config_file
+from ..core.config_files import apply_overrides, config_to_dict, is_int, is_number, read_config_file
 from ..errors import ConfigError
 
 
@@ -122,18 +122,28 @@ class DistillRunConfig:
             e.append("train.steps: multi-task distillation counts optimizer steps (as MultiTaskDistiller does)")
         for name in ("epochs", "steps", "eval_every", "save_every"):
             v = getattr(t, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
+            if v is not None and (not is_int(v) or v < 1):
                 e.append(f"train.{name}: must be an integer >= 1, got {v!r}")
         for name in ("batch_size", "gradient_accumulation_steps", "shuffle_buffer", "keep_checkpoints", "log_steps"):
             v = getattr(t, name)
-            if not isinstance(v, int) or v < 1:
+            if not is_int(v) or v < 1:
                 e.append(f"train.{name}: must be an integer >= 1, got {v!r}")
-        if t.num_workers is not None and (not isinstance(t.num_workers, int) or t.num_workers < 0):
+        if t.num_workers is not None and (not is_int(t.num_workers) or t.num_workers < 0):
             e.append(f"train.num_workers: must be an integer >= 0, got {t.num_workers!r}")
-        if not (isinstance(t.lr, (int, float)) and t.lr > 0):
-            e.append(f"train.lr: must be > 0, got {t.lr!r}")
-        if not (0 <= t.warmup_ratio < 1):
-            e.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio!r}")
+        if not (is_number(t.lr) and t.lr > 0):
+            e.append(f"train.lr: must be a number > 0, got {t.lr!r}")
+        if not (is_number(t.warmup_ratio) and 0 <= t.warmup_ratio < 1):
+            e.append(f"train.warmup_ratio: must be a number in [0, 1), got {t.warmup_ratio!r}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not (is_number(getattr(t, name)) and getattr(t, name) >= 0):
+                e.append(f"train.{name}: must be a number >= 0, got {getattr(t, name)!r}")
+        if not (is_number(self.tau) and self.tau >= 0):
+            e.append(f"tau: must be a number >= 0, got {self.tau!r}")
+        if not is_int(self.seed):
+            e.append(f"seed: must be an integer, got {self.seed!r}")
+        for name in ("progress_bar", "verify_caches"):
+            if not isinstance(getattr(t, name), bool):
+                e.append(f"train.{name}: must be true or false, got {getattr(t, name)!r}")
         if t.amp not in ("auto", None, "none", "bf16", "fp16"):
             e.append(f"train.amp: one of auto, none, bf16, fp16, got {t.amp!r}")
         if self.teacher_weights is not None and (not isinstance(self.teacher_weights, dict) or any(

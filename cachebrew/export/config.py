@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from ..cache.format import STORAGE_DTYPES
-from ..core.config_files import apply_overrides, config_to_dict, read_config_file
+from ..core.config_files import apply_overrides, config_to_dict, is_int, read_config_file
 from ..data_utils import AUGMENTATIONS
 from ..errors import ConfigError
 
@@ -137,7 +137,7 @@ class ExportConfig:
             e.append("data: give exactly one of data.text (a text column) or data.tokens (a column of word lists)")
         for name in ("max_length", "batch_size", "shard_rows", "sort_window", "record_batch_rows"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(v) or v < 1:
                 e.append(f"{name}: must be an integer >= 1, got {v!r}")
         if self.compression not in COMPRESSIONS:
             e.append(f"compression: one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
@@ -161,11 +161,11 @@ class ExportConfig:
             if v not in allowed:
                 e.append(f"dtypes.{kind}: one of {allowed}, got {v!r}")
         a = self.augment
-        if not isinstance(a.copies, int) or a.copies < 0:
+        if not is_int(a.copies) or a.copies < 0:
             e.append(f"augment.copies: must be an integer >= 0, got {a.copies!r}")
-        if a.copies == 0 and not a.include_original:
+        elif a.copies == 0 and not a.include_original:
             e.append("augment: include_original is false and copies is 0, so nothing would be exported")
-        if a.copies > 0 and not a.ops:
+        elif a.copies > 0 and not a.ops:
             e.append("augment.ops: copies > 0 needs at least one operation")
         if a.mode not in ("sequence", "choice"):
             e.append(f"augment.mode: 'sequence' or 'choice', got {a.mode!r}")
