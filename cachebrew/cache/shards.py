@@ -117,7 +117,10 @@ class ShardWriter:
                                       self._file.h.hexdigest(), self.first_row, self.batch_rows)
         finally:
             if not self._file.closed:
-                self._file.f.close()
+                try:
+                    self._file.f.close()
+                except OSError:  # flushing the rest of a discarded file can fail again (a full disk): it goes anyway
+                    pass
             if self.tmp.exists():
                 self.tmp.unlink()
         return False
