@@ -270,3 +270,32 @@ def test_a_gpu_saved_checkpoint_resumes_on_cpu(world, tmp_path, monkeypatch, cap
     assert "read in another order" in caplog.text
     a, b = (load_file(d / "last" / "model.safetensors") for d in (tmp_path / "full", cut))
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed from a GPU-saved checkpoint, ended elsewhere"
+
+
+@pytest.mark.slow
+def test_two_rank_resume_restores_each_ranks_own_rng(world, tmp_path):
+    """torchrun, 2 gloo ranks, dropout on: each rank saves its own RNG stream and a resumed run ends equal."""
+    cfg = distill_cfg(world, tmp_path / "x", student={"config": {**STUDENT, "hidden_dropout_prob": 0.2}},
+                      train={"epochs": None, "steps": 6, "save_every": 3, "eval_every": 6, "batch_size": 4})
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+
+    def run(name, *extra):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**cfg, "output_dir": str(tmp_path / name)}))
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "cachebrew", "distill", str(path), "--no-progress", *extra],
+                             cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res
+
+    run("full")
+    run("cut")  # the same run, then undone back to its step-3 checkpoint
+    for stale in ("last", "best", "results.json", "checkpoints/step-000006"):
+        p = tmp_path / "cut" / stale
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    rng = json.loads((tmp_path / "cut" / "checkpoints" / "step-000003" / "state.json").read_text())["rng"]
+    assert len(rng) == 2 and rng[0]["torch"] != rng[1]["torch"]  # the ranks' dropout streams have diverged
+    assert "resuming" in run("cut", "--resume").stderr
+    a, b = (load_file(tmp_path / n / "last" / "model.safetensors") for n in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "a resumed 2-rank run ended with different weights"
