@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..core.tensors import iter_tensors
 from ..errors import CacheFormatError, CachebrewError
 from .format import (ATTENTION_MASK, COPY, ID, INPUT_IDS, LABELS, TOKEN_TYPE_IDS, ColumnViews, Selection,
                      TensorSpec, decode_selection, decode_tensor_column, pad_ints)
@@ -440,18 +441,6 @@ class CacheLoader(torch.utils.data.DataLoader):
         self.dataset.set_epoch(epoch)
 
 
-def _tensors_in(obj, found: list):
-    if isinstance(obj, torch.Tensor):
-        found.append(obj)
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            _tensors_in(v, found)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _tensors_in(v, found)
-    return found
-
-
 def _replace(obj, new: dict):
     if isinstance(obj, torch.Tensor):
         return new[id(obj)]
@@ -469,7 +458,7 @@ def pack_shared(batch: dict) -> dict:
     descriptor; a batch has a dozen (inputs, labels, logits, each hidden layer), and setting up and
     tearing down those segments costs more than decoding the batch. One block per batch: one segment.
     """
-    tensors = list({id(t): t for t in _tensors_in(batch, [])}.values())
+    tensors = list({id(t): t for t in iter_tensors(batch)}.values())
     offsets, total = [], 0
     for t in tensors:
         total = (total + 63) // 64 * 64  # each view aligned for its dtype

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..core.tensors import iter_tensors
 from ..errors import BatchError
 
 CACHE_KEY = "teacher_cache"
@@ -26,17 +27,6 @@ def move_to_device(batch, device, non_blocking=False):
         moved = {k: move_to_device(v, device, non_blocking) for k, v in batch.items()}
         return moved if type(batch) is dict else _same_mapping_type(batch, moved)
     return batch
-
-
-def _tensors(batch):
-    if isinstance(batch, torch.Tensor):
-        yield batch
-    elif isinstance(batch, (list, tuple)):
-        for x in batch:
-            yield from _tensors(x)
-    elif isinstance(batch, Mapping):
-        for x in batch.values():
-            yield from _tensors(x)
 
 
 def prefetch_to_device(items, device):
@@ -64,7 +54,7 @@ def prefetch_to_device(items, device):
         current = ahead
         compute = torch.cuda.current_stream(device)
         compute.wait_stream(side)
-        for t in _tensors(current[2]):
+        for t in iter_tensors(current[2]):
             t.record_stream(compute)  # made on the side stream, used (and freed) on the compute stream
         following = next(it, None)
         ahead = None if following is None else load(following)

@@ -35,6 +35,7 @@ from ..cache.lock import DirectoryLock
 from ..cache.sharing import copy_cache
 from ..cache.storage import is_uri, local_path
 from ..errors import CacheFormatError, CachebrewError, CacheMismatchError
+from ..core.tensors import iter_tensors
 from ..core.training import AMP_DTYPES, resolve_amp
 from ..runtime import resolve_device
 from .config import ExportConfig
@@ -222,8 +223,7 @@ def to_host(tensors: dict) -> tuple[dict, torch.cuda.Event | None]:
     From a GPU the copies go into pinned buffers without blocking the compute thread, which goes on to
     the next batch; the writer thread waits on the event before it reads them. On the CPU: as they are.
     """
-    devices = {t.device for v in tensors.values() for t in (v.values() if isinstance(v, dict) else [v])}
-    if all(d.type != "cuda" for d in devices):
+    if all(t.device.type != "cuda" for t in iter_tensors(tensors)):
         return tensors, None
 
     def copy(t):
