@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from ..version import __version__
 from ..cache.loader import CacheBatches, CacheLoader
 from ..configurations import TrainingConfig
 from ..core.files import atomic_write_text
@@ -27,6 +26,7 @@ from ..distillers.loop import ResumeState, StepState
 from ..errors import CacheFormatError, CachebrewError
 from ..paths import resolve_path
 from ..runtime import ensure_process_group, get_rank, resolve_device, resolve_local_rank
+from ..version import __version__
 from .checkpoints import (gather_rng_states, latest_checkpoint, load_run_checkpoint, restore_rng,
                           save_run_checkpoint)
 from .config import DistillRunConfig, TaskConfig

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..version import __version__
 from ..checkpoint import save_checkpoint
 from ..configurations import TrainingConfig
 from ..errors import ConfigError
 from ..runtime import barrier, ensure_process_group, get_rank, resolve_device, resolve_local_rank
 from ..utils import cycle
+from ..version import __version__
 from .batches import prefetch_to_device
 
 logger = logging.getLogger("cachebrew")

@@ -24,7 +24,6 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from ..version import __version__
 from ..cache.fingerprint import combine, hash_state_dict
 from ..cache.format import (ATTENTION_MASK, COPY, FORMAT_VERSION, ID, INPUT_IDS, LABELS, TASK, TEXT, TEXT_PAIR,
                             TOKEN_COLUMNS, TOKEN_TYPE_IDS, WORDS, cut_batch, cuts_on_device, encode_batch,
@@ -34,10 +33,11 @@ from ..cache.shards import (ShardWriter, describe_shard, list_shards, read_shard
 from ..cache.lock import DirectoryLock
 from ..cache.sharing import copy_cache
 from ..cache.storage import is_uri, local_path
-from ..errors import CacheFormatError, CachebrewError, CacheMismatchError
 from ..core.tensors import iter_tensors
 from ..core.training import AMP_DTYPES, resolve_amp
+from ..errors import CacheFormatError, CachebrewError, CacheMismatchError
 from ..runtime import resolve_device
+from ..version import __version__
 from .config import ExportConfig
 from .data import build_rows, data_fingerprint, label_vocabulary, load_table, sorted_order, tokenize_rows
 from .teachers import forward, load_teacher, load_tokenizer, teacher_tensors, tensor_specs
