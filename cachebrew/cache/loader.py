@@ -280,17 +280,26 @@ class CacheBatches(torch.utils.data.IterableDataset):
         """Continue from `batch` batches into `epoch` (what a resumed run needs); holds until changed."""
         self._position[0], self._position[1] = int(epoch), int(batch)
 
-    def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
-        """This rank's batches for `epoch` in the order they are yielded: (stream, global row indices)."""
+    def _schedule(self) -> list[tuple[int, int]]:
+        """(stream, batch of that stream) in yield order: fixed by the stream sizes, the same every epoch."""
+        return round_robin([self._num_batches(r) for r in self._streams[self.rank]])[:len(self)]
+
+    def _stream_batches(self, epoch: int, s: int) -> list[np.ndarray]:
+        """Stream `s`'s batches (global row indices) for `epoch`."""
         streams = self._streams[self.rank]
-        per_stream = []
-        for s, ranges in enumerate(streams):
-            rng = random.Random(f"{self.seed}:{epoch}:{self.rank}/{self.world_size}:{s}/{len(streams)}") \
-                if self.shuffle else None
-            order = stream_order(ranges, rng, self.buffer_size)
-            cut = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]  # views
-            per_stream.append(cut[:self._num_batches(ranges)])
-        return [(s, per_stream[s][k]) for s, k in round_robin([len(b) for b in per_stream])][:len(self)]
+        rng = random.Random(f"{self.seed}:{epoch}:{self.rank}/{self.world_size}:{s}/{len(streams)}") \
+            if self.shuffle else None
+        order = stream_order(streams[s], rng, self.buffer_size)
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]  # views
+
+    def plan(self, epoch: int, start: int = 0) -> list[tuple[int, np.ndarray]]:
+        """This rank's batches for `epoch` from batch `start`, in yield order: (stream, global row indices).
+
+        Only the streams that appear are shuffled (a worker plans its own stream alone).
+        """
+        schedule = self._schedule()[start:]
+        batches = {s: self._stream_batches(epoch, s) for s in dict.fromkeys(s for s, _ in schedule)}
+        return [(s, batches[s][k]) for s, k in schedule]
 
     # -- iteration -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
@@ -302,12 +311,16 @@ class CacheBatches(torch.utils.data.IterableDataset):
                 f"{workers} workers: build the loader with cachebrew.cache.CacheLoader(dataset, num_workers="
                 f"{workers}, ...) or pass CacheBatches(..., num_workers={workers})")
         epoch, start = self.epoch, self.start_batch
-        plan = self.plan(epoch)[start:]
-        if info is not None and plan:
-            # DataLoader asks worker 0 first; a position in mid-round continues with plan[0]'s stream there
-            stream = (plan[0][0] + worker) % workers
-            plan = [p for p in plan if p[0] == stream]
-        mine = [rows for _, rows in plan]
+        schedule = self._schedule()[start:]
+        if info is None:
+            mine = [rows for _, rows in self.plan(epoch, start)]
+        elif schedule:
+            # DataLoader asks worker 0 first; a position in mid-round continues with the next batch's stream there
+            stream = (schedule[0][0] + worker) % workers
+            batches = self._stream_batches(epoch, stream)
+            mine = [batches[k] for s, k in schedule if s == stream]
+        else:
+            mine = []
         free_after = defaultdict(list)  # batch k -> (cache, shard, record batch) that no later batch reads
         if mine:
             ks = np.concatenate([np.full(len(rows), k, np.int64) for k, rows in enumerate(mine)])
@@ -324,7 +337,6 @@ class CacheBatches(torch.utils.data.IterableDataset):
             yield pack_shared(batch) if info is not None else batch
             for key in free_after.pop(k, ()):
                 decoded.pop(key, None)
-
 
     def _record_batch(self, ci: int, shard: int, batch: int, decoded: dict) -> pa.RecordBatch:
         key = (ci, shard, batch)
