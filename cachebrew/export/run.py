@@ -217,6 +217,17 @@ class _WriterThread:
         self.thread.join()
 
 
+def stage_outputs(specs, outs: dict, lengths: list[int]) -> dict:
+    """Each spec's teacher output as the writer thread takes it: on a GPU, already cut and cast (`cut_batch`),
+    so only the stored bytes cross to the host; on the CPU, padded, so the cut runs on the writer thread
+    and not between teacher batches."""
+    staged = {}
+    for spec in specs:
+        t = outs[spec.teacher][(spec.kind, spec.layer)].detach()
+        staged[spec.column] = cut_batch(spec, t, lengths) if t.is_cuda and cuts_on_device(spec) else t
+    return staged
+
+
 def to_host(tensors: dict) -> tuple[dict, torch.cuda.Event | None]:
     """Start copying (nested dicts of) tensors to the host; (host tensors, the event to wait on or None).
 
@@ -395,11 +406,7 @@ def _export(cfg: ExportConfig, out: Path) -> ExportResult:
                 # the probe already ran the plan's first batch: reuse it rather than run the teachers twice
                 outs = probe if (s == 0 and start == 0 and probe is not None) else run_teachers(batch_tokens)
                 probe = None
-                lengths = [len(t[INPUT_IDS]) for t in batch_tokens]
-                host, ready = to_host({spec.column: (cut_batch(spec, outs[spec.teacher][(spec.kind, spec.layer)],
-                                                               lengths) if cuts_on_device(spec)
-                                                     else outs[spec.teacher][(spec.kind, spec.layer)].detach())
-                                       for spec in specs})
+                host, ready = to_host(stage_outputs(specs, outs, [len(t[INPUT_IDS]) for t in batch_tokens]))
                 writer.put(("rows", [rows[i] for i in idx], batch_tokens, host, cfg.task, ready))
                 written += len(idx)
                 if progress is not None:
