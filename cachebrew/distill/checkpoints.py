@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from ..core.files import publish_dir
+from ..runtime import get_world_size
 
 logger = logging.getLogger("cachebrew")
 
@@ -50,9 +51,9 @@ def rng_state(device: torch.device | None = None) -> dict:
 def gather_rng_states(device: torch.device | None = None) -> list[dict]:
     """Every rank's `rng_state`, in rank order (a collective: all ranks call it; one rank: a list of one)."""
     mine = rng_state(device)
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if get_world_size() == 1:
         return [mine]
-    states: list = [None] * torch.distributed.get_world_size()
+    states: list = [None] * get_world_size()
     torch.distributed.all_gather_object(states, mine)
     return states
 
@@ -68,9 +69,7 @@ def restore_rng(saved, rank: int = 0, device: torch.device | None = None, world_
     rank 0's (or its own, where it exists) and says so. A GPU state is restored only onto a GPU.
     """
     states = saved if isinstance(saved, list) else [saved]
-    world = world_size if world_size is not None else (
-        torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized()
-        else 1)
+    world = world_size if world_size is not None else get_world_size()
     if len(states) != world:
         logger.warning("the checkpoint holds RNG states of %d rank(s), this run has %d: dropout after the resume "
                        "will not match an uninterrupted run", len(states), world)

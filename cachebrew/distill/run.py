@@ -25,7 +25,7 @@ from ..distillers.batches import move_to_device
 from ..distillers.loop import ResumeState, StepState
 from ..errors import CacheFormatError, CachebrewError
 from ..paths import resolve_path
-from ..runtime import ensure_process_group, get_rank, resolve_device, resolve_local_rank
+from ..runtime import ensure_process_group, get_rank, get_world_size, resolve_device, resolve_local_rank
 from ..version import __version__
 from .checkpoints import (gather_rng_states, latest_checkpoint, load_run_checkpoint, restore_rng,
                           save_run_checkpoint)
@@ -121,7 +121,7 @@ def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
     if local_rank != -1:
         ensure_process_group(device)  # before the loaders: they split batches by rank
     rank = get_rank()
-    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world_size = get_world_size()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     if not resume and latest_checkpoint(out / "checkpoints") is not None:
