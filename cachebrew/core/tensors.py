@@ -16,3 +16,10 @@ def iter_tensors(obj) -> Iterator[torch.Tensor]:
     elif isinstance(obj, (list, tuple)):
         for value in obj:
             yield from iter_tensors(value)
+
+
+def scalars_to_host(tensors: list[torch.Tensor]) -> list[float]:
+    """Many 0-d (or 1-element) tensors as floats in one device-to-host transfer, so logging syncs once."""
+    if not tensors:
+        return []
+    return torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist()

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..checkpoint import save_checkpoint
 from ..configurations import TrainingConfig
+from ..core.tensors import scalars_to_host
 from ..errors import ConfigError
 from ..runtime import barrier, ensure_process_group, get_rank, resolve_device, resolve_local_rank
 from ..utils import cycle
@@ -222,7 +223,7 @@ class TrainingLoop:
             return
         queued, self._loss_log[:] = list(self._loss_log), []
         flat = [t for _, total, parts in queued for t in (total, *parts.values())]
-        values = iter(torch.stack([t.float().reshape(()) for t in flat]).tolist())  # the one sync
+        values = iter(scalars_to_host(flat))  # the one sync
         writer = self.tb_writer
         total = None
         for step, _, parts in queued:

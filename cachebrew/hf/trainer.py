@@ -19,6 +19,7 @@ from transformers import Trainer, TrainerCallback
 from ..cache.loader import CacheBatches, CacheLoader
 from ..configurations import DistillationConfig, TrainingConfig
 from ..core.models import hf_adaptor
+from ..core.tensors import scalars_to_host
 from ..distillers import GeneralDistiller
 from ..distillers.batches import CACHE_KEY, apply_adaptor, call_model, post_adaptor
 from ..errors import CachebrewError, ConfigError
@@ -213,7 +214,7 @@ class DistillationTrainer(Trainer):
     def log(self, logs, *args, **kwargs):
         if "loss" in logs and getattr(self, "_last_parts", None):
             parts = self._last_parts
-            values = torch.stack([v.float().reshape(()) for v in parts.values()]).tolist()  # one transfer
+            values = scalars_to_host(list(parts.values()))  # one transfer
             logs = {**logs, **{f"distill/{k}": v for k, v in zip(parts, values)}}
         super().log(logs, *args, **kwargs)
 
