@@ -27,7 +27,7 @@ def main():
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     from cachebrew.cache import CacheReader
-    from cachebrew.export import ExportConfig, run_export
+    from cachebrew.recipes.export import ExportConfig, run_export
     from fixtures import WORDS, write_vocab
 
     tmp = Path(tempfile.mkdtemp())

@@ -28,7 +28,7 @@ CODECS = ("none", "lz4", "zstd")
 def export(rows: int, tmp: Path, hidden_dtype: str) -> Path:
     import pyarrow.parquet as pq
 
-    from cachebrew.export import ExportConfig, run_export
+    from cachebrew.recipes.export import ExportConfig, run_export
 
     table = pq.read_table(ROOT / "data" / "rotten_tomatoes" / "train.parquet").slice(0, rows)
     pq.write_table(table, tmp / "train.parquet")

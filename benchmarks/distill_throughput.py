@@ -73,9 +73,9 @@ def main():
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
     import cachebrew
-    from cachebrew.cache.loader import CacheBatches, CacheLoader
+    from cachebrew.components.loader import CacheBatches, CacheLoader
     from cachebrew.core.models import hf_adaptor
-    from cachebrew.export import ExportConfig, run_export
+    from cachebrew.recipes.export import ExportConfig, run_export
 
     tmp = Path(tempfile.mkdtemp())
     teacher_dir, vocab, scfg, layers_T = build(args, tmp)

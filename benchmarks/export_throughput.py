@@ -68,10 +68,10 @@ def export_config(args, tmp, teachers, outputs, name, data="train.jsonl"):
 
 def bare_forward(args, cfg_dict):
     """The same plan and batches as export, teacher forward only (inference mode, the same autocast)."""
-    from cachebrew.export import ExportConfig
-    from cachebrew.export.data import build_rows, label_vocabulary, load_table, sorted_order, tokenize_rows
-    from cachebrew.export.run import _collate
-    from cachebrew.export.teachers import forward, load_teacher, load_tokenizer
+    from cachebrew.recipes.export import ExportConfig
+    from cachebrew.components.data import build_rows, label_vocabulary, load_table, sorted_order, tokenize_rows
+    from cachebrew.components.data import pad_batch
+    from cachebrew.recipes.export.teachers import forward, load_teacher, load_tokenizer
 
     cfg = ExportConfig.from_dict(cfg_dict)
     device = torch.device(args.device)
@@ -89,7 +89,7 @@ def bare_forward(args, cfg_dict):
     t = time.perf_counter()
     with torch.inference_mode(), amp:
         for start in range(0, len(order), cfg.batch_size):
-            batch = _collate([tokens[i] for i in order[start:start + cfg.batch_size]], tokenizer.pad_token_id, device)
+            batch = {k: v.to(device) for k, v in pad_batch([tokens[i] for i in order[start:start + cfg.batch_size]], tokenizer.pad_token_id, labels=False).items()}
             for m in models:
                 forward(m, batch, cfg)
     sync()
@@ -106,7 +106,7 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    from cachebrew.export import ExportConfig, run_export
+    from cachebrew.recipes.export import ExportConfig, run_export
 
     tmp = Path(tempfile.mkdtemp(prefix="cb-export-bench-"))
     try:

@@ -72,7 +72,7 @@ def measure(path: str, workers: int, batch: int = 32) -> dict:
     """One shuffled epoch; runs in a child process so peak RSS belongs to this measurement alone."""
     import torch
 
-    from cachebrew.cache.loader import CacheBatches, CacheLoader
+    from cachebrew.components.loader import CacheBatches, CacheLoader
 
     torch.set_num_threads(1)
     ds = CacheBatches(path, batch, shuffle=True, seed=0, buffer_size=2048)

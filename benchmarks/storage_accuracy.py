@@ -33,10 +33,10 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--epochs", type=int, default=2)
     args = ap.parse_args()
-    from cachebrew.distill import DistillRunConfig, run_distill
-    from cachebrew.export import ExportConfig, run_export
-    from cachebrew.export.config import DataConfig
-    from cachebrew.finetune import run_evaluate
+    from cachebrew.recipes.distill import DistillRunConfig, run_distill
+    from cachebrew.recipes.export import ExportConfig, run_export
+    from cachebrew.components.data import DataConfig
+    from cachebrew.recipes.finetune import run_evaluate
 
     if not (PIPELINE / "models" / "teacher" / "best").is_dir():
         sys.exit(f"{PIPELINE / 'models/teacher/best'} is missing: run `bash pipelines/sentiment/run.sh` first")

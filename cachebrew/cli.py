@@ -17,7 +17,7 @@ import typer
 
 from .version import __version__
 from .configurations import DistillationConfig, TrainingConfig
-from .core.config_files import read_config_file
+from .core.config import read_config_file
 from .errors import CachebrewError, ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -26,11 +26,41 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 SECTIONS = {"train_config": TrainingConfig, "distill_config": DistillationConfig}
 
 
-def validate_file(path: Path) -> dict:
-    """Validate a config file whose top level holds `train_config` and/or `distill_config` sections."""
+KINDS = ("export", "distill", "train", "textbrewer")
+
+
+def config_kind(data: dict) -> str | None:
+    """Which kind of config a file holds, from its top-level keys (each kind has a key no other has)."""
+    if set(data) & set(SECTIONS):
+        return "textbrewer"
+    if "teachers" in data and ("output" in data or "data" in data):
+        return "export"
+    if {"caches", "tasks", "student", "distill"} & set(data):
+        return "distill"
+    if "model" in data:
+        return "train"
+    return None
+
+
+def validate_file(path: Path, kind: str | None = None) -> dict:
+    """Validate a config file of any kind: export, distill, train (`cachebrew train`), or TextBrewer's
+    `train_config` / `distill_config` sections. Returns {what: config}; a ConfigError lists every problem."""
     data = read_config_file(path)
     if not isinstance(data, dict):
-        raise ConfigError(f"top level must be a mapping with sections {sorted(SECTIONS)}", str(path))
+        raise ConfigError("top level must be a mapping", str(path))
+    kind = kind or config_kind(data)
+    if kind is None:
+        raise ConfigError("cannot tell which kind of config this is; pass --kind (one of "
+                          f"{', '.join(KINDS)})", str(path))
+    if kind not in KINDS:
+        raise ConfigError(f"--kind: one of {', '.join(KINDS)}, got {kind!r}", str(path))
+    if kind != "textbrewer":
+        from .recipes.distill import DistillRunConfig
+        from .recipes.export import ExportConfig
+        from .recipes.finetune import FinetuneConfig
+
+        cls = {"export": ExportConfig, "distill": DistillRunConfig, "train": FinetuneConfig}[kind]
+        return {f"{kind} config": cls.from_dict(data, str(path))}
     unknown = [k for k in data if k not in SECTIONS]
     errors = [f"{k}: unknown section (valid: {', '.join(SECTIONS)})" for k in unknown]
     configs = {}
@@ -42,8 +72,6 @@ def validate_file(path: Path) -> dict:
                 errors += [f"{key}: {msg}" for msg in e.errors]
     if errors:
         raise ConfigError(errors, str(path))
-    if not configs:
-        raise ConfigError(f"no section found; expected one of {sorted(SECTIONS)}", str(path))
     return configs
 
 
@@ -57,9 +85,11 @@ def version():
 
 
 @app.command()
-def validate(config: Path = typer.Argument(..., help="YAML or JSON file with train_config / distill_config")):
+def validate(config: Path = typer.Argument(..., help="any config file: export, distill, train, or TextBrewer's "
+                                                    "train_config / distill_config sections"),
+             kind: str = typer.Option(None, help=f"one of {', '.join(KINDS)}; default: told from the top-level keys")):
     """Check a config file and list every problem, naming the field."""
-    configs = validate_file(config)
+    configs = validate_file(config, kind)
     for key, cfg in configs.items():
         typer.echo(f"{config}: {key} OK")
 
@@ -71,7 +101,7 @@ def export(config: Path = typer.Argument(..., help="export config (YAML or JSON)
            overwrite: bool = typer.Option(False, help="replace a cache made from other inputs"),
            no_progress: bool = typer.Option(False, help="hide the progress bar")):
     """Run the teachers once over the data and write a sharded Arrow cache."""
-    from .export import ExportConfig, run_export
+    from .recipes.export import ExportConfig, run_export
 
     overrides = list(set_) + ([f"output={output}"] if output else []) + (["overwrite=true"] if overwrite else [])
     overrides += ["progress_bar=false"] if no_progress else []
@@ -92,7 +122,7 @@ def distill(config: Path = typer.Argument(..., help="distill config (YAML or JSO
             resume: bool = typer.Option(False, help="continue the run in output_dir from its last checkpoint"),
             no_progress: bool = typer.Option(False, help="hide the progress bar")):
     """Train a student from teacher caches (no teacher in memory); evaluate, keep best and last."""
-    from .distill import DistillRunConfig, run_distill
+    from .recipes.distill import DistillRunConfig, run_distill
 
     overrides = list(set_) + (["train.progress_bar=false"] if no_progress else [])
     _setup_logging()
@@ -118,7 +148,7 @@ def train(config: Path = typer.Argument(..., help="fine-tuning config (YAML or J
           set_: list[str] = typer.Option([], "--set", help="override a config value: key.sub=value"),
           no_progress: bool = typer.Option(False, help="hide the progress bar")):
     """Fine-tune a model on labelled data (a teacher, or a student without distillation)."""
-    from .finetune import FinetuneConfig, run_finetune
+    from .recipes.finetune import FinetuneConfig, run_finetune
 
     _setup_logging()
     overrides = list(set_) + (["train.progress_bar=false"] if no_progress else [])
@@ -136,8 +166,8 @@ def evaluate(model: Path = typer.Argument(..., help="saved model directory"),
     """Accuracy (or entity F1), parameters, size and inference examples/s of a model on a split."""
     import json as _json
 
-    from .export.config import DataConfig
-    from .finetune import run_evaluate
+    from .components.data import DataConfig
+    from .recipes.finetune import run_evaluate
 
     if (text is None) == (tokens is None):
         text = text or "text"

@@ -9,26 +9,18 @@ from __future__ import annotations
 
 import inspect
 import json
-import numbers
 import os
 from typing import Any
 
 import torch
 
-from .core.config_files import read_config_file
+from .core.config import is_int, is_number, read_config_file
+from .core.training import AMP_DTYPES
 from .errors import ConfigError
 from .presets import (FEATURES, KD_LOSS_MAP, MATCH_LOSS_MAP, PAIR_LOSSES, PROJ_MAP, TEMPERATURE_SCHEDULER,
                       WEIGHT_SCHEDULER, split_spec)
 
 _NONE = "none"
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 class Config:
@@ -118,11 +110,12 @@ class TrainingConfig(Config):
         p = "TrainingConfig."
         for name in ("gradient_accumulation_steps", "ckpt_frequency", "ckpt_epoch_frequency", "log_steps"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 errors.append(f"{p}{name}: must be an integer >= 1, got {v!r}")
-        if self.keep_checkpoints is not None and (not _is_int(self.keep_checkpoints) or self.keep_checkpoints < 1):
-            errors.append(f"{p}keep_checkpoints: must be None (keep all) or an integer >= 1, got {self.keep_checkpoints!r}")
-        if self.ckpt_steps is not None and (not _is_int(self.ckpt_steps) or self.ckpt_steps < 1):
+        if self.keep_checkpoints is not None and (not is_int(self.keep_checkpoints) or self.keep_checkpoints < 0):
+            errors.append(f"{p}keep_checkpoints: must be None (keep all), 0 (write none: the caller keeps its own) "
+                          f"or an integer >= 1, got {self.keep_checkpoints!r}")
+        if self.ckpt_steps is not None and (not is_int(self.ckpt_steps) or self.ckpt_steps < 1):
             errors.append(f"{p}ckpt_steps: must be None or an integer >= 1, got {self.ckpt_steps!r}")
         for name in ("log_dir", "output_dir"):
             v = getattr(self, name)
@@ -138,11 +131,11 @@ class TrainingConfig(Config):
         for name in ("fp16", "data_parallel", "progress_bar"):
             if not isinstance(getattr(self, name), bool):
                 errors.append(f"{p}{name}: must be true or false, got {getattr(self, name)!r}")
-        if self.amp not in (None, "bf16", "fp16"):
+        if self.amp is not None and self.amp not in AMP_DTYPES:
             errors.append(f"{p}amp: must be None, 'bf16' or 'fp16', got {self.amp!r}")
         elif self.fp16 is True and self.amp == "bf16":
             errors.append(f"{p}fp16: fp16=True conflicts with amp='bf16'; set only amp")
-        if self.local_rank is not None and (not _is_int(self.local_rank) or self.local_rank < -1):
+        if self.local_rank is not None and (not is_int(self.local_rank) or self.local_rank < -1):
             errors.append(f"{p}local_rank: must be None, -1 or a rank >= 0, got {self.local_rank!r}")
         if self.data_parallel and self.local_rank not in (None, -1):
             errors.append(f"{p}data_parallel: DataParallel and DDP (local_rank={self.local_rank}) are exclusive")
@@ -153,7 +146,7 @@ class TrainingConfig(Config):
     def amp_dtype(self) -> torch.dtype | None:
         """The autocast dtype this config asks for, or None for full precision."""
         mode = self.amp or ("fp16" if self.fp16 else None)
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
+        return AMP_DTYPES.get(mode)
 
 
 class IntermediateMatch:
@@ -184,14 +177,14 @@ class IntermediateMatch:
         for name in ("layer_T", "layer_S"):
             v = getattr(self, name)
             if pair:
-                if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(i) and i >= 0 for i in v)):
+                if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(is_int(i) and i >= 0 for i in v)):
                     errors.append(f"{prefix}.{name}: loss {self.loss!r} compares two layers; "
                                   f"give a list of two indices >= 0, got {v!r}")
             elif isinstance(v, (list, tuple)) and self.loss in MATCH_LOSS_MAP and self.loss not in PAIR_LOSSES:
                 errors.append(f"{prefix}.{name}: loss {self.loss!r} takes one layer index, got the list {v!r}")
-            elif not isinstance(v, (list, tuple)) and (not _is_int(v) or v < 0):
+            elif not isinstance(v, (list, tuple)) and (not is_int(v) or v < 0):
                 errors.append(f"{prefix}.{name}: must be a layer index >= 0, got {v!r}")
-        if not _is_number(self.weight) or self.weight < 0:
+        if not is_number(self.weight) or self.weight < 0:
             errors.append(f"{prefix}.weight: must be a number >= 0, got {self.weight!r}")
         if self.proj is not None:
             pr = self.proj
@@ -202,7 +195,7 @@ class IntermediateMatch:
                 errors.append(f"{prefix}.proj: expected [name, dim_S, dim_T] or [name, dim_S, dim_T, {{...}}], got {pr!r}")
             else:
                 for i, what in ((1, "student dim"), (2, "teacher dim")):
-                    if not _is_int(pr[i]) or pr[i] < 1:
+                    if not is_int(pr[i]) or pr[i] < 1:
                         errors.append(f"{prefix}.proj[{i}]: {what} must be an integer >= 1, got {pr[i]!r}")
                 if not isinstance(pr[3], dict):
                     errors.append(f"{prefix}.proj[3]: optimizer settings must be a dict, got {pr[3]!r}")
@@ -241,7 +234,7 @@ class DistillationConfig(Config):
         errors = []
         p = "DistillationConfig."
         self.temperature = temperature
-        if not _is_number(temperature) or temperature <= 0:
+        if not is_number(temperature) or temperature <= 0:
             errors.append(f"{p}temperature: must be a number > 0, got {temperature!r}")
         self._specs = {
             "temperature_scheduler": temperature_scheduler,
@@ -261,7 +254,7 @@ class DistillationConfig(Config):
             "kd_loss_weight_scheduler", kd_loss_weight_scheduler, WEIGHT_SCHEDULER, errors)
         for name in ("hard_label_weight", "kd_loss_weight"):
             v = getattr(self, name)
-            if not _is_number(v) or v < 0:
+            if not is_number(v) or v < 0:
                 errors.append(f"{p}{name}: must be a number >= 0, got {v!r}")
         self.probability_shift = probability_shift
         self.is_caching_logits = is_caching_logits

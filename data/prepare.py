@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 
 from cachebrew.errors import CachebrewError
-from cachebrew.paths import resolve_path
+from cachebrew.core.paths import resolve_path
 
 SEED = 13
 

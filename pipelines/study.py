@@ -25,11 +25,11 @@ STUDENT = {"path": MINILM, "overrides": {"num_hidden_layers": 2}}
 
 
 def run_task(name, spec, seeds, out):
-    from cachebrew.distill import DistillRunConfig, run_distill
-    from cachebrew.export import ExportConfig, run_export
-    from cachebrew.export.config import DataConfig
-    from cachebrew.finetune import FinetuneConfig, FinetuneTrain, run_evaluate, run_finetune
-    from cachebrew.distill.config import StudentConfig
+    from cachebrew.recipes.distill import DistillRunConfig, run_distill
+    from cachebrew.recipes.export import ExportConfig, run_export
+    from cachebrew.components.data import DataConfig
+    from cachebrew.recipes.finetune import FinetuneConfig, FinetuneTrain, run_evaluate, run_finetune
+    from cachebrew.components.students import StudentConfig
 
     work = out / name
     data = DataConfig(path=str(DATA / name / "train.parquet"), text="text", label=spec["label"], id="id",

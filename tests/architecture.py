@@ -10,8 +10,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cachebrew"
 
 @dataclass(frozen=True)
 class Import:
-    module: str        # the importing module, e.g. cachebrew.distill.run
-    target: str        # the module imported from, e.g. cachebrew.cache.loader
+    module: str        # the importing module, e.g. cachebrew.recipes.distill.recipe
+    target: str        # the module imported from, e.g. cachebrew.components.loader
     name: str | None   # the name imported (from x import name), None for `import x`
     line: int
     local: bool        # inside a function (runs later, but is still a dependency)

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from conftest import loader, make_examples, tiny_bert  # noqa: E402
 
 import cachebrew  # noqa: E402
-from cachebrew.checkpoint import save_checkpoint  # noqa: E402
+from cachebrew.core.weights import save_checkpoint  # noqa: E402
 
 
 def adaptor(batch, out):  # no inputs_mask: every rank's share of the batch then has the same weight

@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 from safetensors.torch import save_model  # noqa: E402
 
-from cachebrew.cache import CacheBatches  # noqa: E402
+from cachebrew.components import CacheBatches  # noqa: E402
 from cachebrew.hf import DistillationTrainer  # noqa: E402
 from test_hf_trainer import INC, args, student  # noqa: E402
 
@@ -39,7 +39,7 @@ trainer = DistillationTrainer(model=student(), distillation_config=INC, **source
                                         train_sampling_strategy="sequential",
                                         ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None))
 torch.manual_seed(1234)
-trainer._losses.projs[0].reset_parameters()  # the same projection start on every rank and in both runs
+trainer.distillation_loss.projections[0].reset_parameters()  # the same projection start on every rank and in both runs
 trainer.train()
 if trainer.args.process_index == 0:
     save_model(trainer.model, os.path.join(out, "student.safetensors"))

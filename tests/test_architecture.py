@@ -18,7 +18,7 @@ def inside(module, *prefixes):
 
 def test_the_graph_is_read():  # the rules below would pass on an empty graph
     assert len(KNOWN) > 40 and len(IMPORTS) > 150
-    assert ("cachebrew.distill.run", "cachebrew.cache.loader") in {(m, t) for m, t, _ in deps("cachebrew.distill")}
+    assert ("cachebrew.recipes.distill.recipe", "cachebrew.components.loader") in {(m, t) for m, t, _ in deps("cachebrew.recipes.distill")}
 
 
 def test_no_import_cycles_even_inside_functions():
@@ -37,10 +37,16 @@ def test_no_private_name_crosses_a_module_boundary():
     assert crossing == []
 
 
-@pytest.mark.parametrize("phase, other", [("cachebrew.export", "cachebrew.distill"),
-                                          ("cachebrew.distill", "cachebrew.export")])
-def test_the_export_and_distill_phases_do_not_import_each_other(phase, other):
-    assert [d for d in deps(phase) if inside(d[1], other)] == []
+RECIPES = ("cachebrew.recipes.export", "cachebrew.recipes.distill", "cachebrew.recipes.finetune")
+TEXTBREWER = tuple(f"cachebrew.{m}" for m in ("configurations", "presets", "losses", "schedulers", "projections",
+                                               "utils", "data_utils", "objective", "distillers"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_no_recipe_imports_another(recipe):
+    """export and distill meet only in the cache; finetune shares components with both, never their code."""
+    others = [r for r in RECIPES if r != recipe]
+    assert [d for d in deps(recipe) if inside(d[1], *others)] == []
 
 
 def test_the_cache_contract_knows_nothing_of_jobs_or_training():
@@ -48,5 +54,22 @@ def test_the_cache_contract_knows_nothing_of_jobs_or_training():
     assert [d for d in deps("cachebrew.cache") if not inside(d[1], *allowed)] == []
 
 
-def test_shared_components_depend_on_nothing_above_them():
-    assert [d for d in deps("cachebrew.core") if not inside(d[1], "cachebrew.core", "cachebrew.errors")] == []
+def test_core_depends_on_nothing_above_it():
+    allowed = ("cachebrew.core", "cachebrew.errors", "cachebrew.version")
+    assert [d for d in deps("cachebrew.core") if not inside(d[1], *allowed)] == []
+
+
+def test_textbrewer_modules_know_nothing_of_caches_jobs_or_front_ends():
+    """TextBrewer's names (configs, losses, distillers) stand on core alone: a TextBrewer script needs no cache."""
+    allowed = (*TEXTBREWER, "cachebrew.core", "cachebrew.errors", "cachebrew.version")
+    found = [d for m in TEXTBREWER for d in deps(m) if not inside(d[1], *allowed)]
+    assert found == []
+
+
+def test_components_serve_recipes_and_front_ends_but_import_none():
+    forbidden = (*RECIPES, "cachebrew.hf", "cachebrew.cli", "cachebrew.distillers")
+    assert [d for d in deps("cachebrew.components") if inside(d[1], *forbidden)] == []
+
+
+def test_front_ends_use_components_not_recipes():
+    assert [d for d in deps("cachebrew.hf") if inside(d[1], *RECIPES, "cachebrew.cli")] == []

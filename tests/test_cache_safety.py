@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from cachebrew.cache import CacheReader
-from cachebrew.cache.loader import CacheBatches
+from cachebrew.components.loader import CacheBatches
 from cachebrew.errors import CacheFormatError
-from cachebrew.export import ExportConfig, run_export
+from cachebrew.recipes.export import ExportConfig, run_export
 from fixtures import export_config, make_teacher_dir, make_text_data
 
 

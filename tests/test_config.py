@@ -172,7 +172,7 @@ def _valid_distill(tmp_path):
                                    "verify_caches"])
 @pytest.mark.parametrize("bad", ["2", [1], {"a": 1}])
 def test_every_distill_train_field_rejects_a_wrong_type_by_name(tmp_path, field, bad):
-    from cachebrew.distill import DistillRunConfig
+    from cachebrew.recipes.distill import DistillRunConfig
 
     cfg = _valid_distill(tmp_path)
     cfg["train"][field] = bad
@@ -182,7 +182,7 @@ def test_every_distill_train_field_rejects_a_wrong_type_by_name(tmp_path, field,
 
 @pytest.mark.parametrize("field, bad", [("seed", "3"), ("tau", "1"), ("seed", True), ("tau", [1])])
 def test_distill_top_level_wrong_types(tmp_path, field, bad):
-    from cachebrew.distill import DistillRunConfig
+    from cachebrew.recipes.distill import DistillRunConfig
 
     cfg = {**_valid_distill(tmp_path), field: bad}
     with pytest.raises(ConfigError, match=rf"{field}:"):
@@ -193,7 +193,7 @@ def test_distill_top_level_wrong_types(tmp_path, field, bad):
                                         ("record_batch_rows", [256]), ("compression", 3), ("augment.copies", "2"),
                                         ("augment.copies", True)])
 def test_export_wrong_types_are_config_errors(tmp_path, field, bad):
-    from cachebrew.export import ExportConfig
+    from cachebrew.recipes.export import ExportConfig
 
     cfg = {"output": str(tmp_path / "c"), "teachers": [{"name": "t", "path": str(tmp_path)}],
            "data": {"path": str(tmp_path / "d.jsonl"), "text": "text"}}
@@ -204,3 +204,58 @@ def test_export_wrong_types_are_config_errors(tmp_path, field, bad):
         cfg[field] = bad
     with pytest.raises(ConfigError, match=rf"{field.split('.')[-1]}:"):
         ExportConfig.from_dict(cfg)
+
+
+@pytest.mark.parametrize("field", ["epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
+                                   "amp", "device", "progress_bar"])
+@pytest.mark.parametrize("bad", [[1], {"a": 1}])
+def test_every_finetune_train_field_rejects_a_wrong_type_by_name(tmp_path, field, bad):
+    from cachebrew.recipes.finetune import FinetuneConfig
+
+    cfg = {"output_dir": "o", "model": {"path": "m"}, "data": {"path": "d.csv"}, "train": {field: bad}}
+    with pytest.raises(ConfigError, match=rf"train\.{field}: must be"):
+        FinetuneConfig.from_dict(cfg)
+
+
+def test_typed_builder_names_nested_paths_and_reports_everything_at_once():
+    from cachebrew.recipes.distill import DistillRunConfig
+    from cachebrew.recipes.export import ExportConfig
+
+    with pytest.raises(ConfigError) as e:
+        ExportConfig.from_dict({"output": "c", "teachers": [{"name": "a", "path": "p"}, {"name": 3, "path": "p"},
+                                                            {"path": "p"}],
+                                "data": {"path": "d", "limit": "10"}, "outputs": {"logits": "yes"}, "nope": 1})
+    msgs = e.value.errors
+    assert "teachers[1].name: must be a string, got 3" in msgs
+    assert "teachers[2].name: required" in msgs
+    assert "data.limit: must be an integer or null, got '10'" in msgs
+    assert "outputs.logits: must be true or false, got 'yes'" in msgs
+    assert any(m.startswith("nope: unknown field") for m in msgs)
+    with pytest.raises(ConfigError) as e:
+        DistillRunConfig.from_dict({"output_dir": "o", "student": {"config": {}}, "train": {"steps": 4},
+                                    "tasks": {"a": {"caches": ["x"]}, "b": {"caches": 5}, "c": {"bogus": 1}}})
+    assert "tasks.b.caches: must be a list or a string, got 5" in e.value.errors
+    assert any(m.startswith("tasks.c.bogus: unknown field") for m in e.value.errors)
+    # a single cache may be a string; `steps` alone is a step budget
+    cfg = DistillRunConfig.from_dict({"output_dir": "o", "student": {"config": {}}, "caches": "c",
+                                      "train": {"steps": 4}})
+    assert cfg.caches == ["c"] and (cfg.train.epochs, cfg.train.steps) == (None, 4)
+
+
+@pytest.mark.parametrize("text, kind, message", [
+    ("output: c\nteachers: [{name: t, path: p}]\ndata: {path: d, text: text}\nmax_length: '9'\n", "export",
+     "max_length: must be an integer"),
+    ("output_dir: o\ncaches: [c]\nstudent: {config: {}}\ntrain: {lr: fast}\n", "distill", "train.lr: must be a number"),
+    ("output_dir: o\nmodel: {path: m}\ndata: {path: d}\ntrain: {epochs: 0}\n", "train",
+     "train.epochs: must be an integer >= 1"),
+])
+def test_cli_validate_checks_every_kind_of_config(tmp_path, text, kind, message):
+    path = tmp_path / f"{kind}.yaml"
+    path.write_text(text)
+    res = subprocess.run([sys.executable, "-m", "cachebrew", "validate", str(path)], capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert message in res.stderr and str(path) in res.stderr
+    fixed = text.replace("'9'", "9").replace("fast", "0.001").replace("epochs: 0", "epochs: 1")
+    path.write_text(fixed)
+    ok = subprocess.run([sys.executable, "-m", "cachebrew", "validate", str(path)], capture_output=True, text=True)
+    assert ok.returncode == 0 and f"{kind} config OK" in ok.stdout, ok.stderr

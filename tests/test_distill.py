@@ -15,14 +15,14 @@ import yaml
 from safetensors.torch import load_file
 
 from cachebrew import ConfigError, DistillationConfig, GeneralDistiller, TrainingConfig
-from cachebrew.cache.loader import CacheBatches
+from cachebrew.components.loader import CacheBatches
 from cachebrew.core.models import hf_adaptor
 from cachebrew.core.training import make_optimizer, seed_everything, warmup_linear
-from cachebrew.distill import DistillRunConfig, run_distill
-from cachebrew.distill.metrics import bio_entities, entity_f1
-from cachebrew.distill.student import build_student
+from cachebrew.recipes.distill import DistillRunConfig, run_distill
+from cachebrew.components.metrics import bio_entities, entity_f1
+from cachebrew.components.students import build_student
 from cachebrew.errors import CacheFormatError, CachebrewError
-from cachebrew.export import ExportConfig, run_export
+from cachebrew.recipes.export import ExportConfig, run_export
 from fixtures import export_config, make_ner_data, make_teacher_dir, make_text_data
 
 HERE = Path(__file__).parent

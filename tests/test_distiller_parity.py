@@ -91,7 +91,7 @@ def test_probability_shift_token_level_matches_textbrewer(textbrewer, cachebrew,
 
 
 def test_probability_shift_with_logits_mask_shifts_the_selected_rows(cachebrew, tmp_path):
-    from cachebrew.distillers.batches import probability_shift_
+    from cachebrew.objective import probability_shift_
     from cachebrew.losses import kd_ce_loss
 
     d = cachebrew.GeneralDistiller(cachebrew.TrainingConfig(device="cpu", output_dir=str(tmp_path)),

@@ -13,7 +13,7 @@ import yaml
 
 from cachebrew.cache import CacheReader
 from cachebrew.errors import CacheMismatchError, CachebrewError, ConfigError
-from cachebrew.export import ExportConfig, run_export
+from cachebrew.recipes.export import ExportConfig, run_export
 from fixtures import export_config, make_ner_data, make_teacher_dir, make_text_data
 
 HERE = Path(__file__).parent

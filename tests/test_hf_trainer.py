@@ -9,7 +9,7 @@ from transformers import BertConfig, BertForSequenceClassification, TrainingArgu
 
 from cachebrew import ConfigError, DistillationConfig
 from cachebrew.cache.reader import CacheReader
-from cachebrew.export import ExportConfig, run_export
+from cachebrew.recipes.export import ExportConfig, run_export
 from cachebrew.hf import (DistillationTrainer, IntermediateLayersKnowledgeDistillationLossConfig,
                           KnowledgeDistillationLossConfig, to_distillation_config)
 from cachebrew.losses import kd_kl_loss
@@ -75,7 +75,7 @@ def test_trainer_from_cache_evaluates_saves_resumes_and_reloads(world, tmp_path)
 
     # compute_metrics sees the student's predictions on the eval cache
     metrics = full.evaluate()
-    from cachebrew.cache.loader import CacheBatches
+    from cachebrew.components.loader import CacheBatches
 
     right = total = 0
     full.model.eval()
@@ -126,19 +126,19 @@ def test_cached_and_online_modes_train_the_same_student(world, tmp_path):
     common = dict(distillation_config=config, args=args(tmp_path / "x", train_sampling_strategy="sequential"))
     cached = DistillationTrainer(model=student(), teacher_cache=world["caches"]["train"], **common)
     torch.manual_seed(1234)
-    cached._losses.projs[0].reset_parameters()
+    cached.distillation_loss.projections[0].reset_parameters()
     cached.train()
     teacher = Bert.from_pretrained(str(world["teacher"]))
     online = DistillationTrainer(model=student(), teacher_model=teacher, data_collator=_pad,
                                  train_dataset=_rows_in_cache_order(world["caches"]["train"]), **common)
     torch.manual_seed(1234)
-    online._losses.projs[0].reset_parameters()
+    online.distillation_loss.projections[0].reset_parameters()
     online.train()
     assert cached.state.global_step == online.state.global_step == 12
     assert max_diff(cached.model, online.model) < 1e-5
     assert max_diff(cached.model, student()) > 1e-3
     # the weight schedule followed the Trainer's steps: linear_decay reaches 0 at the last step
-    assert cached._losses.kd_loss_weight == pytest.approx(0.0)
+    assert cached.distillation_loss.kd_loss_weight == pytest.approx(0.0)
 
 
 def test_gradient_accumulation_matches_the_larger_batch(world, tmp_path):

@@ -6,7 +6,7 @@ import torch
 
 from cachebrew.cache.format import (Selection, TensorSpec, decode_int_column, decode_selection, decode_tensor_column,
                                     encode_int_rows, encode_tensor_rows, pad_ints)
-from cachebrew.cache.loader import _pad_stack
+from cachebrew.components.loader import _pad_stack
 
 
 def _record_batches(spec, rows, lengths, split):

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from cachebrew.cache import CacheBatches, CacheLoader
+from cachebrew.components import CacheBatches, CacheLoader
 from cachebrew.errors import CachebrewError
-from cachebrew.export import ExportConfig, run_export
+from cachebrew.recipes.export import ExportConfig, run_export
 from fixtures import export_config, make_teacher_dir, make_text_data
 
 ROWS = 96

@@ -17,12 +17,12 @@ import yaml
 from safetensors.torch import load_file
 
 from cachebrew.cache import CacheReader
-from cachebrew.cache.loader import CacheBatches
+from cachebrew.components.loader import CacheBatches
 from cachebrew.cache.lock import DirectoryLock
 from cachebrew.cache.sharing import copy_cache, find_caches
-from cachebrew.distill import DistillRunConfig, run_distill
+from cachebrew.recipes.distill import DistillRunConfig, run_distill
 from cachebrew.errors import CacheFormatError, CachebrewError
-from cachebrew.export import ExportConfig, run_export
+from cachebrew.recipes.export import ExportConfig, run_export
 from fixtures import export_config, make_teacher_dir, make_text_data
 
 HERE = Path(__file__).parent

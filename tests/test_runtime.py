@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cachebrew import runtime
-from cachebrew.distill.checkpoints import gather_rng_states, restore_rng, rng_state
+from cachebrew.core import runtime
+from cachebrew.recipes.distill.checkpoints import gather_rng_states, restore_rng, rng_state
 
 
 @pytest.fixture

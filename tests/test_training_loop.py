@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cachebrew import BatchError, ConfigError, DistillationConfig, GeneralDistiller, TrainingConfig
-from cachebrew.checkpoint import load_checkpoint
+from cachebrew.core.weights import load_checkpoint
 from cachebrew.distillers import CustomMatch
 from conftest import assert_same_weights, changed, loader, logits_adaptor, make_examples, run_distiller, tiny_bert
 
@@ -97,7 +97,7 @@ def test_checkpoints_are_safetensors_with_config(cachebrew, tmp_path, pair):
 
 
 def test_interrupted_checkpoint_leaves_no_file(tmp_path, monkeypatch):
-    import cachebrew.checkpoint as ck
+    import cachebrew.core.weights as ck
 
     def dies_midway(model, filename, metadata=None):
         with open(filename, "wb") as f:

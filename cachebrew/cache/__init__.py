@@ -3,10 +3,9 @@
 This package knows nothing of training: it writes, describes, verifies and reads shards.
 """
 from .format import FORMAT_VERSION, TensorSpec
-from .loader import CacheBatches, CacheLoader, JoinedCaches
 from .manifest import MANIFEST, Manifest
 from .reader import CacheReader
 from .shards import ShardInfo, ShardWriter
 
-__all__ = ["FORMAT_VERSION", "TensorSpec", "CacheBatches", "CacheLoader", "JoinedCaches", "MANIFEST", "Manifest", "CacheReader",
+__all__ = ["FORMAT_VERSION", "TensorSpec", "MANIFEST", "Manifest", "CacheReader",
            "ShardInfo", "ShardWriter"]

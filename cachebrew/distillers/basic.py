@@ -4,14 +4,12 @@ from __future__ import annotations
 import logging
 import random
 
-import torch
 from torch import nn
 
 from ..configurations import DistillationConfig, TrainingConfig
-from ..errors import BatchError, ConfigError
-from ..presets import KD_LOSS_MAP
-from .batches import (apply_adaptor, get_outputs_from_batch, has_cache, post_adaptor, probability_shift_,
-                      select_logits_with_mask, split_batch, teacher_outputs)
+from ..errors import ConfigError
+from ..objective import DistillationLoss
+from .batches import apply_adaptor, get_outputs_from_batch, has_cache, post_adaptor, split_batch, teacher_outputs
 from .loop import TrainingLoop, cycled, epoch_plan, step_plan
 
 logger = logging.getLogger("cachebrew")
@@ -56,10 +54,20 @@ class AbstractDistiller(TrainingLoop, DistillationContext):
         self.model_S = model_S
         self.adaptor_T = adaptor_T
         self.adaptor_S = adaptor_S
-        self.kd_loss = KD_LOSS_MAP[distill_config.kd_loss_type]
-        self.kd_loss_weight = distill_config.kd_loss_weight
-        self.hard_label_weight = distill_config.hard_label_weight
+        self.loss = DistillationLoss(distill_config, self._make_projections())
         self.logits_cache = []
+
+    def _make_projections(self):
+        return None  # GeneralDistiller builds the intermediate matches' projections
+
+    @property
+    def kd_loss_weight(self):
+        """The KD weight now (it follows kd_loss_weight_scheduler), held by the loss component."""
+        return self.loss.kd_loss_weight
+
+    @property
+    def hard_label_weight(self):
+        return self.loss.hard_label_weight
 
     def _student(self):
         return self.model_S
@@ -73,11 +81,7 @@ class AbstractDistiller(TrainingLoop, DistillationContext):
         return meta
 
     def _on_optimizer_step(self, progress):
-        # Weight schedules are applied after each optimizer step, as in TextBrewer; the config stays untouched.
-        if self.d_config.kd_loss_weight_scheduler is not None:
-            self.kd_loss_weight = self.d_config.kd_loss_weight_scheduler(progress)
-        if self.d_config.hard_label_weight_scheduler is not None:
-            self.hard_label_weight = self.d_config.hard_label_weight_scheduler(progress)
+        self.loss.on_optimizer_step(progress)
 
     def initialize_training(self, optimizer, scheduler_class, scheduler_args, scheduler):
         """Add projection layers to the optimizer, wrap for DDP/DP, build the LR scheduler."""
@@ -89,60 +93,11 @@ class AbstractDistiller(TrainingLoop, DistillationContext):
         for m in _models(self.model_T):
             m.to(self.device)
         self._wrap_parallel()
-        self.kd_loss_weight = self.d_config.kd_loss_weight
-        self.hard_label_weight = self.d_config.hard_label_weight
+        self.loss.reset_weights()
         return optimizer, self._make_scheduler(optimizer, scheduler_class, scheduler_args, scheduler)
 
     def _projection_groups(self):
         return []
-
-    # -- loss pieces shared by all distillers ------------------------------------------------------
-    def _temperature(self, l_S, l_T):
-        if self.d_config.temperature_scheduler is not None:
-            return self.d_config.temperature_scheduler(l_S, l_T, self.d_config.temperature)
-        return self.d_config.temperature
-
-    def _kd_term(self, logits_list_S, logits_list_T, results_S):
-        """Sum of KD losses over paired logits, with probability_shift when configured."""
-        if len(logits_list_S) != len(logits_list_T):
-            raise BatchError(f"the student adaptor returned {len(logits_list_S)} logits tensors, "
-                             f"the teacher {len(logits_list_T)}")
-        labels_list = self._shift_labels(results_S) if self.d_config.probability_shift else None
-        total = 0
-        for i, (l_T, l_S) in enumerate(zip(logits_list_T, logits_list_S)):
-            if labels_list is not None:
-                l_T = probability_shift_(l_T, labels_list[i])
-            total = total + self.kd_loss(l_S, l_T, self._temperature(l_S, l_T))
-        return total
-
-    @staticmethod
-    def _shift_labels(results_S):
-        """Labels aligned with the (possibly logits_mask-selected) logits; TextBrewer crashes on masked ones."""
-        labels_list = results_S.get("labels")
-        if labels_list is None:
-            raise BatchError("probability_shift=True needs 'labels' in the student adaptor's output")
-        if "logits_mask" not in results_S:
-            return labels_list
-        masks = results_S["logits_mask"]
-        return [lab[(masks[0] if len(masks) == 1 else masks[i]).to(torch.bool)] if lab.dim() == 2 else lab
-                for i, lab in enumerate(labels_list)]
-
-    def _masked_logits(self, results_S, results_T):
-        logits_S, logits_T = results_S["logits"], results_T["logits"]
-        if "logits_mask" in results_S:
-            logits_S = select_logits_with_mask(logits_S, results_S["logits_mask"])
-        if "logits_mask" in results_T:
-            logits_T = select_logits_with_mask(logits_T, results_T["logits_mask"])
-        return logits_S, logits_T
-
-    def _hard_label_term(self, results_S, total_loss, losses_dict):
-        if "losses" in results_S:
-            total_hl_loss = 0
-            for loss in results_S["losses"]:
-                total_hl_loss = total_hl_loss + loss.mean()  # .mean(): DataParallel returns one loss per GPU
-            total_loss = total_loss + total_hl_loss * self.hard_label_weight
-            losses_dict["unweighted_hard_label_loss"] = total_hl_loss
-        return total_loss
 
     def _loss_on_batch(self, batch, args):
         return self.train_on_batch(batch, args)
@@ -196,17 +151,7 @@ class BasicDistiller(AbstractDistiller):
         return self.compute_loss(results_S, results_T)
 
     def compute_loss(self, results_S, results_T):
-        logits_S, logits_T = self._masked_logits(results_S, results_T)
-        return self._prediction_loss(logits_S, logits_T, results_S)
-
-    def _prediction_loss(self, logits_S, logits_T, results_S):
-        """The weighted KD term plus the hard-label term: (total, {name: unweighted loss})."""
-        losses_dict = {}
-        total_kd_loss = self._kd_term(logits_S, logits_T, results_S)
-        total_loss = total_kd_loss * self.kd_loss_weight
-        losses_dict["unweighted_kd_loss"] = total_kd_loss
-        total_loss = self._hard_label_term(results_S, total_loss, losses_dict)
-        return total_loss, losses_dict
+        return self.loss.logits_loss(results_S, results_T)
 
     def cache_logits(self, batch, args, batch_postprocessor):
         if batch_postprocessor is not None:

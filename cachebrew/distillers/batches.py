@@ -146,38 +146,3 @@ def post_adaptor(dict_object):
         if key in dict_object and not isinstance(dict_object[key], (list, tuple)):
             dict_object[key] = [dict_object[key]]
     return dict_object
-
-
-def select_logits_with_mask(logits_list, masks_list):
-    """Keep the positions whose mask is 1 in 3-D (sequence-labelling) logits; 2-D logits pass through."""
-    if len(masks_list) not in (1, len(logits_list)):
-        raise BatchError(f"{len(logits_list)} logits tensors but {len(masks_list)} logits_mask tensors")
-    out = []
-    for i, logits in enumerate(logits_list):
-        mask = masks_list[0] if len(masks_list) == 1 else masks_list[i]
-        if logits.dim() == 3:
-            mask = mask.unsqueeze(-1).expand_as(logits).to(torch.bool)
-            logits = torch.masked_select(logits, mask).view(-1, logits.size(-1))
-        out.append(logits)
-    return out
-
-
-def probability_shift_(tensor, labels):
-    """Swap each row's top teacher logit with the gold label's logit so the gold label ranks first.
-
-    Returns a new tensor: the input is left unchanged, because it may be a cached teacher output
-    that later epochs read again.
-    """
-    if tensor.dim() not in (2, 3):
-        raise TypeError("Rank of tensor must be 2 or 3")
-    original_shape = tensor.shape
-    flat = tensor.reshape(-1, tensor.size(-1)).clone()
-    max_position = flat.argmax(dim=-1)
-    labels = labels.reshape(-1).to(max_position.device)
-    labels = torch.where(labels < 0, max_position, labels)  # ignored positions (-100) stay as they are
-    index = torch.arange(flat.size(0), device=flat.device)
-    max_clone = flat[index, max_position].clone()
-    truth_clone = flat[index, labels].clone()
-    flat[index, max_position] = truth_clone
-    flat[index, labels] = max_clone
-    return flat.view(original_shape)

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import save_checkpoint
+from ..core.weights import save_checkpoint
 from ..configurations import TrainingConfig
 from ..core.tensors import scalars_to_host
 from ..errors import ConfigError
-from ..runtime import barrier, ensure_process_group, get_rank, resolve_device, resolve_local_rank
+from ..core.runtime import barrier, ensure_process_group, get_rank, resolve_device, resolve_local_rank
 from ..utils import cycle
 from ..version import __version__
 from .batches import prefetch_to_device
@@ -364,7 +364,7 @@ class TrainingLoop:
 
     def save_and_callback(self, global_step, step, epoch, callback):
         """Rank 0 writes gs{global_step}.safetensors; every rank then runs the callback."""
-        if self.rank == 0:
+        if self.rank == 0 and self.t_config.keep_checkpoints != 0:
             logger.info("saving at global step %d, epoch step %d, epoch %d", global_step, step + 1, epoch + 1)
             core = self._student()
             core = core.module if hasattr(core, "module") else core

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from ..errors import BatchError, ConfigError
 from .basic import BasicDistiller, CachedBatch
-from .batches import (apply_adaptor, get_outputs_from_batch, has_cache, post_adaptor, select_logits_with_mask,
-                      split_batch, teacher_outputs)
+from ..objective import select_logits_with_mask
+from .batches import apply_adaptor, get_outputs_from_batch, has_cache, post_adaptor, split_batch, teacher_outputs
 
 
 class MultiTeacherDistiller(BasicDistiller):
@@ -47,7 +47,7 @@ class MultiTeacherDistiller(BasicDistiller):
         if "logits_mask" in results_T[0]:
             logits_list_T = [select_logits_with_mask(lt, results_T[0]["logits_mask"]) for lt in logits_list_T]
         mean_logits_T = [sum(per_head) / len(per_head) for per_head in zip(*logits_list_T)]
-        return self._prediction_loss(logits_list_S, mean_logits_T, results_S)
+        return self.loss.prediction_loss(logits_list_S, mean_logits_T, results_S)
 
     def _adapt_teachers(self, teacher_batch, outputs_T, from_cache):
         if not isinstance(outputs_T, (list, tuple)):

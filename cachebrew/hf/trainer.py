@@ -3,7 +3,7 @@
 The Trainer keeps everything it does well (TrainingArguments, bf16, accumulation, evaluation with
 compute_metrics, checkpoints and resume, report_to, callbacks, torchrun); only three things change:
 the train batches come from a cachebrew cache (``{'student': inputs, 'teacher_cache': outputs}``),
-``compute_loss`` is the distillation loss of cachebrew's GeneralDistiller (so TextBrewer's and INC's
+``compute_loss`` is cachebrew's `objective.DistillationLoss`, the one the distillers call (so TextBrewer's and INC's
 criteria behave exactly as in ``cachebrew distill``), and projection layers, when a match needs them,
 are trained and checkpointed next to the student. Give ``teacher_model`` instead of ``teacher_cache``
 and the same script distils online, which is how the two are compared.
@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from ..cache.loader import CacheBatches, CacheLoader
-from ..configurations import DistillationConfig, TrainingConfig
+from ..components.loader import CacheBatches, CacheLoader
+from ..configurations import DistillationConfig
 from ..core.models import hf_adaptor
 from ..core.tensors import scalars_to_host
-from ..distillers import GeneralDistiller
+from ..objective import DistillationLoss, build_projections
 from ..distillers.batches import CACHE_KEY, apply_adaptor, call_model, post_adaptor
 from ..errors import CachebrewError, ConfigError
 from .criteria import to_distillation_config
@@ -45,11 +45,11 @@ class _EpochAndSchedules(TrainerCallback):
             ds.set_epoch(int(state.epoch + 1e-6) if state.epoch else 0)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._losses._on_optimizer_step(state.global_step / max(state.max_steps, 1))
+        self.trainer.distillation_loss.on_optimizer_step(state.global_step / max(state.max_steps, 1))
         self.trainer._projections().zero_grad()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._losses._on_optimizer_step(state.global_step / max(state.max_steps, 1))
+        self.trainer.distillation_loss.on_optimizer_step(state.global_step / max(state.max_steps, 1))
         self.trainer._projections().zero_grad()  # the Trainer zeroes only the model's gradients
 
 
@@ -103,9 +103,7 @@ class DistillationTrainer(Trainer):
         self.adaptor_S, self.adaptor_T = adaptor_S, adaptor_T if adaptor_T is not None or teacher_model is None \
             else hf_adaptor
         d_config = self._with_projections(to_distillation_config(distillation_config))
-        self._losses = GeneralDistiller(TrainingConfig(output_dir=a.output_dir, log_dir=None, device=str(a.device),
-                                                       local_rank=-1),
-                                        d_config, None, self.model, None, adaptor_S)
+        self.distillation_loss = DistillationLoss(d_config, build_projections(d_config, a.device))
         self.distillation_config = d_config
         if a.world_size > 1:
             self._average_projection_grads()
@@ -186,7 +184,7 @@ class DistillationTrainer(Trainer):
             results_T = self._online_teacher(student_inputs)
         else:
             raise CachebrewError("DistillationTrainer: a train batch without 'teacher_cache' and no teacher_model")
-        loss, parts = self._losses.compute_loss(results_S, results_T)
+        loss, parts = self.distillation_loss(results_S, results_T)
         self._last_parts = {k: v.detach() for k, v in parts.items()}  # read back in log(), not every step
         return (loss, outputs_S) if return_outputs else loss
 
@@ -220,7 +218,7 @@ class DistillationTrainer(Trainer):
 
     # -- projections: trained with the student, saved in each checkpoint -------------------------------
     def _projections(self) -> torch.nn.ModuleList:
-        return torch.nn.ModuleList([p for p in self._losses.projs if p is not None])
+        return torch.nn.ModuleList([p for p in self.distillation_loss.projections if p is not None])
 
     def _average_projection_grads(self):
         """Projections live outside the DDP-wrapped student: average their gradients across ranks ourselves.

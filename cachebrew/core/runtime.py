@@ -19,6 +19,17 @@ def resolve_local_rank(local_rank: int | None) -> int:
     return -1
 
 
+def launch_env() -> tuple[int, int, int]:
+    """(world size, rank, local rank) that torchrun set for this process; (1, 0, -1) when not launched by it.
+
+    Read before any process group exists (export decides from them whether to create one).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else -1
+    return world, rank, local_rank
+
+
 def resolve_device(device, local_rank: int) -> torch.device:
     """The device this process trains or exports on, always with an index when it is a GPU.
 

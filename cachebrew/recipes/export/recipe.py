@@ -1,5 +1,9 @@
 """`cachebrew export`: run the teachers once over the data and write the cache.
 
+`ExportRecipe`: ``setup`` (data, teachers, tokenizer → fingerprint) → ``load_checkpoint`` (what the output
+directory holds: up to date, foreign, or complete shards to resume from — an export's checkpoints are
+its complete shards) → ``plan`` (rows, augmentation, tokens, length-sorted order, this rank's shards) →
+``run`` (teachers → writer thread → shards) → ``save`` (the manifest, written last).
 Setup order matters: the data and teachers are loaded first because the fingerprint is made of their
 content; the fingerprint decides whether the output directory is up to date, resumable or foreign;
 only then is the plan tokenized and the remaining shards computed. Teacher forwards run on the main
@@ -24,22 +28,23 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from ..cache.fingerprint import combine, hash_state_dict
-from ..cache.format import (ATTENTION_MASK, COPY, FORMAT_VERSION, ID, INPUT_IDS, LABELS, TASK, TEXT, TEXT_PAIR,
-                            TOKEN_COLUMNS, TOKEN_TYPE_IDS, WORDS, cut_batch, cuts_on_device, encode_batch,
+from ...cache.fingerprint import combine, hash_state_dict
+from ...cache.format import (COPY, FORMAT_VERSION, ID, INPUT_IDS, LABELS, TASK, TEXT, TEXT_PAIR,
+                            TOKEN_COLUMNS, WORDS, cut_batch, cuts_on_device, encode_batch,
                             encode_cut, encode_int_rows)
-from ..cache.manifest import MANIFEST, Manifest
-from ..cache.shards import (ShardWriter, describe_shard, list_shards, read_shard_meta, remove_temp_files)
-from ..cache.lock import DirectoryLock
-from ..cache.sharing import copy_cache
-from ..cache.storage import is_uri, local_path
-from ..core.tensors import iter_tensors
-from ..core.training import AMP_DTYPES, resolve_amp
-from ..errors import CacheFormatError, CachebrewError, CacheMismatchError
-from ..runtime import resolve_device
-from ..version import __version__
+from ...cache.manifest import MANIFEST, Manifest
+from ...cache.shards import (ShardInfo, ShardWriter, describe_shard, list_shards, read_shard_meta,
+                             remove_temp_files)
+from ...cache.lock import DirectoryLock
+from ...cache.sharing import copy_cache
+from ...cache.storage import is_uri, local_path
+from ...core.tensors import iter_tensors
+from ...core.training import AMP_DTYPES, resolve_amp
+from ...errors import CacheFormatError, CachebrewError, CacheMismatchError
+from ...core.runtime import barrier, launch_env, resolve_device
+from ...version import __version__
 from .config import ExportConfig
-from .data import build_rows, data_fingerprint, label_vocabulary, load_table, sorted_order, tokenize_rows
+from ...components.data import build_rows, pad_batch, data_fingerprint, label_vocabulary, load_table, sorted_order, tokenize_rows
 from .teachers import forward, load_teacher, load_tokenizer, teacher_tensors, tensor_specs
 
 logger = logging.getLogger("cachebrew")
@@ -60,18 +65,6 @@ class ExportResult:
     @property
     def rows_per_second(self) -> float:
         return self.rows_written / self.seconds if self.seconds > 0 else 0.0
-
-
-def _dist_env():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else -1
-    return world, rank, local_rank
-
-
-def _barrier(world):
-    if world > 1:
-        torch.distributed.barrier()
 
 
 def _wipe(out: Path):
@@ -262,17 +255,6 @@ def _schema(cfg: ExportConfig, tokens: list[dict], specs, token_level: bool) -> 
     return pa.schema(fields)
 
 
-def _collate(tokens: list[dict], pad_id: int, device) -> dict:
-    length = max(len(t[INPUT_IDS]) for t in tokens)
-    batch = {}
-    for name in (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS):
-        if name in tokens[0]:
-            pad = pad_id if name == INPUT_IDS else 0
-            batch[name] = torch.tensor([t[name] + [pad] * (length - len(t[name])) for t in tokens],
-                                       dtype=torch.long).to(device)
-    return batch
-
-
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -293,18 +275,24 @@ def run_export(cfg: ExportConfig) -> ExportResult:
 
         staged = staging_dir(cfg.output)
         result = run_export(replace(cfg, output=str(staged)))
-        if _dist_env()[1] == 0:
+        if launch_env()[1] == 0:
             report = copy_cache(staged, cfg.output, overwrite=cfg.overwrite)
             logger.info("pushed %s to %s: %d shards copied, %d already there", staged, cfg.output, report.copied,
                         report.skipped)
         result.output = cfg.output
         return result
-    world, rank, _ = _dist_env()
+    world, rank, _ = launch_env()
     out = local_path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     with DirectoryLock(out, ".lock" if rank == 0 else f".lock-rank{rank}"):
         try:
-            return _export(cfg, out)
+            recipe = ExportRecipe(cfg, out)
+            recipe.setup()
+            if recipe.load_checkpoint() == "up_to_date":
+                return recipe.up_to_date()
+            recipe.plan()
+            recipe.run()
+            return recipe.save()
         except OSError as e:
             if e.errno not in _DISK_FULL:
                 raise
@@ -313,138 +301,150 @@ def run_export(cfg: ExportConfig) -> ExportResult:
                                  "them once there is space (or choose another output).") from None
 
 
-def _export(cfg: ExportConfig, out: Path) -> ExportResult:
-    t0 = time.perf_counter()
-    world, rank, local_rank = _dist_env()
-    device = resolve_device(cfg.device, local_rank)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")  # only barriers and the final gather travel over it
-    want_attention = bool(cfg.outputs.attention_layers)
+class ExportRecipe:
+    """One export into a local directory (`run_export` handles URIs, the lock and a full disk)."""
 
-    # 1. everything the fingerprint is made of
-    ds = load_table(cfg.data)
-    loaded = [load_teacher(tc, i, want_attention) for i, tc in enumerate(cfg.teachers)]
-    teachers = {tc.name: model for tc, (model, _) in zip(cfg.teachers, loaded)}
-    weights = {name: hash_state_dict(model) for name, model in teachers.items()}
-    tokenizer, tokenizer_hash = load_tokenizer(cfg, [tok for _, tok in loaded])
-    amp_dtype = AMP_DTYPES.get(resolve_amp(cfg.amp, device))
-    fingerprint_inputs = {
-        "format_version": FORMAT_VERSION, "cachebrew": __version__, "torch": torch.__version__,
-        "teachers": weights, "tokenizer": tokenizer_hash, "dataset": data_fingerprint(cfg.data),
-        "export": cfg.fingerprint_settings(), "device_type": device.type, "amp": str(amp_dtype),
-    }
-    fingerprint = combine(fingerprint_inputs)
+    def __init__(self, cfg: ExportConfig, out: Path):
+        self.cfg, self.out = cfg, out
 
-    # 2. what the output directory holds
-    state = None
-    if rank == 0:
-        state = check_output_dir(out, fingerprint, cfg.overwrite)
-        remove_temp_files(out)
-    if world > 1:
-        box = [state]
-        torch.distributed.broadcast_object_list(box, src=0)
-        state = box[0]
-    _barrier(world)
-    if state == "up_to_date":
-        m = Manifest.read(out)
-        logger.info("%s is up to date (fingerprint %s…): nothing to do", out, fingerprint[:12])
-        return ExportResult(str(out), fingerprint, True, m.num_rows, 0, 0, len(m.shards), m.num_bytes,
-                            time.perf_counter() - t0)
+    def setup(self) -> None:
+        """Load everything the fingerprint is made of: the data, the teachers' weights, the tokenizer, settings."""
+        cfg = self.cfg
+        self.t0 = time.perf_counter()
+        self.world, self.rank, local_rank = launch_env()
+        self.device = resolve_device(cfg.device, local_rank)
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo")  # only barriers and the final gather travel over it
+        self.ds = load_table(cfg.data)
+        loaded = [load_teacher(tc, i, bool(cfg.outputs.attention_layers)) for i, tc in enumerate(cfg.teachers)]
+        self.teachers = {tc.name: model for tc, (model, _) in zip(cfg.teachers, loaded)}
+        self.weights = {name: hash_state_dict(model) for name, model in self.teachers.items()}
+        self.tokenizer, tokenizer_hash = load_tokenizer(cfg, [tok for _, tok in loaded])
+        self.amp_dtype = AMP_DTYPES.get(resolve_amp(cfg.amp, self.device))
+        self.fingerprint_inputs = {
+            "format_version": FORMAT_VERSION, "cachebrew": __version__, "torch": torch.__version__,
+            "teachers": self.weights, "tokenizer": tokenizer_hash, "dataset": data_fingerprint(cfg.data),
+            "export": cfg.fingerprint_settings(), "device_type": self.device.type, "amp": str(self.amp_dtype),
+        }
+        self.fingerprint = combine(self.fingerprint_inputs)
 
-    # 3. the plan
-    token_level = cfg.data.tokens is not None
-    label_col = ds[cfg.data.label] if cfg.data.label else []
-    first_model = next(iter(teachers.values()))
-    label2id = getattr(getattr(first_model, "config", None), "label2id", None)
-    label_names, label_map = label_vocabulary(label_col, label2id)
-    rows = build_rows(ds, cfg.data, cfg.augment, getattr(tokenizer, "mask_token", None) or "[MASK]")
-    tokens = tokenize_rows(rows, tokenizer, cfg.max_length, label_map, token_level)
-    order = sorted_order([len(t[INPUT_IDS]) for t in tokens], cfg.sort_window * cfg.batch_size)
-    n_shards = math.ceil(len(order) / cfg.shard_rows)
-    mine = [s for s in range(n_shards) if s % world == rank]
-    on_disk = list_shards(out)
-    done = [s for s in mine if s in on_disk]
-    todo = [s for s in mine if s not in on_disk]
-    if done:
-        logger.info("resuming: %d of this rank's %d shards are already complete", len(done), len(mine))
+    def load_checkpoint(self) -> str:
+        """'up_to_date' or 'resume': rank 0 inspects the directory (refusing a foreign cache), every rank hears."""
+        state = None
+        if self.rank == 0:
+            state = check_output_dir(self.out, self.fingerprint, self.cfg.overwrite)
+            remove_temp_files(self.out)
+        if self.world > 1:
+            box = [state]
+            torch.distributed.broadcast_object_list(box, src=0)
+            state = box[0]
+        barrier()
+        return state
 
-    # 4. teachers on the device; output specs from the plan's first batch (the same on every rank)
-    for model in teachers.values():
-        model.to(device)
-    pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+    def up_to_date(self) -> ExportResult:
+        m = Manifest.read(self.out)
+        logger.info("%s is up to date (fingerprint %s…): nothing to do", self.out, self.fingerprint[:12])
+        return ExportResult(str(self.out), self.fingerprint, True, m.num_rows, 0, 0, len(m.shards), m.num_bytes,
+                            time.perf_counter() - self.t0)
 
-    def run_teachers(batch_tokens):
-        batch = _collate(batch_tokens, pad_id, device)
+    def plan(self) -> None:
+        """Rows (example, copy) → tokens → length-sorted order; shard k is rows [k·R, (k+1)·R) of it."""
+        cfg = self.cfg
+        self.token_level = cfg.data.tokens is not None
+        label_col = self.ds[cfg.data.label] if cfg.data.label else []
+        first_model = next(iter(self.teachers.values()))
+        label2id = getattr(getattr(first_model, "config", None), "label2id", None)
+        self.label_names, label_map = label_vocabulary(label_col, label2id)
+        self.rows = build_rows(self.ds, cfg.data, cfg.augment, getattr(self.tokenizer, "mask_token", None) or "[MASK]")
+        self.tokens = tokenize_rows(self.rows, self.tokenizer, cfg.max_length, label_map, self.token_level)
+        self.order = sorted_order([len(t[INPUT_IDS]) for t in self.tokens], cfg.sort_window * cfg.batch_size)
+        self.n_shards = math.ceil(len(self.order) / cfg.shard_rows)
+        mine = [s for s in range(self.n_shards) if s % self.world == self.rank]
+        self.on_disk = list_shards(self.out)
+        self.done = [s for s in mine if s in self.on_disk]
+        self.todo = [s for s in mine if s not in self.on_disk]
+        if self.done:
+            logger.info("resuming: %d of this rank's %d shards are already complete", len(self.done), len(mine))
+
+    def _run_teachers(self, batch_tokens) -> dict:
+        batch = {k: v.to(self.device) for k, v in pad_batch(batch_tokens, self.pad_id, labels=False).items()}
         outs = {}
-        autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+                    else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
-            for name, model in teachers.items():
-                outs[name] = teacher_tensors(name, forward(model, batch, cfg), cfg)
+            for name, model in self.teachers.items():
+                outs[name] = teacher_tensors(name, forward(model, batch, self.cfg), self.cfg)
         return outs
 
-    probe = run_teachers([tokens[i] for i in order[:cfg.batch_size]])
-    specs = [spec for name, tensors in probe.items() for spec in tensor_specs(name, tensors, cfg)]
-    schema = _schema(cfg, tokens, specs, token_level)
+    def run(self) -> None:
+        """Teachers on the device, batch by batch; the writer thread encodes and writes this rank's shards."""
+        cfg, out, order = self.cfg, self.out, self.order
+        for model in self.teachers.values():
+            model.to(self.device)
+        self.pad_id = self.tokenizer.pad_token_id if getattr(self.tokenizer, "pad_token_id", None) is not None else 0
+        # output specs from the plan's first batch (the same on every rank)
+        probe = self._run_teachers([self.tokens[i] for i in order[:cfg.batch_size]])
+        self.specs = [spec for name, tensors in probe.items() for spec in tensor_specs(name, tensors, cfg)]
+        self.schema = _schema(cfg, self.tokens, self.specs, self.token_level)
+        writer = _WriterThread(out, self.schema, {"fingerprint": self.fingerprint, "format_version": FORMAT_VERSION},
+                               self.specs, record_batch_rows=cfg.record_batch_rows, compression=cfg.compression)
+        rows_todo = sum(len(order[s * cfg.shard_rows:(s + 1) * cfg.shard_rows]) for s in self.todo)
+        progress = None
+        if cfg.progress_bar and self.rank == 0:
+            from tqdm.auto import tqdm
 
-    # 5. compute and write
-    writer = _WriterThread(out, schema, {"fingerprint": fingerprint, "format_version": FORMAT_VERSION}, specs,
-                           record_batch_rows=cfg.record_batch_rows, compression=cfg.compression)
-    rows_todo = sum(len(order[s * cfg.shard_rows:(s + 1) * cfg.shard_rows]) for s in todo)
-    progress = None
-    if cfg.progress_bar and rank == 0:
-        from tqdm.auto import tqdm
+            progress = tqdm(total=rows_todo, desc=f"export {out.name}", unit="ex", dynamic_ncols=True)
+        self.written = 0
+        try:
+            for s in self.todo:
+                shard_order = order[s * cfg.shard_rows:(s + 1) * cfg.shard_rows]
+                writer.put(("open", s, s * cfg.shard_rows))
+                for start in range(0, len(shard_order), cfg.batch_size):
+                    idx = shard_order[start:start + cfg.batch_size]
+                    batch_tokens = [self.tokens[i] for i in idx]
+                    # the probe already ran the plan's first batch: reuse it rather than run the teachers twice
+                    outs = probe if (s == 0 and start == 0 and probe is not None) else self._run_teachers(batch_tokens)
+                    probe = None
+                    host, ready = to_host(stage_outputs(self.specs, outs, [len(t[INPUT_IDS]) for t in batch_tokens]))
+                    writer.put(("rows", [self.rows[i] for i in idx], batch_tokens, host, cfg.task, ready))
+                    self.written += len(idx)
+                    if progress is not None:
+                        progress.update(len(idx))
+                        progress.set_postfix(written=f"{writer.bytes_written / 2**20:.1f}MiB")
+                writer.put(("close", s))
+            writer.finish()
+        except BaseException:
+            writer.cancel()
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+        self.shard_infos = writer.infos
 
-        progress = tqdm(total=rows_todo, desc=f"export {out.name}", unit="ex", dynamic_ncols=True)
-    written = 0
-    try:
-        for s in todo:
-            shard_order = order[s * cfg.shard_rows:(s + 1) * cfg.shard_rows]
-            writer.put(("open", s, s * cfg.shard_rows))
-            for start in range(0, len(shard_order), cfg.batch_size):
-                idx = shard_order[start:start + cfg.batch_size]
-                batch_tokens = [tokens[i] for i in idx]
-                # the probe already ran the plan's first batch: reuse it rather than run the teachers twice
-                outs = probe if (s == 0 and start == 0 and probe is not None) else run_teachers(batch_tokens)
-                probe = None
-                host, ready = to_host(stage_outputs(specs, outs, [len(t[INPUT_IDS]) for t in batch_tokens]))
-                writer.put(("rows", [rows[i] for i in idx], batch_tokens, host, cfg.task, ready))
-                written += len(idx)
-                if progress is not None:
-                    progress.update(len(idx))
-                    progress.set_postfix(written=f"{writer.bytes_written / 2**20:.1f}MiB")
-            writer.put(("close", s))
-        writer.finish()
-    except BaseException:
-        writer.cancel()
-        raise
-    finally:
-        if progress is not None:
-            progress.close()
-
-    # 6. describe every shard of this rank, gather, and publish the manifest
-    infos = [i.to_dict() for i in writer.infos] + [describe_shard(on_disk[s]).to_dict() for s in done]
-    if world > 1:
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, infos)
-        infos = [i for part in gathered for i in part]
-    if rank == 0:
-        from ..cache.shards import ShardInfo
-
-        shard_infos = sorted((ShardInfo(**i) for i in infos), key=lambda i: i.index)
-        if [i.index for i in shard_infos] != list(range(n_shards)):
-            raise CacheFormatError(f"{out}: expected shards 0..{n_shards - 1}, have {[i.index for i in shard_infos]}")
-        manifest = Manifest(
-            fingerprint=fingerprint, fingerprint_inputs=fingerprint_inputs,
-            columns={f.name: str(f.type) for f in schema}, tensors=specs,
-            teachers={tc.name: {"weights_sha256": weights[tc.name], "source": tc.path or tc.entry_point,
-                                "model_class": tc.model_class} for tc in cfg.teachers},
-            shards=shard_infos, tasks={cfg.task: len(order)}, config=cfg.to_dict(), token_level=token_level,
-            label_names=label_names, num_examples=len(ds), created=datetime.now(timezone.utc).isoformat())
-        manifest.write(out)
-        total_bytes = manifest.num_bytes
-    else:
+    def save(self) -> ExportResult:
+        """Describe every shard of every rank, gather, and publish the manifest (rank 0): the cache is complete."""
+        cfg, out = self.cfg, self.out
+        infos = [i.to_dict() for i in self.shard_infos] + [describe_shard(self.on_disk[s]).to_dict() for s in self.done]
+        if self.world > 1:
+            gathered = [None] * self.world
+            torch.distributed.all_gather_object(gathered, infos)
+            infos = [i for part in gathered for i in part]
         total_bytes = 0
-    _barrier(world)
-    seconds = time.perf_counter() - t0
-    return ExportResult(str(out), fingerprint, False, len(order), written, len(writer.infos), len(done), total_bytes,
-                        seconds)
+        if self.rank == 0:
+            shard_infos = sorted((ShardInfo(**i) for i in infos), key=lambda i: i.index)
+            if [i.index for i in shard_infos] != list(range(self.n_shards)):
+                raise CacheFormatError(f"{out}: expected shards 0..{self.n_shards - 1}, "
+                                       f"have {[i.index for i in shard_infos]}")
+            manifest = Manifest(
+                fingerprint=self.fingerprint, fingerprint_inputs=self.fingerprint_inputs,
+                columns={f.name: str(f.type) for f in self.schema}, tensors=self.specs,
+                teachers={tc.name: {"weights_sha256": self.weights[tc.name], "source": tc.path or tc.entry_point,
+                                    "model_class": tc.model_class} for tc in cfg.teachers},
+                shards=shard_infos, tasks={cfg.task: len(self.order)}, config=cfg.to_dict(),
+                token_level=self.token_level, label_names=self.label_names, num_examples=len(self.ds),
+                created=datetime.now(timezone.utc).isoformat())
+            manifest.write(out)
+            total_bytes = manifest.num_bytes
+        barrier()
+        return ExportResult(str(out), self.fingerprint, False, len(self.order), self.written, len(self.shard_infos),
+                            len(self.done), total_bytes, time.perf_counter() - self.t0)

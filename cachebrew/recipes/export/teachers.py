@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from ..cache.fingerprint import hash_files
-from ..cache.format import TensorSpec
-from ..core.models import TOKENIZER_FILES, call_entry_point
-from ..errors import CachebrewError, ConfigError
-from ..paths import resolve_path
+from ...cache.fingerprint import hash_files
+from ...cache.format import TensorSpec
+from ...core.models import TOKENIZER_FILES, call_entry_point
+from ...errors import CachebrewError, ConfigError
+from ...core.paths import resolve_path
 from .config import ExportConfig, TeacherConfig
 
 def load_teacher(tc: TeacherConfig, index: int, want_attention: bool):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from .core.files import atomic_write
+from .files import atomic_write
 
 
 def save_checkpoint(model: torch.nn.Module, path, metadata: dict | None = None) -> Path:

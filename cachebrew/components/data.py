@@ -7,18 +7,40 @@ of the plan always holds the same rows, which is what makes resume and multi-ran
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..cache.fingerprint import hash_file, hash_files
 from ..data_utils import AUGMENTATIONS
 from ..errors import CachebrewError, ConfigError
-from .config import AugmentConfig, DataConfig
 
 _EXT_FORMAT = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
                ".arrow": "arrow"}
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    format: str | None = None          # csv / json / parquet / arrow / saved (load_from_disk); None: from extension
+    split: str = "train"
+    text: str | None = "text"          # column with the text (or None with `tokens`)
+    text_pair: str | None = None
+    tokens: str | None = None          # column with pre-split words (token-level tasks)
+    label: str | None = "label"
+    id: str | None = None              # column with a stable example id; None: the row index
+    limit: int | None = None
+
+
+@dataclass
+class AugmentConfig:
+    copies: int = 0                    # augmented copies per example
+    include_original: bool = True
+    seed: int = 0
+    mode: str = "sequence"             # sequence: apply every op in turn; choice: one op drawn per copy
+    ops: list = field(default_factory=list)  # [{"name": "masking", "p": 0.1}, ...]
 
 
 def load_table(cfg: DataConfig):
@@ -168,6 +190,22 @@ def tokenize_rows(rows: list[PlanRow], tokenizer, max_length: int, label_map: di
                     item["labels"] = _label_id(r.label, label_map, r)
             out.append(item)
     return out
+
+
+def pad_batch(examples: list[dict], pad_id: int = 0, labels: bool = True) -> dict:
+    """Tokenized examples as one right-padded batch of tensors (labels padded with -100, the ignored index)."""
+    n = max(len(e["input_ids"]) for e in examples)
+    batch = {}
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        if key in examples[0]:
+            pad = pad_id if key == "input_ids" else 0
+            batch[key] = torch.tensor([e[key] + [pad] * (n - len(e[key])) for e in examples])
+    if labels and "labels" in examples[0]:
+        if isinstance(examples[0]["labels"], list):
+            batch["labels"] = torch.tensor([e["labels"] + [-100] * (n - len(e["labels"])) for e in examples])
+        else:
+            batch["labels"] = torch.tensor([e["labels"] for e in examples])
+    return batch
 
 
 def sorted_order(lengths: list[int], window: int) -> list[int]:

@@ -28,9 +28,9 @@ import torch
 
 from ..core.tensors import iter_tensors
 from ..errors import CacheFormatError, CachebrewError
-from .format import (ATTENTION_MASK, COPY, ID, INPUT_IDS, LABELS, TOKEN_TYPE_IDS, ColumnViews, Selection,
+from ..cache.format import (ATTENTION_MASK, COPY, ID, INPUT_IDS, LABELS, TOKEN_TYPE_IDS, ColumnViews, Selection,
                      TensorSpec, decode_selection, decode_tensor_column, pad_ints)
-from .reader import CacheReader
+from ..cache.reader import CacheReader
 
 
 def _row_refs(reader: CacheReader) -> np.ndarray:

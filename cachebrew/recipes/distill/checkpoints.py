@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-from ..core.files import publish_dir
-from ..runtime import get_world_size
+from ...core.files import publish_dir
+from ...core.runtime import get_world_size
 
 logger = logging.getLogger("cachebrew")
 

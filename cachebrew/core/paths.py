@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
-from .errors import CachebrewError
+from ..errors import CachebrewError
 
 PREFIX = "pypi:"
 

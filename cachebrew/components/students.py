@@ -3,6 +3,7 @@ and, for multi-task distillation, one shared encoder with a classification head 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,8 +11,16 @@ from torch import nn
 
 from ..errors import CachebrewError
 from ..core.models import call_entry_point
-from ..paths import resolve_path
-from .config import StudentConfig
+from ..core.paths import resolve_path
+
+
+@dataclass
+class StudentConfig:
+    path: str | None = None          # Hugging Face model directory (from_pretrained)
+    config: dict | str | None = None  # config fields (with model_type) or a config.json path: random init
+    entry_point: str | None = None   # "module:function" returning an nn.Module
+    model_class: str | None = None   # default: sequence or token classification from the cache
+    overrides: dict | None = None    # config fields to change, e.g. {num_hidden_layers: 3}: keep the first layers
 
 
 def _hf_config(spec: StudentConfig, num_labels: int | None, want_attention: bool):

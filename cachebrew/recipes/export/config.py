@@ -4,12 +4,12 @@ Loaded from YAML/JSON with ``--set key.sub=value`` overrides; every problem is r
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
-from ..cache.format import STORAGE_DTYPES
-from ..core.config_files import apply_overrides, config_to_dict, is_int, read_config_file
-from ..data_utils import AUGMENTATIONS
-from ..errors import ConfigError
+from ...cache.format import STORAGE_DTYPES
+from ...core.config import AMP_MODES, JobConfig, check_choice, check_int, is_int
+from ...components.data import AugmentConfig, DataConfig
+from ...data_utils import AUGMENTATIONS
 
 MODEL_CLASSES = ("AutoModelForSequenceClassification", "AutoModelForTokenClassification", "AutoModel",
                  "AutoModelForMaskedLM")
@@ -17,23 +17,10 @@ MODEL_CLASSES = ("AutoModelForSequenceClassification", "AutoModelForTokenClassif
 
 @dataclass
 class TeacherConfig:
-    name: str
+    name: str                          # names the teacher's cache columns
     path: str | None = None            # Hugging Face model directory
     entry_point: str | None = None     # "module:function" returning a model (or (model, tokenizer))
     model_class: str = "AutoModelForSequenceClassification"
-
-
-@dataclass
-class DataConfig:
-    path: str = ""
-    format: str | None = None          # csv / json / parquet / arrow / saved (load_from_disk); None: from extension
-    split: str = "train"
-    text: str | None = "text"          # column with the text (or None with `tokens`)
-    text_pair: str | None = None
-    tokens: str | None = None          # column with pre-split words (token-level tasks)
-    label: str | None = "label"
-    id: str | None = None              # column with a stable example id; None: the row index
-    limit: int | None = None
 
 
 @dataclass
@@ -52,23 +39,14 @@ class DtypesConfig:
     attention: str = "fp16"
 
 
-@dataclass
-class AugmentConfig:
-    copies: int = 0                    # augmented copies per example
-    include_original: bool = True
-    seed: int = 0
-    mode: str = "sequence"             # sequence: apply every op in turn; choice: one op drawn per copy
-    ops: list = field(default_factory=list)  # [{"name": "masking", "p": 0.1}, ...]
-
-
 COMPRESSIONS = ("lz4", "zstd", "none")  # Arrow IPC body codecs (any pyarrow reads them) and no codec
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(JobConfig):
     output: str = ""
     task: str = "default"
-    teachers: list = field(default_factory=list)
+    teachers: list[TeacherConfig] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: str | None = None       # path or module:function; default: the first teacher's path
     max_length: int = 128
@@ -86,28 +64,6 @@ class ExportConfig:
     amp: str | None = "auto"           # auto: bf16 on GPU, none on CPU; or none / bf16 / fp16
     overwrite: bool = False
     progress_bar: bool = True
-
-    # -- loading ------------------------------------------------------------------------------------
-    @classmethod
-    def from_file(cls, path, overrides: list[str] | None = None) -> "ExportConfig":
-        data = read_config_file(path)
-        if not isinstance(data, dict):
-            raise ConfigError("top level must be a mapping", str(path))
-        apply_overrides(data, overrides or [])
-        return cls.from_dict(data, source=str(path))
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str | None = None) -> "ExportConfig":
-        errors: list[str] = []
-        cfg = _build(cls, d, "export", errors)
-        if cfg is not None:
-            errors += cfg.problems()
-        if errors:
-            raise ConfigError(errors, source)
-        return cfg
-
-    def to_dict(self) -> dict:
-        return config_to_dict(self)
 
     # -- validation ---------------------------------------------------------------------------------
     def problems(self) -> list[str]:
@@ -136,23 +92,20 @@ class ExportConfig:
         if (self.data.text is None) == (self.data.tokens is None):
             e.append("data: give exactly one of data.text (a text column) or data.tokens (a column of word lists)")
         for name in ("max_length", "batch_size", "shard_rows", "sort_window", "record_batch_rows"):
-            v = getattr(self, name)
-            if not is_int(v) or v < 1:
-                e.append(f"{name}: must be an integer >= 1, got {v!r}")
-        if self.compression not in COMPRESSIONS:
-            e.append(f"compression: one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
+            check_int(e, name, getattr(self, name), 1)
+        check_int(e, "data.limit", self.data.limit, 1, optional=True)
+        check_choice(e, "compression", self.compression, COMPRESSIONS)
         o = self.outputs
         if not (o.logits or o.hidden_layers or o.attention_layers):
             e.append("outputs: nothing to export (logits false and no hidden/attention layers)")
         for key in ("hidden_layers", "attention_layers"):
             layers = getattr(o, key)
-            if not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+            if not isinstance(layers, list) or not all(is_int(x) and x >= 0
                                                        for x in layers):
                 e.append(f"outputs.{key}: must be a list of layer indices >= 0, got {layers!r}")
             elif len(set(layers)) != len(layers):
                 e.append(f"outputs.{key}: duplicate layers in {layers}")
-        if o.topk_logits is not None and (not isinstance(o.topk_logits, int) or o.topk_logits < 1):
-            e.append(f"outputs.topk_logits: must be null or an integer >= 1, got {o.topk_logits!r}")
+        check_int(e, "outputs.topk_logits", o.topk_logits, 1, optional=True)
         if o.attention_form not in ("probs", "logits"):
             e.append(f"outputs.attention_form: 'probs' or 'logits', got {o.attention_form!r}")
         for kind in ("logits", "hidden", "attention"):
@@ -161,7 +114,7 @@ class ExportConfig:
             if v not in allowed:
                 e.append(f"dtypes.{kind}: one of {allowed}, got {v!r}")
         a = self.augment
-        if not is_int(a.copies) or a.copies < 0:
+        if a.copies < 0:
             e.append(f"augment.copies: must be an integer >= 0, got {a.copies!r}")
         elif a.copies == 0 and not a.include_original:
             e.append("augment: include_original is false and copies is 0, so nothing would be exported")
@@ -172,8 +125,7 @@ class ExportConfig:
         for i, op in enumerate(a.ops):
             if not isinstance(op, dict) or op.get("name") not in AUGMENTATIONS:
                 e.append(f"augment.ops[{i}].name: one of {sorted(AUGMENTATIONS)}, got {op!r}")
-        if self.amp not in ("auto", None, "none", "bf16", "fp16"):
-            e.append(f"amp: one of auto, none, bf16, fp16, got {self.amp!r}")
+        check_choice(e, "amp", self.amp, AMP_MODES)
         return e
 
     def fingerprint_settings(self) -> dict:
@@ -184,44 +136,3 @@ class ExportConfig:
         d["data"].pop("path", None)  # the data is fingerprinted by content
         d["teacher_names"] = [t.name for t in self.teachers]
         return d
-
-
-_NESTED = {"data": DataConfig, "outputs": OutputsConfig, "dtypes": DtypesConfig, "augment": AugmentConfig}
-
-
-def _build(cls, d, where, errors):
-    if d is None:
-        d = {}
-    if not isinstance(d, dict):
-        errors.append(f"{where}: expected a mapping, got {type(d).__name__}")
-        return None
-    known = {f.name for f in fields(cls)}
-    for k in d:
-        if k not in known:
-            errors.append(f"{where}.{k}: unknown field (valid: {', '.join(sorted(known))})" if where != "export"
-                          else f"{k}: unknown field (valid: {', '.join(sorted(known))})")
-    kwargs = {}
-    for k, v in d.items():
-        if k not in known:
-            continue
-        prefix = k if where == "export" else f"{where}.{k}"
-        if cls is ExportConfig and k in _NESTED:
-            v = _build(_NESTED[k], v, prefix, errors)
-        elif cls is ExportConfig and k == "teachers":
-            if not isinstance(v, list):
-                errors.append(f"teachers: expected a list, got {type(v).__name__}")
-                continue
-            v = [_build(TeacherConfig, t, f"teachers[{i}]", errors) for i, t in enumerate(v)]
-            if any(t is None for t in v):
-                continue
-        kwargs[k] = v
-    if cls is TeacherConfig and "name" not in kwargs:
-        errors.append(f"{where}.name: required")
-        return None
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        errors.append(f"{where}: {e}")
-        return None
-
-

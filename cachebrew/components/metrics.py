@@ -1,0 +1,73 @@
+"""Evaluation metrics: accuracy for classification, entity-level F1 (conlleval chunking) for BIO tagging."""
+from __future__ import annotations
+
+
+def accuracy(pred: list[int], gold: list[int]) -> float:
+    return sum(int(p == g) for p, g in zip(pred, gold)) / max(len(gold), 1)
+
+
+def bio_entities(tags: list[str]) -> set[tuple[str, int, int]]:
+    """(type, start, end) chunks; an I- tag that does not continue its type starts a new chunk (conlleval)."""
+    chunks, start, kind = set(), None, None
+    for i, tag in enumerate(list(tags) + ["O"]):
+        prefix, _, label = tag.partition("-")
+        continues = prefix == "I" and kind == label
+        if start is not None and not continues:
+            chunks.add((kind, start, i))
+            start, kind = None, None
+        if prefix in ("B", "I") and not continues:
+            start, kind = i, label
+    return chunks
+
+
+def entity_f1(pred: list[list[str]], gold: list[list[str]]) -> dict:
+    tp = n_pred = n_gold = 0
+    for p, g in zip(pred, gold):
+        ep, eg = bio_entities(p), bio_entities(g)
+        tp += len(ep & eg)
+        n_pred += len(ep)
+        n_gold += len(eg)
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_gold if n_gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def tag_names(id2label) -> dict:
+    """{id: tag} from a label-name list (cache manifests) or an id2label mapping (model configs, keys int or str)."""
+    if not id2label:
+        return {}
+    if isinstance(id2label, dict):
+        return {int(k): v for k, v in id2label.items()}
+    return dict(enumerate(id2label))
+
+
+def score(preds: list, golds: list, id2label=None) -> dict:
+    """The one scorer of every job: accuracy for sequence labels; for token labels (lists per example) entity
+    F1 over the BIO tags named by `id2label` (an id it does not name reads as "O") plus token accuracy.
+
+    `cachebrew distill` keeps `best/` by it and `cachebrew train` / `evaluate` report it, so a model is chosen
+    and reported by the same numbers.
+    """
+    if preds and isinstance(preds[0], list):
+        names = tag_names(id2label)
+        tags = lambda seqs: [[names.get(i, "O") for i in s] for s in seqs]
+        r = entity_f1(tags(preds), tags(golds))
+        r["token_accuracy"] = accuracy([x for s in preds for x in s], [x for s in golds for x in s])
+        return r
+    return {"accuracy": accuracy(preds, golds)}
+
+
+def main_metric(metrics: dict) -> str:
+    """The number a job selects on: entity F1 when there is one, accuracy otherwise."""
+    return "f1" if "f1" in metrics else "accuracy"
+
+
+def predictions(logits, labels) -> tuple[list, list]:
+    """(predicted ids, gold ids) of a batch; token level (3-d logits): lists over the labelled (!= -100) positions."""
+    if logits.dim() == 3:
+        keep = labels != -100
+        arg = logits.argmax(-1)
+        return ([arg[i][keep[i].to(arg.device)].tolist() for i in range(labels.size(0))],
+                [labels[i][keep[i]].tolist() for i in range(labels.size(0))])
+    return logits.argmax(-1).tolist(), labels.tolist()

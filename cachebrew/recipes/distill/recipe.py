@@ -1,0 +1,328 @@
+"""`cachebrew distill`: train a student from teacher caches, with no teacher in memory.
+
+`DistillRecipe` reads top to bottom as the job runs: ``setup`` (seed → process group → caches → student →
+distiller, optimizer and schedule → the latest checkpoint with ``--resume``) → ``train`` (the shared
+distiller loop; ``evaluate`` at each plan checkpoint keeps ``best/``; ``save_checkpoint`` writes
+``checkpoints/step-N``, the run's one checkpoint system) → ``save`` (``last/``, ``results.json``).
+The loaders are built before the student because the student's head size comes from the caches.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...components.loader import CacheBatches, CacheLoader
+from ...configurations import TrainingConfig
+from ...core.files import atomic_write_text
+from ...core.models import hf_adaptor
+from ...core.training import make_optimizer, resolve_amp, save_student, seed_everything, warmup_linear
+from ...distillers import GeneralDistiller, MultiTaskDistiller
+from ...distillers.batches import move_to_device
+from ...distillers.loop import ResumeState, StepState
+from ...errors import CacheFormatError, CachebrewError
+from ...core.paths import resolve_path
+from ...core.runtime import ensure_process_group, get_rank, get_world_size, resolve_device, resolve_local_rank
+from ...version import __version__
+from .checkpoints import (gather_rng_states, latest_checkpoint, load_run_checkpoint, restore_rng,
+                          save_run_checkpoint)
+from .config import DistillRunConfig, TaskConfig
+from ...components.metrics import main_metric, predictions, score
+from ...components.students import build_multitask_student, build_student
+
+logger = logging.getLogger("cachebrew")
+
+
+@dataclass
+class DistillResult:
+    output_dir: str
+    global_step: int
+    best: dict | None
+    final: dict | None
+    teacher: dict | None
+    seconds: float
+    examples_per_second: float
+
+
+def _num_labels(ds: CacheBatches) -> int:
+    m = ds.joined.manifest
+    for _, spec in ds.joined.specs:
+        if spec.kind == "logits":
+            return int(spec.shape[-1])
+    if m.label_names:
+        return len(m.label_names)
+    raise CachebrewError(f"{ds.joined.readers[0].path}: no teacher logits and no label names; cannot size the head")
+
+
+def _verify_caches(readers):
+    """Every shard's checksum, rows and schema, before the student sees a byte of it."""
+    seen = set()
+    for reader in readers:
+        if reader.path in seen:
+            continue
+        seen.add(reader.path)
+        problems = reader.verify()
+        if problems:
+            raise CacheFormatError(f"{reader.path}: {len(problems)} bad shard(s), not training on it: "
+                                   + "; ".join(problems[:5]) + " (re-export or re-pull it; train.verify_caches: "
+                                   "false skips this check)")
+
+
+@torch.no_grad()
+def evaluate(model, ds: CacheBatches, device, label_names) -> tuple[dict, dict | None]:
+    """(student metrics, teacher metrics from the cached logits or None), both by `components.metrics.score`."""
+    model = model.module if hasattr(model, "module") else model
+    was_training = model.training
+    model.eval()
+    preds, golds, t_preds = [], [], []
+    try:
+        for batch in ds:
+            student = move_to_device(batch["student"], device)
+            labels = student.pop("labels")
+            p, g = predictions(model(**student).logits, labels)
+            preds += p
+            golds += g
+            cached = batch["teacher_cache"].get("logits")
+            if cached is not None:
+                t_preds += predictions(cached, labels.cpu())[0]
+    finally:
+        model.train(was_training)
+    return score(preds, golds, label_names), (score(t_preds, golds, label_names) if t_preds else None)
+
+
+class DistillRecipe:
+    """One `cachebrew distill` run: ``setup(resume)`` → ``train()`` → ``save()`` (see the module docstring)."""
+
+    def __init__(self, cfg: DistillRunConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        self.teacher_metric: dict | None = None
+        self.start_step = 0
+
+    # -- setup --------------------------------------------------------------------------------------
+    def setup(self, resume: bool = False) -> None:
+        cfg, tc = self.cfg, self.cfg.train
+        self.t_start = time.perf_counter()
+        seed_everything(cfg.seed)
+        local_rank = resolve_local_rank(None)
+        self.device = resolve_device(tc.device, local_rank)
+        if local_rank != -1:
+            ensure_process_group(self.device)  # before the loaders: they split batches by rank
+        self.rank, self.world_size = get_rank(), get_world_size()
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if not resume and latest_checkpoint(self.out / "checkpoints") is not None:
+            raise CachebrewError(f"{self.out} holds checkpoints of an earlier run: pass --resume to continue it, "
+                                 "or choose another output_dir")
+        self.d_config = cfg.distillation_config()
+        self.multi_task = bool(cfg.tasks)
+        self.tasks = cfg.tasks or {"default": TaskConfig(cfg.caches, cfg.eval_cache)}
+        self._setup_data()
+        self._setup_student()
+        self._setup_distiller(local_rank)
+        if resume:
+            ckpt = latest_checkpoint(self.out / "checkpoints")
+            if ckpt is None:  # killed before its first checkpoint: `--resume` is always safe to pass
+                logger.info("--resume: no complete checkpoint under %s yet; starting from step 0",
+                            self.out / "checkpoints")
+            else:
+                self.load_checkpoint(ckpt)
+
+    def _setup_data(self) -> None:
+        """One loader per task, reading only the teacher outputs the losses use; the eval caches; verification."""
+        cfg, tc = self.cfg, self.cfg.train
+        features = {("logits", None)} | {(im.feature, layer) for im in self.d_config.intermediate_matches
+                                         for layer in (im.layer_T if isinstance(im.layer_T, list) else [im.layer_T])}
+        task_of = lambda name: name if self.multi_task else None
+        self.train_sets = {name: CacheBatches(t.caches, tc.batch_size, shuffle=True, seed=cfg.seed,
+                                              buffer_size=tc.shuffle_buffer, teachers=cfg.teachers,
+                                              teacher_weights=cfg.teacher_weights, task=task_of(name),
+                                              features=features)
+                           for name, t in self.tasks.items()}
+        self.eval_sets = {name: CacheBatches(t.eval_cache, tc.batch_size, shuffle=False, rank=0, world_size=1,
+                                             task=task_of(name), features={("logits", None)})
+                          for name, t in self.tasks.items() if t.eval_cache}
+        # Each DataLoader iterator draws a base seed; from its own generator, not the global RNG, so that a
+        # resumed run (which creates its first iterator mid-epoch) sees the same dropout masks.
+        self.num_workers = tc.num_workers if tc.num_workers is not None else (2 if self.device.type == "cuda" else 0)
+        self.loaders = {name: CacheLoader(ds, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+                                          persistent_workers=self.num_workers > 0,
+                                          generator=torch.Generator().manual_seed(cfg.seed))
+                        for name, ds in self.train_sets.items()}
+        if tc.verify_caches:
+            _verify_caches([r for ds in (*self.train_sets.values(), *self.eval_sets.values()) for r in ds.joined.readers])
+        for name, ds in self.train_sets.items():
+            logger.info("task %s: %d rows, %d batches per epoch on this rank, teachers %s", name, ds.joined.num_rows,
+                        len(ds), ds.joined.teachers)
+
+    def _setup_student(self) -> None:
+        """The student, its head sized from the caches; the tokenizer files saved with it come from the export."""
+        want_attention = any(im.feature == "attention" for im in self.d_config.intermediate_matches)
+        token_level = {name: ds.token_level for name, ds in self.train_sets.items()}
+        num_labels = {name: _num_labels(ds) for name, ds in self.train_sets.items()}
+        if self.multi_task:
+            self.student = build_multitask_student(self.cfg.student, num_labels, token_level, want_attention)
+        else:
+            self.student = build_student(self.cfg.student, token_level["default"], num_labels["default"],
+                                         want_attention, self.train_sets["default"].joined.manifest.label_names)
+        self.student.to(self.device)
+        first = self.train_sets[next(iter(self.tasks))].joined.manifest
+        source = first.config.get("tokenizer") or next((t.get("source") for t in first.teachers.values()), None)
+        self.tokenizer_source = resolve_path(source) if source else None
+
+    def _setup_distiller(self, local_rank: int) -> None:
+        """The distiller (its loop, losses and projections), AdamW and the warm-up/linear schedule."""
+        tc = self.cfg.train
+        accum = tc.gradient_accumulation_steps
+        if tc.steps is not None:
+            self.total_steps = tc.steps
+            self.eval_every = tc.eval_every or tc.save_every or max(self.total_steps // 5, 1)
+        else:
+            steps_per_epoch = len(self.loaders["default"]) // accum
+            if steps_per_epoch == 0:
+                raise CachebrewError(f"train.batch_size={tc.batch_size} x gradient_accumulation_steps={accum} is "
+                                     f"larger than the cache ({self.train_sets['default'].joined.num_rows} rows)")
+            self.total_steps = steps_per_epoch * tc.epochs
+            self.eval_every = tc.eval_every
+        self.save_every = tc.save_every or self.eval_every  # None (epochs, no eval_every): at every epoch end
+        t_config = TrainingConfig(
+            output_dir=str(self.out), log_dir=str(self.out / "tb") if self.rank == 0 else None, device=str(self.device),
+            amp=resolve_amp(tc.amp, self.device), gradient_accumulation_steps=accum,
+            ckpt_steps=self.eval_every if tc.steps is not None else None, progress_bar=tc.progress_bar,
+            keep_checkpoints=0,  # the loop's plan checkpoints only evaluate; checkpoints/step-N are the run's
+            local_rank=local_rank, log_steps=tc.log_steps)
+        if self.multi_task:
+            self.distiller = MultiTaskDistiller(t_config, self.d_config, None, self.student, None,
+                                                {t: hf_adaptor for t in self.tasks})
+        else:
+            self.distiller = GeneralDistiller(t_config, self.d_config, None, self.student, None, hf_adaptor)
+        self.optimizer = make_optimizer(self.student, tc.lr, tc.weight_decay)
+        self.schedule = {"num_warmup_steps": int(tc.warmup_ratio * self.total_steps),
+                         "num_training_steps": self.total_steps}
+        self.distiller.add_step_hook(self._on_step)
+
+    # -- train --------------------------------------------------------------------------------------
+    def train(self) -> int:
+        """The distiller's loop over the loaders; returns the number of optimizer steps taken."""
+        tc = self.cfg.train
+        common = dict(scheduler_class=warmup_linear, scheduler_args=self.schedule, max_grad_norm=tc.max_grad_norm,
+                      callback=self.evaluate)
+        self.t_train = time.perf_counter()
+        with self.distiller:
+            if self.multi_task:
+                steps = self.distiller.train(self.optimizer, self.loaders, num_steps=self.total_steps, tau=self.cfg.tau,
+                                             **common)
+            elif tc.steps is not None:
+                steps = self.distiller.train(self.optimizer, self.loaders["default"], num_steps=self.total_steps,
+                                             **common)
+            else:
+                steps = self.distiller.train(self.optimizer, self.loaders["default"], num_epochs=tc.epochs, **common)
+        self.train_seconds = time.perf_counter() - self.t_train
+        return steps
+
+    def evaluate(self, model, step: int) -> None:
+        """Score every eval cache; the best mean score so far is published as best/ (rank 0)."""
+        if not self.eval_sets:
+            return
+        row, teacher_row = {"step": step}, {}
+        for name, ds in self.eval_sets.items():
+            row[name], t = evaluate(model, ds, self.device, ds.joined.manifest.label_names)
+            if t is not None:
+                teacher_row[name] = t
+        row["score"] = sum(row[n][main_metric(row[n])] for n in self.eval_sets) / len(self.eval_sets)
+        self.history.append(row)
+        self.teacher_metric = teacher_row or self.teacher_metric
+        logger.info("eval at step %d: %s", step, {k: v for k, v in row.items() if k != "step"})
+        if self.best is None or row["score"] > self.best["score"]:
+            self.best = row
+            if self.rank == 0:
+                save_student(model, self.out / "best", self.tokenizer_source)
+
+    def _on_step(self, s: StepState) -> None:
+        """After each optimizer step: extra evaluations inside epochs (`eval_every`), and checkpoints when due."""
+        tc = self.cfg.train
+        epoch, consumed = s.epoch, s.step + 1
+        # the epoch's last optimizer step; micro-batches left over by accumulation still follow it
+        epoch_end = tc.steps is None and consumed >= s.total_steps // tc.epochs * tc.gradient_accumulation_steps
+        if tc.steps is None and consumed >= len(self.loaders["default"]):
+            epoch, consumed = epoch + 1, 0
+        if tc.steps is None and tc.eval_every and s.global_step % tc.eval_every == 0 and not epoch_end:
+            self.evaluate(self.distiller.model_S, s.global_step)
+        due = (s.global_step == s.total_steps or (self.save_every is not None and s.global_step % self.save_every == 0)
+               or (self.save_every is None and epoch_end))
+        if due:
+            self.save_checkpoint(s, epoch, consumed)
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def _loader_split(self) -> dict:
+        return {"world_size": self.world_size, "num_workers": self.num_workers}
+
+    def save_checkpoint(self, s: StepState, epoch: int, consumed: int) -> None:
+        """checkpoints/step-N: weights, projections, optimizer, schedule, every rank's RNG, the reader position."""
+        rng_states = gather_rng_states(self.device)  # a collective: every rank's dropout stream, so each resumes its own
+        if self.rank != 0:
+            return
+        state = {"writer_step": s.writer_step, "epoch": epoch, "step": consumed, "history": self.history,
+                 "best": self.best, "teacher": self.teacher_metric, "cachebrew": __version__,
+                 "config": self.cfg.to_dict(), "loader": self._loader_split()}
+        if self.multi_task:
+            state["task_counts"] = dict(self.distiller.sampled_tasks)
+        save_run_checkpoint(self.out / "checkpoints", s.global_step, self.distiller.model_S,
+                            getattr(self.distiller, "projs", []), s.optimizer, s.scheduler, s.scaler, state,
+                            self.cfg.train.keep_checkpoints, rng_states)
+
+    def load_checkpoint(self, ckpt: Path) -> None:
+        """Continue from `ckpt`: the same config is required; the loop resumes at the saved position."""
+        saved, now = json.loads((ckpt / "state.json").read_text())["config"], self.cfg.to_dict()
+        if saved != now:
+            changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            raise CachebrewError(f"--resume: the config differs from the run in {self.out} (fields {changed}); "
+                                 "a resumed run must use the same config")
+        state = load_run_checkpoint(ckpt, self.student, getattr(self.distiller, "projs", []))
+        loader_then = state.get("loader", self._loader_split())
+        if loader_then != self._loader_split():
+            logger.warning("--resume: the run was split over %s, this one over %s; the rest of the epoch is read in "
+                           "another order, so the weights will not equal an uninterrupted run's", loader_then,
+                           self._loader_split())
+        restore_rng(state["rng"], self.rank, self.device)
+        self.history[:] = state["history"]
+        self.best, self.teacher_metric = state["best"], state["teacher"]
+        self.start_step = state["global_step"]
+        self.distiller.resume_from(ResumeState(state["global_step"], state["writer_step"], state["epoch"],
+                                               state["step"], state["optimizer"], state["scheduler"], state["scaler"],
+                                               extra={"task_counts": state.get("task_counts", {})}))
+        logger.info("resuming %s from %s", self.out, ckpt.name)
+
+    # -- save ---------------------------------------------------------------------------------------
+    def save(self, steps: int) -> DistillResult:
+        """last/ (and best/ when nothing was evaluated) and results.json, published atomically by rank 0."""
+        tc = self.cfg.train
+        examples = (steps - self.start_step) * tc.batch_size * tc.gradient_accumulation_steps * self.world_size
+        speed = examples / self.train_seconds if self.train_seconds else 0.0
+        final = self.history[-1] if self.history and self.history[-1]["step"] == steps else None
+        if self.rank == 0:
+            save_student(self.distiller.model_S, self.out / "last", self.tokenizer_source)
+            if self.best is None:
+                save_student(self.distiller.model_S, self.out / "best", self.tokenizer_source)
+            results = {"global_step": steps, "best": self.best, "final": final, "teacher": self.teacher_metric,
+                       "history": self.history, "train_seconds": self.train_seconds,
+                       "examples_per_second": speed if self.train_seconds else None,
+                       "caches": {n: [r.manifest.fingerprint for r in ds.joined.readers]
+                                  for n, ds in self.train_sets.items()},
+                       "cachebrew": __version__, "config": self.cfg.to_dict()}
+            atomic_write_text(self.out / "results.json", json.dumps(results, indent=2))
+        return DistillResult(str(self.out), steps, self.best, final, self.teacher_metric,
+                             time.perf_counter() - self.t_start, speed)
+
+
+def run_distill(cfg: DistillRunConfig, resume: bool = False) -> DistillResult:
+    """The `cachebrew distill` job: setup → train → save."""
+    recipe = DistillRecipe(cfg)
+    recipe.setup(resume)
+    return recipe.save(recipe.train())
