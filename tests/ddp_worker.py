@@ -1,4 +1,4 @@
-"""Run by tests/test_ddp.py under torchrun (2 processes, gloo) or as one plain process.
+"""Run by tests/distillers/test_ddp.py under torchrun (2 processes, gloo) or as one plain process.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py OUT_DIR
 """
@@ -8,7 +8,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import loader, make_examples, tiny_bert  # noqa: E402
+from helpers import loader, make_examples, tiny_bert  # noqa: E402
 
 import cachebrew  # noqa: E402
 from cachebrew.core.weights import save_checkpoint  # noqa: E402

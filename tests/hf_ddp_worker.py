@@ -1,4 +1,4 @@
-"""One DistillationTrainer run (under torchrun or alone) for tests/test_hf_trainer.py's DDP test.
+"""One DistillationTrainer run (under torchrun or alone) for tests/hf/test_hf_trainer.py's DDP test.
 
     hf_ddp_worker.py CACHE OUT ACCUMULATION
 """

@@ -6,7 +6,7 @@ from cachebrew.utils import display_parameters
 def test_display_parameters_equals_textbrewer(textbrewer):
     from textbrewer.utils import display_parameters as tb_display
 
-    from conftest import tiny_bert
+    from helpers import tiny_bert
 
     model = tiny_bert()
     for max_level in (None, 1, 3):

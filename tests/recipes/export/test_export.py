@@ -16,7 +16,7 @@ from cachebrew.errors import CacheMismatchError, CachebrewError, ConfigError
 from cachebrew.recipes.export import ExportConfig, run_export
 from fixtures import export_config, make_ner_data, make_teacher_dir, make_text_data
 
-HERE = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[2]  # cwd of subprocesses: entry points such as slow_teacher:build
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +258,7 @@ def test_resume_after_sigkill(tmp_path, assets):
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "CB_TEACHER_DIR": str(assets["teacher"]), "CB_TEACHER_DELAY": "0.08"}
     cmd = [sys.executable, "-m", "cachebrew", "export", str(path), "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=TESTS, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cache = tmp_path / "cache"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(cache.glob("part-*.arrow"))) < 4:
@@ -267,7 +267,7 @@ def test_resume_after_sigkill(tmp_path, assets):
     proc.wait()
     complete = sorted(p.name for p in cache.glob("part-*.arrow"))
     assert 4 <= len(complete) < 12 and not (cache / "manifest.json").exists(), complete
-    res = subprocess.run(cmd, cwd=HERE, env={**env, "CB_TEACHER_DELAY": "0"}, capture_output=True, text=True)
+    res = subprocess.run(cmd, cwd=TESTS, env={**env, "CB_TEACHER_DELAY": "0"}, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"({len(complete)} resumed)" in res.stdout
     assert not list(cache.glob(".*.tmp"))
@@ -277,7 +277,7 @@ def test_resume_after_sigkill(tmp_path, assets):
     clean = dict(cfg, output=str(tmp_path / "clean"))
     (tmp_path / "clean.yaml").write_text(yaml.safe_dump(clean))
     subprocess.run([sys.executable, "-m", "cachebrew", "export", str(tmp_path / "clean.yaml"), "--no-progress"],
-                   cwd=HERE, env={**env, "CB_TEACHER_DELAY": "0"}, check=True, capture_output=True)
+                   cwd=TESTS, env={**env, "CB_TEACHER_DELAY": "0"}, check=True, capture_output=True)
     a, b = rows_by_key(cache), rows_by_key(tmp_path / "clean")
     assert a.keys() == b.keys()
     for k in a:

@@ -25,7 +25,7 @@ from cachebrew.errors import CacheFormatError, CachebrewError
 from cachebrew.recipes.export import ExportConfig, run_export
 from fixtures import export_config, make_ner_data, make_teacher_dir, make_text_data
 
-HERE = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[2]  # cwd of subprocesses: entry points such as slow_teacher:build
 STUDENT = {"model_type": "bert", "vocab_size": 88, "hidden_size": 16, "num_hidden_layers": 1,
            "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64,
            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
@@ -125,10 +125,10 @@ def test_kill_and_resume_gives_the_same_weights(world, tmp_path):
 
     env = {**os.environ, "CB_STUDENT_DELAY": "0"}
     cmd = lambda p, *extra: [sys.executable, "-m", "cachebrew", "distill", str(p), "--no-progress", *extra]
-    full = subprocess.run(cmd(write("full", 60)), cwd=HERE, env=env, capture_output=True, text=True)
+    full = subprocess.run(cmd(write("full", 60)), cwd=TESTS, env=env, capture_output=True, text=True)
     assert full.returncode == 0, full.stderr[-2000:]
     path = write("cut", 60)
-    proc = subprocess.Popen(cmd(path), cwd=HERE, env={**env, "CB_STUDENT_DELAY": "0.03"},
+    proc = subprocess.Popen(cmd(path), cwd=TESTS, env={**env, "CB_STUDENT_DELAY": "0.03"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = tmp_path / "cut" / "checkpoints"
     deadline = time.time() + 120
@@ -137,7 +137,7 @@ def test_kill_and_resume_gives_the_same_weights(world, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "cut" / "results.json").exists()
-    res = subprocess.run(cmd(path, "--resume"), cwd=HERE, env=env, capture_output=True, text=True)
+    res = subprocess.run(cmd(path, "--resume"), cwd=TESTS, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resuming" in res.stderr
     a = load_file(tmp_path / "full" / "last" / "model.safetensors")
@@ -285,7 +285,7 @@ def test_two_rank_resume_restores_each_ranks_own_rng(world, tmp_path):
         path.write_text(yaml.safe_dump({**cfg, "output_dir": str(tmp_path / name)}))
         res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                               "-m", "cachebrew", "distill", str(path), "--no-progress", *extra],
-                             cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+                             cwd=TESTS, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
         return res
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-HERE = os.path.dirname(__file__)
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the worker scripts live in tests/
 
 
 def _run(cmd, env_extra=None):
@@ -18,7 +18,7 @@ def _run(cmd, env_extra=None):
 
 @pytest.mark.slow
 def test_ddp_two_processes_equals_one(tmp_path):
-    worker = os.path.join(HERE, "ddp_worker.py")
+    worker = os.path.join(TESTS, "ddp_worker.py")
     _run([sys.executable, worker, str(tmp_path / "single")])
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker,
           str(tmp_path / "ddp")], {"OMP_NUM_THREADS": "1"})
@@ -28,7 +28,7 @@ def test_ddp_two_processes_equals_one(tmp_path):
         worst = max((one[k] - two[k]).abs().max().item() for k in one)
         assert worst < 1e-5, f"{name}: max difference {worst}"
     # training moved the weights, so the comparison is not vacuous
-    from conftest import tiny_bert
+    from helpers import tiny_bert
 
     init = tiny_bert(seed=1, layers=2, hidden=32).state_dict()
     final = load_file(tmp_path / "ddp" / "final.safetensors")

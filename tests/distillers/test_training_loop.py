@@ -8,7 +8,7 @@ import torch
 from cachebrew import BatchError, ConfigError, DistillationConfig, GeneralDistiller, TrainingConfig
 from cachebrew.core.weights import load_checkpoint
 from cachebrew.distillers import CustomMatch
-from conftest import assert_same_weights, changed, loader, logits_adaptor, make_examples, run_distiller, tiny_bert
+from helpers import assert_same_weights, changed, loader, logits_adaptor, make_examples, run_distiller, tiny_bert
 
 
 def hidden_adaptor(batch, out):

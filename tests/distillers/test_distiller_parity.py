@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (assert_same_weights, changed, full_adaptor, loader, logits_adaptor, make_examples,
+from helpers import (assert_same_weights, changed, full_adaptor, loader, logits_adaptor, make_examples,
                       run_distiller, tiny_bert)
 
 MATCHES = [

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import assert_same_weights, changed, full_adaptor, loader, make_examples, run_distiller, tiny_bert
+from helpers import assert_same_weights, changed, full_adaptor, loader, make_examples, run_distiller, tiny_bert
 from test_distiller_parity import MATCHES
 
 

@@ -203,7 +203,7 @@ def test_ddp_under_torchrun_equals_one_process_with_accumulation(world, tmp_path
 
     from safetensors.torch import load_file
 
-    worker = os.path.join(os.path.dirname(__file__), "hf_ddp_worker.py")
+    worker = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf_ddp_worker.py")
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "RANK")}
     env["OMP_NUM_THREADS"] = "1"
     runs = {"single": [sys.executable, worker, world["caches"]["train"], str(tmp_path / "single"), "2"],
