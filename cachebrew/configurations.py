@@ -81,7 +81,8 @@ class TrainingConfig(Config):
     LOCAL_RANK when launched by torchrun; output_dir is created at the first save, not here;
     ``log_steps`` (cachebrew's): the losses of each micro-step stay on the device and reach
     tensorboard and the progress bar every ``log_steps`` optimizer steps, in one transfer, so a GPU
-    never waits for the host inside that window (the same scalars at the same steps as TextBrewer).
+    never waits for the host inside that window (the same scalars at the same steps as TextBrewer);
+    ``keep_checkpoints``: keep the newest K ``gs*.safetensors`` (None: all, 0: write none, the callback still runs).
     """
 
     def __init__(self, gradient_accumulation_steps=1, ckpt_frequency=1, ckpt_epoch_frequency=1, ckpt_steps=None,

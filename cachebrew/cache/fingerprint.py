@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-CHUNK = 1 << 20
+from ..core.files import hash_stream, sha256_file
 
 
 def _canonical(value):
@@ -39,12 +39,8 @@ def hash_value(value) -> str:
     return hashlib.sha256(json.dumps(_canonical(value), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def hash_file(path, h=None) -> str:
-    h = h or hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+def hash_file(path) -> str:
+    return sha256_file(path)
 
 
 def hash_files(paths) -> str:
@@ -57,8 +53,7 @@ def hash_files(paths) -> str:
     for p in paths:
         h.update(str(p.relative_to(root)).encode() + b"\0")
         with open(p, "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
+            hash_stream(f, h)
     return h.hexdigest()
 
 

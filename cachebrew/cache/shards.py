@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ..core.files import fsync_dir
+from ..core.files import fsync_dir, sha256_file
 from ..errors import CacheFormatError
 
 SHARD_RE = re.compile(r"^part-(\d{5})\.arrow$")
@@ -146,11 +146,7 @@ def describe_shard(path, meta: dict | None = None) -> ShardInfo:
     with pa.memory_map(str(path)) as source:
         reader = pa.ipc.open_file(source)
         batches = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return ShardInfo(path.name, int(meta["shard_index"]), sum(batches), path.stat().st_size, h.hexdigest(),
+    return ShardInfo(path.name, int(meta["shard_index"]), sum(batches), path.stat().st_size, sha256_file(path),
                      int(meta.get("first_row", 0)), batches)
 
 

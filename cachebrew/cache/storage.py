@@ -6,7 +6,6 @@ Copying whole caches between locations (`push` / `pull`) is `sharing.py`'s, buil
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from ..errors import CachebrewError
+from ..core.files import hash_stream
 
 CHUNK = 8 << 20
 
@@ -66,11 +66,8 @@ class Location:
         return self.fs.open_input_file(self.join(name))
 
     def sha256(self, name: str) -> str:
-        h = hashlib.sha256()
         with self.fs.open_input_stream(self.join(name)) as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-        return h.hexdigest()
+            return hash_stream(f).hexdigest()
 
     def write_atomic(self, name: str, data: bytes):
         tmp = self.join(f".{name}.{os.getpid()}.tmp")

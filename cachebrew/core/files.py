@@ -5,6 +5,7 @@ the directory is fsynced too, so the rename itself survives a power cut.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -71,3 +72,25 @@ def publish_dir(tmp: Path, final: Path) -> Path:
     fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+HASH_CHUNK = 1 << 20
+
+
+def hash_stream(stream, h=None):
+    """Feed a binary stream (a file, a pyarrow input stream) into a sha256 (new unless `h` is given), in chunks."""
+    h = h if h is not None else hashlib.sha256()
+    while chunk := stream.read(HASH_CHUNK):
+        h.update(chunk)
+    return h
+
+
+def sha256_file(path) -> str:
+    """The hex sha256 of a local file's bytes: shard checksums, data and tokenizer fingerprints."""
+    with open(path, "rb") as f:
+        return hash_stream(f).hexdigest()
+
+
+def unwrap(model):
+    """The module inside a DistributedDataParallel / DataParallel wrapper, or the model itself."""
+    return model.module if hasattr(model, "module") else model

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import publish_dir
+from .files import publish_dir, unwrap
 from .models import TOKENIZER_FILES
 
 
@@ -54,7 +54,7 @@ def make_optimizer(model, lr, weight_decay):
 def save_student(model, path: Path, tokenizer_source: str | None):
     """save_pretrained (or safetensors) into a temporary directory with the tokenizer files, then publish it:
     `path` is always a complete model that `from_pretrained` loads."""
-    model = model.module if hasattr(model, "module") else model
+    model = unwrap(model)
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if hasattr(model, "save_pretrained"):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..core.weights import save_checkpoint
+from ..core.files import unwrap
 from ..configurations import TrainingConfig
 from ..core.tensors import scalars_to_host
 from ..errors import ConfigError
@@ -367,7 +368,7 @@ class TrainingLoop:
         if self.rank == 0 and self.t_config.keep_checkpoints != 0:
             logger.info("saving at global step %d, epoch step %d, epoch %d", global_step, step + 1, epoch + 1)
             core = self._student()
-            core = core.module if hasattr(core, "module") else core
+            core = unwrap(core)
             path = os.path.join(self.t_config.output_dir, f"gs{global_step}.safetensors")
             save_checkpoint(core, path, self._checkpoint_metadata(global_step))
             keep = self.t_config.keep_checkpoints

@@ -110,9 +110,8 @@ class FinetuneRecipe:
     """One `cachebrew train` run: ``setup()`` → ``train()`` → ``save()``."""
 
     def __init__(self, cfg: FinetuneConfig):
-        self.cfg = cfg
-        self.out = Path(cfg.output_dir)
-        self.history: list[dict] = []
+        self.cfg, self.out = cfg, Path(cfg.output_dir)
+        self.history: list[dict] = []  # one dev score per epoch
         self.best: dict | None = None
 
     def setup(self) -> None:

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from ...core.files import publish_dir
+from ...core.files import unwrap
 from ...core.runtime import get_world_size
 
 logger = logging.getLogger("cachebrew")
@@ -87,10 +88,6 @@ def restore_rng(saved, rank: int = 0, device: torch.device | None = None, world_
         torch.cuda.set_rng_state(_unb64(cuda), device)
 
 
-def _core(m):
-    return m.module if hasattr(m, "module") else m
-
-
 def save_run_checkpoint(root: Path, global_step: int, student, projections, optimizer, scheduler, scaler,
                         state: dict, keep: int, rng_states: list[dict]) -> Path:
     """Rank 0 writes; `rng_states` is every rank's (`gather_rng_states`, which all ranks must call)."""
@@ -99,8 +96,8 @@ def save_run_checkpoint(root: Path, global_step: int, student, projections, opti
     tmp = root / f".step-{global_step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(_core(student), str(tmp / "student.safetensors"))
-    projs = torch.nn.ModuleList([_core(p) for p in projections if p is not None])
+    save_model(unwrap(student), str(tmp / "student.safetensors"))
+    projs = torch.nn.ModuleList([unwrap(p) for p in projections if p is not None])
     save_model(projs, str(tmp / "projections.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save({"scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -118,8 +115,8 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def load_run_checkpoint(path: Path, student, projections) -> dict:
-    load_model(_core(student), str(path / "student.safetensors"))
-    projs = torch.nn.ModuleList([_core(p) for p in projections if p is not None])
+    load_model(unwrap(student), str(path / "student.safetensors"))
+    projs = torch.nn.ModuleList([unwrap(p) for p in projections if p is not None])
     load_model(projs, str(path / "projections.safetensors"))
     state = json.loads((path / "state.json").read_text())
     # onto the CPU whatever device saved them: optimizer.load_state_dict moves each state tensor to its

@@ -19,6 +19,7 @@ import torch
 from ...components.loader import CacheBatches, CacheLoader
 from ...configurations import TrainingConfig
 from ...core.files import atomic_write_text
+from ...core.files import unwrap
 from ...core.models import hf_adaptor
 from ...core.training import make_optimizer, resolve_amp, save_student, seed_everything, warmup_linear
 from ...distillers import GeneralDistiller, MultiTaskDistiller
@@ -75,7 +76,7 @@ def _verify_caches(readers):
 @torch.no_grad()
 def evaluate(model, ds: CacheBatches, device, label_names) -> tuple[dict, dict | None]:
     """(student metrics, teacher metrics from the cached logits or None), both by `components.metrics.score`."""
-    model = model.module if hasattr(model, "module") else model
+    model = unwrap(model)
     was_training = model.training
     model.eval()
     preds, golds, t_preds = [], [], []
