@@ -5,7 +5,7 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path[:0] = [os.path.dirname(__file__), os.path.join(os.path.dirname(__file__), "hf")]  # helpers; the test module
 
 import torch  # noqa: E402
 from safetensors.torch import save_model  # noqa: E402
