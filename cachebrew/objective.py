@@ -116,6 +116,12 @@ class DistillationLoss:
             total = total + self.kd_loss(l_S, l_T, self.temperature(l_S, l_T))
         return total
 
+    def weighted_kd(self, logits_S, logits_T, results_S, losses_dict):
+        """The KD term times its current weight; the unweighted term is recorded in `losses_dict`."""
+        total_kd_loss = self.kd_term(logits_S, logits_T, results_S)
+        losses_dict["unweighted_kd_loss"] = total_kd_loss
+        return total_kd_loss * self.kd_loss_weight
+
     def hard_label_term(self, results_S, total_loss, losses_dict):
         if "losses" in results_S:
             total_hl_loss = 0
@@ -128,9 +134,7 @@ class DistillationLoss:
     def prediction_loss(self, logits_S, logits_T, results_S):
         """The weighted KD term plus the hard-label term: (total, {name: unweighted loss})."""
         losses_dict = {}
-        total_kd_loss = self.kd_term(logits_S, logits_T, results_S)
-        total_loss = total_kd_loss * self.kd_loss_weight
-        losses_dict["unweighted_kd_loss"] = total_kd_loss
+        total_loss = self.weighted_kd(logits_S, logits_T, results_S, losses_dict)
         total_loss = self.hard_label_term(results_S, total_loss, losses_dict)
         return total_loss, losses_dict
 
@@ -145,9 +149,7 @@ class DistillationLoss:
         total_loss = 0
         if "logits" in results_T and "logits" in results_S:
             logits_S, logits_T = masked_logits(results_S, results_T)
-            total_kd_loss = self.kd_term(logits_S, logits_T, results_S)
-            total_loss = total_kd_loss * self.kd_loss_weight
-            losses_dict["unweighted_kd_loss"] = total_kd_loss
+            total_loss = self.weighted_kd(logits_S, logits_T, results_S, losses_dict)
 
         inputs_mask_S = results_S.get("inputs_mask")
         for ith, im in enumerate(self.config.intermediate_matches):
@@ -168,6 +170,11 @@ class DistillationLoss:
 
         total_loss = self.hard_label_term(results_S, total_loss, losses_dict)
         return total_loss, losses_dict
+
+
+def mean_teacher_logits(logits_per_teacher: list[list]) -> list:
+    """MultiTeacherDistiller's target: for each logits head, the plain mean over teachers (in teacher order)."""
+    return [sum(per_head) / len(per_head) for per_head in zip(*logits_per_teacher)]
 
 
 def masked_logits(results_S, results_T):

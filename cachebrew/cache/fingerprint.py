@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.files import hash_stream, sha256_file
+from ..core.files import hash_stream
 
 
 def _canonical(value):
@@ -37,10 +37,6 @@ def _canonical(value):
 def hash_value(value) -> str:
     """sha256 of the canonical form of a JSON-like value."""
     return hashlib.sha256(json.dumps(_canonical(value), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def hash_file(path) -> str:
-    return sha256_file(path)
 
 
 def hash_files(paths) -> str:

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cache.fingerprint import hash_file, hash_files
+from ..cache.fingerprint import hash_files
+from ..core.files import sha256_file
 from ..data_utils import AUGMENTATIONS
 from ..errors import CachebrewError, ConfigError
 
@@ -83,7 +84,7 @@ def data_fingerprint(cfg: DataConfig) -> str:
     path = Path(cfg.path)
     if path.is_dir():
         return hash_files([p for p in path.rglob("*") if p.is_file()])
-    return hash_file(path)
+    return sha256_file(path)
 
 
 @dataclass

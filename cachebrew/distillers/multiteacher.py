@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..errors import BatchError, ConfigError
 from .basic import BasicDistiller, CachedBatch
-from ..objective import select_logits_with_mask
+from ..objective import mean_teacher_logits, select_logits_with_mask
 from .batches import apply_adaptor, get_outputs_from_batch, has_cache, post_adaptor, split_batch, teacher_outputs
 
 
@@ -46,7 +46,7 @@ class MultiTeacherDistiller(BasicDistiller):
             logits_list_S = select_logits_with_mask(logits_list_S, results_S["logits_mask"])
         if "logits_mask" in results_T[0]:
             logits_list_T = [select_logits_with_mask(lt, results_T[0]["logits_mask"]) for lt in logits_list_T]
-        mean_logits_T = [sum(per_head) / len(per_head) for per_head in zip(*logits_list_T)]
+        mean_logits_T = mean_teacher_logits(logits_list_T)
         return self.loss.prediction_loss(logits_list_S, mean_logits_T, results_S)
 
     def _adapt_teachers(self, teacher_batch, outputs_T, from_cache):

@@ -20,7 +20,7 @@ from ..components.loader import CacheBatches, CacheLoader
 from ..configurations import DistillationConfig
 from ..core.models import hf_adaptor
 from ..core.tensors import scalars_to_host
-from ..objective import DistillationLoss, build_projections
+from ..objective import DistillationLoss, build_projections, mean_teacher_logits
 from ..distillers.batches import CACHE_KEY, apply_adaptor, call_model, post_adaptor
 from ..errors import CachebrewError, ConfigError
 from .criteria import to_distillation_config
@@ -196,8 +196,7 @@ class DistillationTrainer(Trainer):
         if len(results) == 1:
             return results[0]
         merged = dict(results[0])  # the first teacher's features; logits averaged, as MultiTeacherDistiller does
-        merged["logits"] = [sum(r["logits"][i] for r in results) / len(results)
-                            for i in range(len(results[0]["logits"]))]
+        merged["logits"] = mean_teacher_logits([r["logits"] for r in results])
         return merged
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

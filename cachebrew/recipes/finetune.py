@@ -21,16 +21,15 @@ import torch
 
 from ..configurations import TrainingConfig
 from ..core.config import AMP_MODES, JobConfig, check_choice, check_int, config_to_dict, is_number
-from ..components.students import StudentConfig
 from ..components.metrics import main_metric, predictions, score
 from ..core.files import atomic_write_text
 from ..core.training import make_optimizer, resolve_amp, save_student, seed_everything, warmup_linear
-from ..components.students import build_student, load_multitask_student
+from ..components.students import StudentConfig, build_student, load_multitask_student
 from ..distillers import BasicTrainer
 from ..errors import ConfigError
 from ..core.paths import resolve_path
-from ..components.data import AugmentConfig, DataConfig
-from ..components.data import build_rows, label_vocabulary, load_table, pad_batch, tokenize_rows
+from ..components.data import (AugmentConfig, DataConfig, build_rows, label_vocabulary, load_table, pad_batch,
+                               tokenize_rows)
 
 logger = logging.getLogger("cachebrew")
 

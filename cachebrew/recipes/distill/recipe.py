@@ -214,7 +214,7 @@ class DistillRecipe:
         tc = self.cfg.train
         common = dict(scheduler_class=warmup_linear, scheduler_args=self.schedule, max_grad_norm=tc.max_grad_norm,
                       callback=self.evaluate)
-        self.t_train = time.perf_counter()
+        t_train = time.perf_counter()
         with self.distiller:
             if self.multi_task:
                 steps = self.distiller.train(self.optimizer, self.loaders, num_steps=self.total_steps, tau=self.cfg.tau,
@@ -224,7 +224,7 @@ class DistillRecipe:
                                              **common)
             else:
                 steps = self.distiller.train(self.optimizer, self.loaders["default"], num_epochs=tc.epochs, **common)
-        self.train_seconds = time.perf_counter() - self.t_train
+        self.train_seconds = time.perf_counter() - t_train
         return steps
 
     def evaluate(self, model, step: int) -> None:
