@@ -105,7 +105,7 @@ def export(config: Path = typer.Argument(..., help="export config (YAML or JSON)
 
     overrides = list(set_) + ([f"output={output}"] if output else []) + (["overwrite=true"] if overwrite else [])
     overrides += ["progress_bar=false"] if no_progress else []
-    _setup_logging()
+    _setup_logging(no_progress)
     result = run_export(ExportConfig.from_file(config, overrides))
     if result.skipped:
         typer.echo(f"{result.output}: up to date (fingerprint {result.fingerprint[:12]}…), nothing to do")
@@ -125,7 +125,7 @@ def distill(config: Path = typer.Argument(..., help="distill config (YAML or JSO
     from .recipes.distill import DistillRunConfig, run_distill
 
     overrides = list(set_) + (["train.progress_bar=false"] if no_progress else [])
-    _setup_logging()
+    _setup_logging(no_progress)
     result = run_distill(DistillRunConfig.from_file(config, overrides), resume=resume)
     msg = f"{result.output_dir}: {result.global_step} steps, {result.examples_per_second:,.1f} examples/s"
     if result.best:
@@ -139,7 +139,7 @@ def _fmt_scores(row: dict) -> str:
     parts = []
     for task, m in row.items():
         if isinstance(m, dict):
-            parts += [f"{task}.{k}={v:.4f}" for k, v in m.items()]
+            parts += [f"{task}.{k}={v}" if isinstance(v, int) else f"{task}.{k}={v:.4f}" for k, v in m.items()]
     return ", ".join(parts)
 
 
@@ -150,7 +150,7 @@ def train(config: Path = typer.Argument(..., help="fine-tuning config (YAML or J
     """Fine-tune a model on labelled data (a teacher, or a student without distillation)."""
     from .recipes.finetune import FinetuneConfig, run_finetune
 
-    _setup_logging()
+    _setup_logging(no_progress)
     overrides = list(set_) + (["train.progress_bar=false"] if no_progress else [])
     res = run_finetune(FinetuneConfig.from_file(config, overrides))
     typer.echo(f"trained on {res['num_train']} examples; best dev {res['best']}")
@@ -162,10 +162,12 @@ def evaluate(model: Path = typer.Argument(..., help="saved model directory"),
              text: str = typer.Option(None, help="text column"), tokens: str = typer.Option(None, help="word-list column"),
              label: str = typer.Option("label", help="label column"), max_length: int = typer.Option(128),
              output: Path = typer.Option(None, help="write the JSON result here too"),
-             device: str = typer.Option(None), task: str = typer.Option(None, help="task of a multi-task student")):
+             device: str = typer.Option(None), task: str = typer.Option(None, help="task of a multi-task student"),
+             no_progress: bool = typer.Option(False, help="no progress bars or load reports from transformers")):
     """Accuracy (or entity F1), parameters, size and inference examples/s of a model on a split."""
     import json as _json
 
+    _setup_logging(no_progress)
     from .components.data import DataConfig
     from .recipes.finetune import run_evaluate
 
@@ -293,12 +295,25 @@ def ls(root: str = typer.Argument(..., help="directory or URI to search for cach
                    f"{m.fingerprint[:12]:<13} {m.created[:19]}")
 
 
-def _setup_logging():
+def _setup_logging(quiet: bool = False):
+    """cachebrew's own INFO log; with `quiet` (--no-progress, for pipelines and CI logs) also no progress bars
+    or load reports from transformers and datasets (a truncated student's unused layers are expected there)."""
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("datasets", "transformers", "filelock", "fsspec"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.ERROR if quiet else logging.WARNING)
+    if quiet:
+        try:
+            import transformers
+
+            transformers.utils.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
+        except ImportError:  # transformers is optional for exports of entry-point teachers
+            pass
+        import datasets
+
+        datasets.disable_progress_bars()
 
 
 def main(argv=None):

@@ -54,7 +54,8 @@ SAME_RECIPE = {"temperature": 4, "hard_label_weight": 1.0, "kd_loss_weight": 1.0
 AUGMENT_OPS = [{"name": "masking", "p": 0.15}, {"name": "deleting", "p": 0.1},
                {"name": "short_disorder", "p": [0.9, 0.1, 0, 0, 0]}]
 TOKEN_AUGMENT_OPS = [{"name": "masking", "p": 0.15}]  # tags stay aligned with words
-BASELINE_LRS = [1e-4, 3e-4]
+BASELINE_LRS = [1e-4, 3e-4]  # extended upwards while the best is the largest, up to MAX_LR
+MAX_LR = 1e-3
 # arm 4 candidates, chosen on dev: augmented copies x hard-label weight (the rest of the recipe is arm 3's)
 BEST_CANDIDATES = [{"copies": 2, "hard_label_weight": 1.0}, {"copies": 4, "hard_label_weight": 1.0},
                    {"copies": 4, "hard_label_weight": 0.0}]
@@ -307,6 +308,9 @@ def run_task(task: Task, seeds: list[int]) -> dict:
     info = task.prepare()
     # -- tuning on dev, seed 0 -------------------------------------------------------------------------------
     tune = {"no_kd": [task.run_no_kd(TUNE_SEED, lr) for lr in BASELINE_LRS]}
+    while pick(tune["no_kd"])["params"]["lr"] == max(r["params"]["lr"] for r in tune["no_kd"]) < MAX_LR:
+        # the best rate is the largest tried: the grid goes on upwards (x2) until it turns
+        tune["no_kd"].append(task.run_no_kd(TUNE_SEED, min(2 * pick(tune["no_kd"])["params"]["lr"], MAX_LR)))
     lr = pick(tune["no_kd"])["params"]["lr"]
     same = task.run_cache("cache_same", "same", TUNE_SEED, "plain", SAME_RECIPE, lr)
     # arm 4's step budget: arm 2 pays a teacher forward per student step; measured on the tuning seed, as

