@@ -1,4 +1,5 @@
-"""`--no-progress` gives clean logs: no progress bars and no transformers load reports (pipelines, CI)."""
+"""`--no-progress` gives clean logs: no progress bars and no transformers load reports (pipelines, CI), and
+the student's loading is said in one line of cachebrew's own."""
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,5 @@ def test_no_progress_silences_transformers_bars_and_load_reports(tmp_path):
     quiet = train("quiet", "--no-progress")
     assert "UNEXPECTED" not in quiet and "it/s]" not in quiet and "Writing model shards" not in quiet
     assert "trained on 16 examples" in quiet
+    # cachebrew's one line instead of the load report
+    assert f"student: layers 0-0 of 2 kept from {teacher}\n" in quiet  # its head comes from the teacher dir

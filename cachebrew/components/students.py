@@ -3,6 +3,8 @@ and, for multi-task distillation, one shared encoder with a classification head 
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +14,8 @@ from torch import nn
 from ..errors import CachebrewError
 from ..core.models import call_entry_point
 from ..core.paths import resolve_path
+
+logger = logging.getLogger("cachebrew")
 
 
 @dataclass
@@ -75,8 +79,22 @@ def build_student(spec: StudentConfig, token_level: bool, num_labels: int | None
         cfg.label2id = {n: i for i, n in enumerate(label_names)}
     if spec.path is not None:
         kwargs = {"attn_implementation": "eager"} if want_attention else {}
-        return cls.from_pretrained(resolve_path(spec.path), config=cfg, **kwargs)
+        model, info = cls.from_pretrained(resolve_path(spec.path), config=cfg, output_loading_info=True, **kwargs)
+        logger.info("student: %s", describe_loading(spec.path, info))
+        return model
     return cls.from_config(cfg)
+
+
+def describe_loading(source: str, info: dict) -> str:
+    """One line for what transformers' load report tables: the layers a truncated model keeps, and the
+    weights initialised fresh (the task head), e.g. "layers 0-1 of 6 kept from ...; initialised: classifier"."""
+    dropped = {int(m.group(1)) for k in info.get("unexpected_keys", []) if (m := _LAYER.search(k))}
+    line = f"layers 0-{min(dropped) - 1} of {max(dropped) + 1} kept from {source}" if dropped else f"from {source}"
+    fresh = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])})
+    return line + ("; initialised: " + ", ".join(fresh) if fresh else "")
+
+
+_LAYER = re.compile(r"\.layers?\.(\d+)\.")
 
 
 class MultiTaskStudent(nn.Module):
