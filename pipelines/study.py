@@ -5,15 +5,15 @@
 
 Per task (a fixed training subset, the same for every arm; the full test split):
 
-1. the MiniLM-L6 teacher is fine-tuned once and exported once: a plain cache of the subset and an
-   augmented one (the subset plus K copies); the dev split is exported for checkpoint selection;
+1. the MiniLM-L6 teacher is fine-tuned once and exported once per cache: the subset (plain), the subset
+   plus K augmented copies for each K tried, and the dev split (checkpoint selection);
 2. **tuning, on dev only, with seed 0** (never a reported seed): the no-KD learning rate, then the
    number of augmented copies and the hard-label weight of the cache recipe (arm 4);
 3. for each reported seed, the same 2-layer student initialisation trained four ways:
    - ``no_kd``       gold labels only, the tuned learning rate (arm 1);
    - ``textbrewer``  TextBrewer 0.2.1's own GeneralDistiller, teacher in memory, the arm-3 recipe (arm 2);
    - ``cache_same``  ``cachebrew distill`` from the plain cache, the same recipe and batches (arm 3);
-   - ``cache_best``  ``cachebrew distill`` from the augmented cache with the dev-chosen recipe (arm 4),
+   - ``cache_best``  ``cachebrew distill`` from an augmented cache with the dev-chosen recipe (arm 4),
      at a step budget that keeps its wall time (its share of the export included) at most arm 2's.
 
 Every run keeps its best dev checkpoint and is scored on the test split. The script stops with an error if a
@@ -41,8 +41,8 @@ TASKS = {
                  teacher=dict(epochs=4, lr=5e-5)),
     "rotten_tomatoes": dict(text="text", label="label", train_size=1000, max_length=48, batch_size=32, epochs=5,
                             teacher=dict(epochs=3, lr=5e-5)),
-    "wnut16": dict(tokens="tokens", label="tags", train_size=1000, max_length=48, batch_size=16, epochs=5,
-                   teacher=dict(epochs=5, lr=1e-4)),
+    "wnut16": dict(tokens="tokens", label="tags", train_size=1000, max_length=48, batch_size=32, epochs=6,
+                   teacher=dict(epochs=6, lr=1e-4)),
 }
 SMOKE = dict(train_size=48, dev_size=16, test_size=16, epochs=1, teacher=dict(epochs=1, lr=5e-5))
 
@@ -57,9 +57,7 @@ TOKEN_AUGMENT_OPS = [{"name": "masking", "p": 0.15}]  # tags stay aligned with w
 BASELINE_LRS = [1e-4, 3e-4]  # extended upwards while the best is the largest, up to MAX_LR
 MAX_LR = 1e-3
 # arm 4 candidates, chosen on dev: augmented copies x hard-label weight (the rest of the recipe is arm 3's)
-BEST_CANDIDATES = [{"copies": 2, "hard_label_weight": 1.0}, {"copies": 4, "hard_label_weight": 1.0},
-                   {"copies": 4, "hard_label_weight": 0.0}]
-MAX_COPIES = max(c["copies"] for c in BEST_CANDIDATES)
+BEST_CANDIDATES = [{"copies": k, "hard_label_weight": h} for k in (1, 4) for h in (1.0, 0.0)]
 TUNE_SEED = 0
 
 
@@ -107,38 +105,49 @@ class Task:
     # -- teacher and caches (once per task) ---------------------------------------------------------------
     def prepare(self) -> dict:
         from cachebrew.components.students import StudentConfig
-        from cachebrew.recipes.export import ExportConfig, run_export
         from cachebrew.recipes.finetune import FinetuneConfig, FinetuneTrain, run_evaluate, run_finetune
 
         record = self.runs / "teacher.json"
         if record.exists():
             self.info = json.loads(record.read_text())
-            return self.info
-        t0 = time.perf_counter()
-        teacher = {"path": MINILM, **({"model_class": "AutoModelForTokenClassification"} if self.token_level else {})}
-        run_finetune(FinetuneConfig(output_dir=str(self.work / "teacher"), model=StudentConfig(**teacher),
-                                    data=self.train, eval_path=self.dev.path, max_length=self.L, seed=42,
-                                    train=FinetuneTrain(batch_size=self.bs, progress_bar=False, **self.spec["teacher"])))
-        finetune_s = time.perf_counter() - t0
-        seconds = {}
-        for cache, copies, data in (("plain", 0, self.train), ("augmented", MAX_COPIES, self.train),
-                                    ("dev", 0, self.dev)):
-            t = time.perf_counter()
-            cfg = {"output": str(self.work / f"cache_{cache}"), "task": self.name, "max_length": self.L,
-                   "teachers": [{"name": "minilm", "path": str(self.work / "teacher" / "best"),
-                                 **({"model_class": "AutoModelForTokenClassification"} if self.token_level else {})}],
-                   "data": dict(vars(data)), "batch_size": 64,
-                   "progress_bar": False, "outputs": {"hidden_layers": [3, 6]} if cache != "dev" else {},
-                   "dtypes": {"logits": "fp32", "hidden": "fp32"}}
-            if copies:
-                cfg["augment"] = {"copies": copies, "seed": 0, "mode": "choice",
-                                  "ops": TOKEN_AUGMENT_OPS if self.token_level else AUGMENT_OPS}
-            run_export(ExportConfig.from_dict(cfg))
-            seconds[cache] = time.perf_counter() - t
-        test = run_evaluate(str(self.work / "teacher" / "best"), self.test, self.L)
-        self.info = {"teacher_test": test, "finetune_seconds": finetune_s, "export_seconds": seconds}
-        self._write(record, self.info)
+        else:
+            t0 = time.perf_counter()
+            teacher = {"path": MINILM, **({"model_class": "AutoModelForTokenClassification"} if self.token_level else {})}
+            run_finetune(FinetuneConfig(output_dir=str(self.work / "teacher"), model=StudentConfig(**teacher),
+                                        data=self.train, eval_path=self.dev.path, max_length=self.L, seed=42,
+                                        train=FinetuneTrain(batch_size=self.bs, progress_bar=False,
+                                                            **self.spec["teacher"])))
+            finetune_s = time.perf_counter() - t0
+            test = run_evaluate(str(self.work / "teacher" / "best"), self.test, self.L)
+            self.info = {"teacher_test": test, "finetune_seconds": finetune_s}
+            self._write(record, self.info)
+        self.export_seconds = {"plain": self.export("plain", 0, self.train), "dev": self.export("dev", 0, self.dev)}
+        for k in sorted({c["copies"] for c in BEST_CANDIDATES if c["copies"]}):
+            self.export_seconds[f"aug{k}"] = self.export(f"aug{k}", k, self.train)
+        self.info["export_seconds"] = self.export_seconds
         return self.info
+
+    def export(self, cache: str, copies: int, data) -> float:
+        """Export one cache (unless recorded); its seconds, which the runs that read it share."""
+        from cachebrew.recipes.export import ExportConfig, run_export
+
+        record = self.runs / f"export-{cache}.json"
+        if record.exists():
+            return json.loads(record.read_text())["seconds"]
+        t = time.perf_counter()
+        cfg = {"output": str(self.work / f"cache_{cache}"), "task": self.name, "max_length": self.L,
+               "teachers": [{"name": "minilm", "path": str(self.work / "teacher" / "best"),
+                             **({"model_class": "AutoModelForTokenClassification"} if self.token_level else {})}],
+               "data": dict(vars(data)), "batch_size": 64, "progress_bar": False,
+               "outputs": {"hidden_layers": [3, 6]} if cache != "dev" else {},
+               "dtypes": {"logits": "fp32", "hidden": "fp32"}}
+        if copies:
+            cfg["augment"] = {"copies": copies, "seed": 0, "mode": "choice",
+                              "ops": TOKEN_AUGMENT_OPS if self.token_level else AUGMENT_OPS}
+        result = run_export(ExportConfig.from_dict(cfg))
+        seconds = time.perf_counter() - t
+        self._write(record, {"cache": cache, "copies": copies, "rows": result.rows_total, "seconds": seconds})
+        return seconds
 
     # -- arms ----------------------------------------------------------------------------------------------
     def run_no_kd(self, seed: int, lr: float) -> dict:
@@ -313,31 +322,32 @@ def run_task(task: Task, seeds: list[int]) -> dict:
         tune["no_kd"].append(task.run_no_kd(TUNE_SEED, min(2 * pick(tune["no_kd"])["params"]["lr"], MAX_LR)))
     lr = pick(tune["no_kd"])["params"]["lr"]
     same = task.run_cache("cache_same", "same", TUNE_SEED, "plain", SAME_RECIPE, lr)
-    # arm 4's step budget: arm 2 pays a teacher forward per student step; measured on the tuning seed, as
-    # arm 2's wall time over arm 3's, minus the augmented export's share (the 3 reported seeds share it)
+    # arm 4's step budget: arm 2's wall time on the tuning seed, less the share of arm 4's export (the reported
+    # seeds share one export), at arm 3's seconds per step: arm 4 never takes longer than TextBrewer online
     online = task.run_textbrewer(TUNE_SEED, SAME_RECIPE, lr)
-    export_share = info["export_seconds"]["augmented"] / len(seeds)
     per_step = same["train_seconds"] / same["steps"]
-    budget = max(int((online["train_seconds"] - export_share) / per_step), same["steps"])
+    budget = {k: max(int((online["train_seconds"] - info["export_seconds"][f"aug{k}"] / len(seeds)) / per_step), 1)
+              for k in {c["copies"] for c in BEST_CANDIDATES}}
     tune["cache_best"] = [task.run_cache("cache_best", f"k{c['copies']}-h{c['hard_label_weight']:g}", TUNE_SEED,
-                                         "augmented", {**SAME_RECIPE, "hard_label_weight": c["hard_label_weight"]},
-                                         lr, steps=budget) for c in BEST_CANDIDATES]
+                                         f"aug{c['copies']}",
+                                         {**SAME_RECIPE, "hard_label_weight": c["hard_label_weight"]},
+                                         lr, steps=budget[c["copies"]]) for c in BEST_CANDIDATES]
     chosen = pick(tune["cache_best"])
-    best_recipe, best_variant = chosen["params"]["recipe"], chosen["variant"]
+    best_recipe, best_variant, best_cache = chosen["params"]["recipe"], chosen["variant"], chosen["params"]["cache"]
     # -- the reported seeds ----------------------------------------------------------------------------------
     runs = {arm: [] for arm in ("no_kd", "textbrewer", "cache_same", "cache_best")}
     for seed in seeds:
         runs["no_kd"].append(task.run_no_kd(seed, lr))
         runs["textbrewer"].append(task.run_textbrewer(seed, SAME_RECIPE, lr))
         runs["cache_same"].append(task.run_cache("cache_same", "same", seed, "plain", SAME_RECIPE, lr))
-        runs["cache_best"].append(task.run_cache("cache_best", best_variant, seed, "augmented", best_recipe, lr,
-                                                 steps=budget))
+        runs["cache_best"].append(task.run_cache("cache_best", best_variant, seed, best_cache, best_recipe, lr,
+                                                 steps=chosen["params"]["steps"]))
     teacher = main_score(info["teacher_test"])
     no_kd = statistics.mean(r["test"] for r in runs["no_kd"])
     arms = {}
     for arm, recs in runs.items():
         m, sd = mean_sd([r["test"] for r in recs])
-        share = info["export_seconds"]["augmented" if arm == "cache_best" else "plain"] / len(seeds) \
+        share = info["export_seconds"][best_cache if arm == "cache_best" else "plain"] / len(seeds) \
             if arm.startswith("cache") else 0.0
         arms[arm] = {"mean": m, "sd": sd, "per_seed": {r["seed"]: r["test"] for r in recs},
                      "gap_closed": gap_closed(m, no_kd, teacher) if arm != "no_kd" else None,
@@ -346,7 +356,7 @@ def run_task(task: Task, seeds: list[int]) -> dict:
         arms[arm]["wall_seconds"] = arms[arm]["train_seconds"] + share
     summary = {"task": task.name, "metric": "f1" if task.token_level else "accuracy", "teacher": teacher,
                "seeds": seeds, "tuning_seed": TUNE_SEED, "chosen_lr": lr, "chosen_best": best_variant,
-               "best_recipe": best_recipe, "best_steps": budget, "arms": arms,
+               "best_recipe": best_recipe, "best_cache": best_cache, "best_steps": chosen["params"]["steps"], "arms": arms,
                "tuning": {k: [{"variant": r["variant"], "dev": r["dev"]} for r in v] for k, v in tune.items()},
                "spec": task.spec, "teacher_info": info, "teacher_parameters": info["teacher_test"]["parameters"],
                "student_parameters": runs["no_kd"][0]["test_metrics"]["parameters"]}
