@@ -322,13 +322,25 @@ def run_task(task: Task, seeds: list[int]) -> dict:
         # the best rate is the largest tried: the grid goes on upwards (x2) until it turns
         tune["no_kd"].append(task.run_no_kd(TUNE_SEED, min(2 * pick(tune["no_kd"])["params"]["lr"], MAX_LR)))
     lr = pick(tune["no_kd"])["params"]["lr"]
-    same = task.run_cache("cache_same", "same", TUNE_SEED, "plain", SAME_RECIPE, lr)
-    # arm 4's step budget: arm 2's wall time on the tuning seed, less the share of arm 4's export (the reported
-    # seeds share one export), at arm 3's seconds per step: arm 4 never takes longer than TextBrewer online
-    online = task.run_textbrewer(TUNE_SEED, SAME_RECIPE, lr)
-    per_step = same["train_seconds"] / same["steps"]
+    # -- arms 1-3 on the tuning seed and the reported seeds -------------------------------------------------
+    runs = {arm: [] for arm in ("no_kd", "textbrewer", "cache_same", "cache_best")}
+    timing = {"textbrewer": [], "cache_same": []}
+    for seed in [TUNE_SEED, *seeds]:
+        if seed != TUNE_SEED:
+            runs["no_kd"].append(task.run_no_kd(seed, lr))
+        for arm, run in (("textbrewer", lambda: task.run_textbrewer(seed, SAME_RECIPE, lr)),
+                         ("cache_same", lambda: task.run_cache("cache_same", "same", seed, "plain", SAME_RECIPE, lr))):
+            rec = run()
+            timing[arm].append(rec)
+            if seed != TUNE_SEED:
+                runs[arm].append(rec)
+    # -- arm 4: its step budget, then its recipe on dev (seed 0), then the reported seeds ---------------------
+    # the budget: arm 2's mean wall time (4 runs), less the share of arm 4's export (the reported seeds share one
+    # export), at arm 3's mean seconds per step: arm 4 never takes longer than TextBrewer online
+    online = statistics.mean(r["train_seconds"] for r in timing["textbrewer"])
+    per_step = statistics.mean(r["train_seconds"] / r["steps"] for r in timing["cache_same"])
     cache_of = lambda k: f"aug{k}" if k else "plain"
-    budget = {k: max(int((online["train_seconds"] - info["export_seconds"][cache_of(k)] / len(seeds)) / per_step), 1)
+    budget = {k: max(int((online - info["export_seconds"][cache_of(k)] / len(seeds)) / per_step), 1)
               for k in {c["copies"] for c in BEST_CANDIDATES}}
     tune["cache_best"] = [task.run_cache("cache_best", f"k{c['copies']}-h{c['hard_label_weight']:g}", TUNE_SEED,
                                          cache_of(c["copies"]),
@@ -336,12 +348,7 @@ def run_task(task: Task, seeds: list[int]) -> dict:
                                          lr, steps=budget[c["copies"]]) for c in BEST_CANDIDATES]
     chosen = pick(tune["cache_best"])
     best_recipe, best_variant, best_cache = chosen["params"]["recipe"], chosen["variant"], chosen["params"]["cache"]
-    # -- the reported seeds ----------------------------------------------------------------------------------
-    runs = {arm: [] for arm in ("no_kd", "textbrewer", "cache_same", "cache_best")}
     for seed in seeds:
-        runs["no_kd"].append(task.run_no_kd(seed, lr))
-        runs["textbrewer"].append(task.run_textbrewer(seed, SAME_RECIPE, lr))
-        runs["cache_same"].append(task.run_cache("cache_same", "same", seed, "plain", SAME_RECIPE, lr))
         runs["cache_best"].append(task.run_cache("cache_best", best_variant, seed, best_cache, best_recipe, lr,
                                                  steps=chosen["params"]["steps"]))
     teacher = main_score(info["teacher_test"])

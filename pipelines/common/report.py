@@ -54,6 +54,10 @@ def main():
                 flat[f"{key}_gap_closed"] = round(g, 4)
         lines.append(f"| {name} | {100 * r[metric]:.2f} |{cell} {r['parameters'] / 1e6:.1f}M | {r['size_mb']:.1f} | "
                      f"{r['inference_examples_per_second']:,.0f} |")
+    for name, r in zip(args.names, rows):
+        if r.get("predicted_classes") == 1:  # its score is the majority rate: no comparison rests on it
+            lines.append(f"\n**{name} predicts one class on every test example** (accuracy = majority rate "
+                         f"{100 * r['majority_rate']:.2f}): it did not train; raise its learning rate or epochs.")
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)
     Path(args.out).with_suffix(".json").write_text(json.dumps(dict(zip(args.names, rows)), indent=2))
