@@ -203,13 +203,14 @@ class Task:
         if out.exists():
             import shutil
             shutil.rmtree(out)  # an unfinished run: start it over
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         steps = train(out)
-        seconds = time.perf_counter() - t
+        seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
         dev = run_evaluate(str(out / "best"), self.dev, self.L)
         test = run_evaluate(str(out / "best"), self.test, self.L)
         rec = {"task": self.name, "arm": arm, "variant": variant, "seed": seed, "params": params, "steps": steps,
-               "train_seconds": seconds, "dev": main_score(dev), "test": main_score(test), "test_metrics": test}
+               "train_seconds": seconds, "cpu_seconds": cpu, "dev": main_score(dev), "test": main_score(test),
+               "test_metrics": test}
         try:
             check_not_collapsed(test, f"{self.name} {arm}/{variant} seed {seed}")
             check_not_collapsed(dev, f"{self.name} {arm}/{variant} seed {seed} (dev)")
@@ -360,7 +361,8 @@ def run_task(task: Task, seeds: list[int]) -> dict:
             if arm.startswith("cache") else 0.0
         arms[arm] = {"mean": m, "sd": sd, "per_seed": {r["seed"]: r["test"] for r in recs},
                      "gap_closed": gap_closed(m, no_kd, teacher) if arm != "no_kd" else None,
-                     "steps": recs[0]["steps"], "train_seconds": statistics.mean(r["train_seconds"] for r in recs),
+                     # the median: a run that shared the cores with another job does not move it
+                     "steps": recs[0]["steps"], "train_seconds": statistics.median(r["train_seconds"] for r in recs),
                      "export_share_seconds": share}
         arms[arm]["wall_seconds"] = arms[arm]["train_seconds"] + share
     summary = {"task": task.name, "metric": "f1" if task.token_level else "accuracy", "teacher": teacher,
