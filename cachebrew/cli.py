@@ -4,6 +4,7 @@
     cachebrew distill CONFIG.yaml [--resume]         # cache -> student
     cachebrew inspect CACHE | cachebrew verify CACHE  # CACHE: a directory or a URI (s3://, gs://, file://)
     cachebrew push CACHE URI | cachebrew pull URI DIR  # verified, resumable copies
+    cachebrew pack CACHE OUT.tar.zst | cachebrew unpack FILE.tar.zst DIR  # one-file bundles, verified on unpack
     cachebrew ls ROOT                                # the caches under a root: teacher, data, size, fingerprint
     cachebrew validate CONFIG.yaml                   # report every problem in a config at once
     cachebrew version
@@ -267,6 +268,28 @@ def _copy(src, dst, overwrite):
                         progress=lambda info: typer.echo(f"  {info.path} ({info.bytes / 2**20:.2f} MiB) verified"))
     typer.echo(f"{src} -> {dst}: {report.copied} shard(s) copied ({report.bytes / 2**20:.2f} MiB), "
                f"{report.skipped} already there, {time.perf_counter() - t:.1f} s")
+
+
+@app.command()
+def pack(cache: str = typer.Argument(..., help="cache directory or URI"),
+         bundle: Path = typer.Argument(..., help="the bundle file to write, e.g. cache.tar.zst"),
+         level: int = typer.Option(3, help="zstd level (the shards are compressed already; higher gains little)")):
+    """Write a cache as one .tar.zst file: shards sha256-checked on the way in, the file published atomically."""
+    from .cache.bundle import pack_cache
+
+    report = pack_cache(cache, bundle, level=level,
+                        progress=lambda info: typer.echo(f"  {info.path} ({info.bytes / 2**20:.2f} MiB) verified"))
+    typer.echo(f"{cache} -> {bundle}: {report.shards} shard(s), {report.rows} rows, {report.bytes / 2**20:.2f} MiB")
+
+
+@app.command()
+def unpack(bundle: Path = typer.Argument(..., help="a bundle written by `cachebrew pack`"),
+           directory: Path = typer.Argument(..., help="new or empty directory for the cache")):
+    """Extract a bundle safely (plain cache files only), verify every shard, then publish the directory."""
+    from .cache.bundle import unpack_cache
+
+    report = unpack_cache(bundle, directory)
+    typer.echo(f"{bundle} -> {directory}: OK ({report.shards} shards, {report.rows} rows, verified)")
 
 
 @app.command("ls")

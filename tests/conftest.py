@@ -7,13 +7,16 @@ import warnings
 import pytest
 import torch
 
+from helpers import import_oracle
+
 warnings.filterwarnings("ignore", category=SyntaxWarning)  # textbrewer 0.2.1 uses `is not 'none'`
 torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
 def textbrewer():
-    return pytest.importorskip("textbrewer")
+    """The oracle: fails (not skips) when it cannot be imported, unless CACHEBREW_ALLOW_NO_TEXTBREWER=1."""
+    return import_oracle("textbrewer")
 
 
 @pytest.fixture(scope="session")

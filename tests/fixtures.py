@@ -82,3 +82,13 @@ def export_config(tmp: Path, teacher_dir: Path, data_path: Path, **over) -> dict
         else:
             cfg[k] = v
     return cfg
+
+
+def make_cache(root: Path, n=24, **over) -> Path:
+    """A tiny real cache under root (teacher, data, cache): n rows in shards of 8, logits and hidden layer 1."""
+    from cachebrew.recipes.export import ExportConfig, run_export
+
+    cfg = export_config(root, make_teacher_dir(root / "teacher"), make_text_data(root / "data.jsonl", n=n),
+                        shard_rows=8, outputs={"hidden_layers": [1], "attention_layers": []}, **over)
+    run_export(ExportConfig.from_dict(cfg))
+    return Path(cfg["output"])

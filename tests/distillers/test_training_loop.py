@@ -55,16 +55,37 @@ def test_tensorboard_scalars(cachebrew, tmp_path, pair):
     assert all(e.value > 0 for e in totals)
 
 
+def _recording_linears(model, seen: list):
+    """A copy of `model` whose every Linear records (autocast on?, autocast dtype, output dtype) per call."""
+    model = copy.deepcopy(model)  # the fixture's student stays hook-free
+
+    def hook(module, args, out):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), out.dtype))
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(hook)
+    return model
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_autocast_training_learns(cachebrew, tmp_path, pair, amp):
     teacher, student = pair
     data = loader(make_examples(16))
     dk = dict(temperature=1, intermediate_matches=MATCH)
-    fp32, _ = run_distiller(cachebrew, "GeneralDistiller", teacher, student, data, dk, tmp_path / "f",
-                            adaptor_T=hidden_adaptor, adaptor_S=hidden_adaptor, train_kwargs=dict(num_epochs=4), lr=1e-2)
-    mixed, d = run_distiller(cachebrew, "GeneralDistiller", teacher, student, data, dk, tmp_path / "m",
-                             adaptor_T=hidden_adaptor, adaptor_S=hidden_adaptor, train_cfg=dict(amp=amp), lr=1e-2,
-                             train_kwargs=dict(num_epochs=4))
+    full, half = [], []
+    fp32, _ = run_distiller(cachebrew, "GeneralDistiller", teacher, _recording_linears(student, full), data, dk,
+                            tmp_path / "f", adaptor_T=hidden_adaptor, adaptor_S=hidden_adaptor,
+                            train_kwargs=dict(num_epochs=4), lr=1e-2)
+    mixed, d = run_distiller(cachebrew, "GeneralDistiller", teacher, _recording_linears(student, half), data, dk,
+                             tmp_path / "m", adaptor_T=hidden_adaptor, adaptor_S=hidden_adaptor,
+                             train_cfg=dict(amp=amp), lr=1e-2, train_kwargs=dict(num_epochs=4))
+    # the student's forward really ran under autocast in the asked dtype (and the fp32 run did not)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    linears = sum(isinstance(m, torch.nn.Linear) for m in student.modules())
+    assert len(half) == len(full) == linears * 4 * 4  # every Linear, 4 batches, 4 epochs
+    assert set(half) == {(True, dtype, dtype)}
+    assert {(on, out) for on, _, out in full} == {(False, torch.float32)}
 
     def loss(model):
         d.model_S = model

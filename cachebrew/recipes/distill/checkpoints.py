@@ -5,13 +5,16 @@
         optimizer.pt          scheduler.pt              (state dicts, loaded with weights_only=True)
         state.json            counters, loader position, RNG states, eval history
 
-A checkpoint directory is written under a temporary name and renamed when complete.
+A checkpoint directory is written under a temporary name and renamed when complete. On `--resume` it is
+untrusted input like a cache: nothing in it is unpickled beyond tensors and plain containers, and a file
+that does not load is named in the error (`read_run_state`, `load_run_checkpoint`).
 """
 from __future__ import annotations
 
 import base64
 import json
 import logging
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -23,6 +26,7 @@ from safetensors.torch import load_model, save_model
 from ...core.files import publish_dir
 from ...core.files import unwrap
 from ...core.runtime import get_world_size
+from ...errors import CachebrewError
 
 logger = logging.getLogger("cachebrew")
 
@@ -114,14 +118,40 @@ def latest_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _load(path: Path, load):
+    """``load(path)``, with any failure reported as this file's (a checkpoint may have been replaced)."""
+    try:
+        return load(path)
+    except FileNotFoundError:
+        raise CachebrewError(f"{path}: missing; the checkpoint is incomplete") from None
+    except pickle.UnpicklingError as e:  # torch's weights-only unpickler; its advice (weights_only=False) is not ours
+        unsupported = [line.strip() for line in str(e).splitlines() if line.strip().startswith("Unsupported")]
+        raise CachebrewError(f"{path}: cannot load this checkpoint file (it holds more than tensors and plain "
+                             f"containers{': ' + unsupported[0] if unsupported else ''}); nothing in it was run, "
+                             "and checkpoint files are never loaded with a general unpickler") from None
+    except Exception as e:  # safetensors and json raise their own types
+        why = (str(e).strip().splitlines() or [""])[0][:160]
+        raise CachebrewError(f"{path}: cannot load this checkpoint file ({type(e).__name__}: {why}); only "
+                             "tensors, plain containers and JSON are read from a checkpoint") from None
+
+
+def read_run_state(path: Path) -> dict:
+    """state.json of checkpoint `path` (counters, config, RNG states, history)."""
+    state = _load(path / "state.json", lambda p: json.loads(p.read_text(encoding="utf-8")))
+    if not isinstance(state, dict):
+        raise CachebrewError(f"{path / 'state.json'}: not a checkpoint state (a JSON object)")
+    return state
+
+
 def load_run_checkpoint(path: Path, student, projections) -> dict:
-    load_model(unwrap(student), str(path / "student.safetensors"))
+    _load(path / "student.safetensors", lambda p: load_model(unwrap(student), str(p)))
     projs = torch.nn.ModuleList([unwrap(p) for p in projections if p is not None])
-    load_model(projs, str(path / "projections.safetensors"))
-    state = json.loads((path / "state.json").read_text())
+    _load(path / "projections.safetensors", lambda p: load_model(projs, str(p)))
+    state = read_run_state(path)
     # onto the CPU whatever device saved them: optimizer.load_state_dict moves each state tensor to its
     # parameter's device, so a GPU checkpoint resumes on CPU and no rank materialises it on cuda:0 first
-    state["optimizer"] = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-    sched = torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu")
+    tensors = lambda p: torch.load(p, weights_only=True, map_location="cpu")  # never a general unpickler
+    state["optimizer"] = _load(path / "optimizer.pt", tensors)
+    sched = _load(path / "scheduler.pt", tensors)
     state["scheduler"], state["scaler"] = sched["scheduler"], sched["scaler"]
     return state

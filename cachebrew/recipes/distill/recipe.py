@@ -29,7 +29,7 @@ from ...errors import CacheFormatError, CachebrewError
 from ...core.paths import resolve_path
 from ...core.runtime import ensure_process_group, get_rank, get_world_size, resolve_device, resolve_local_rank
 from ...version import __version__
-from .checkpoints import (gather_rng_states, latest_checkpoint, load_run_checkpoint, restore_rng,
+from .checkpoints import (gather_rng_states, latest_checkpoint, load_run_checkpoint, read_run_state, restore_rng,
                           save_run_checkpoint)
 from .config import DistillRunConfig, TaskConfig
 from ...components.metrics import main_metric, predictions, score
@@ -280,7 +280,7 @@ class DistillRecipe:
 
     def load_checkpoint(self, ckpt: Path) -> None:
         """Continue from `ckpt`: the same config is required; the loop resumes at the saved position."""
-        saved, now = json.loads((ckpt / "state.json").read_text())["config"], self.cfg.to_dict()
+        saved, now = read_run_state(ckpt).get("config"), self.cfg.to_dict()
         if saved != now:
             changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             raise CachebrewError(f"--resume: the config differs from the run in {self.out} (fields {changed}); "

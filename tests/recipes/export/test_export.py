@@ -148,6 +148,58 @@ def test_second_export_is_skipped_and_changes_are_detected(tmp_path, assets):
         run_export(ExportConfig.from_dict(cfg))
 
 
+def _write_inputs(rows: list[dict], root: Path) -> dict:
+    """The same rows in every format users bring: name -> data config overrides."""
+    import csv
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir()
+    table = pa.Table.from_pylist(rows)
+    for name, delimiter in (("data.csv", ","), ("data.tsv", "\t")):
+        with open(root / name, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter=delimiter)
+            w.writeheader()
+            w.writerows(rows)
+    pq.write_table(table, root / "data.parquet")
+    with pa.OSFile(str(root / "stream.arrow"), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+        w.write_table(table)  # what `datasets` itself writes
+    with pa.OSFile(str(root / "file.arrow"), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table)  # Arrow's random-access file format (Feather v2)
+    datasets.Dataset.from_list(rows).save_to_disk(str(root / "saved"))
+    other = datasets.Dataset.from_list([dict(r, sentence="bad bad bad") for r in rows])
+    datasets.DatasetDict({"train": other, "validation": datasets.Dataset.from_list(rows)}).save_to_disk(
+        str(root / "saved_dict"))
+    return {"csv": {"path": str(root / "data.csv")}, "tsv": {"path": str(root / "data.tsv")},
+            "parquet": {"path": str(root / "data.parquet")}, "arrow stream": {"path": str(root / "stream.arrow")},
+            "arrow file": {"path": str(root / "file.arrow")}, "load_from_disk": {"path": str(root / "saved")},
+            "load_from_disk split": {"path": str(root / "saved_dict"), "split": "validation"}}
+
+
+def test_every_input_format_gives_the_jsonl_cache(tmp_path, assets):
+    """csv, tsv, parquet, Arrow files and saved `datasets` directories export the same rows, ids and logits."""
+    import json
+
+    rows = [json.loads(line) for line in assets["data"].read_text().splitlines()]
+    light = {"outputs": {"hidden_layers": [], "attention_layers": []}}
+    export(tmp_path / "jsonl", assets, **light)
+    ref = rows_by_key(tmp_path / "jsonl" / "cache")
+    assert len(ref) == 40 and sorted(k[0] for k in ref) == [r["uid"] for r in rows]
+    for name, data in _write_inputs(rows, tmp_path / "inputs").items():
+        out = tmp_path / name.replace(" ", "_")
+        export(out, assets, data=data, **light)
+        got = rows_by_key(out / "cache")
+        assert got.keys() == ref.keys(), name
+        for key, r in ref.items():
+            g = got[key]
+            assert (g["text"], int(g["labels"])) == (r["text"], int(r["labels"])), (name, key)
+            assert np.array_equal(g["input_ids"], r["input_ids"]), (name, key)
+            assert torch.equal(g["bert.logits"], r["bert.logits"]), (name, key)
+        assert CacheReader(out / "cache").manifest.config["data"]["path"] == data["path"]
+
+
 def test_verify_catches_a_flipped_byte(tmp_path, assets):
     export(tmp_path, assets)
     cache = tmp_path / "cache"
