@@ -29,7 +29,7 @@ def _shrink(pipe: Path):
         "baseline.yaml": {"max_length": 32, "train": {"epochs": 1, "batch_size": 16}},
         "export.yaml": {"max_length": 32, "augment": {"copies": 1}},
         "export_dev.yaml": {"max_length": 32},
-        "distill.yaml": {"train": {"epochs": 1, "batch_size": 16}},
+        "distill.yaml": {"train": {"steps": 4, "eval_every": 2, "batch_size": 16}},
     }.items():
         path = pipe / "configs" / name
         cfg = yaml.safe_load(path.read_text())
