@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -105,3 +108,9 @@ def import_oracle(name: str = "textbrewer"):
 
         pytest.fail(f"the TextBrewer oracle cannot be imported ({e}); install it with `pip install -e \".[test]\"`, "
                     f"or set {ALLOW_NO_ORACLE}=1 to skip the parity tests on purpose", pytrace=False)
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """`python -m cachebrew ARGS` from the tests directory (entry points such as slow_teacher:build resolve)."""
+    return subprocess.run([sys.executable, "-m", "cachebrew", *map(str, args)], cwd=Path(__file__).resolve().parent,
+                          capture_output=True, text=True)

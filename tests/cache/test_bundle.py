@@ -2,8 +2,6 @@
 archive members refused before a byte is written, nothing published unless every shard verifies."""
 import io
 import re
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -16,18 +14,13 @@ from cachebrew.cache import CacheReader
 from cachebrew.cache.bundle import pack_cache, unpack_cache
 from cachebrew.errors import CachebrewError, CacheFormatError
 from fixtures import make_cache
+from helpers import run_cli
 
-TESTS = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return make_cache(tmp_path_factory.mktemp("bundle"))
-
-
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "cachebrew", *map(str, args)], cwd=TESTS, capture_output=True,
-                          text=True)
 
 
 def _rows(path):
@@ -91,10 +84,10 @@ def test_round_trip_reads_back_identical(cache, tmp_path):
 
 def test_cli_pack_unpack_and_a_corrupt_shard_in_the_bundle(cache, tmp_path):
     bundle = tmp_path / "c.tar.zst"
-    res = _cli("pack", cache, bundle)
+    res = run_cli("pack", cache, bundle)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"-> {bundle}: 3 shard(s), 24 rows" in res.stdout
-    res = _cli("unpack", bundle, tmp_path / "ok")
+    res = run_cli("unpack", bundle, tmp_path / "ok")
     assert res.returncode == 0 and "OK (3 shards, 24 rows, verified)" in res.stdout, res.stderr[-2000:]
 
     raw = _tar_bytes(bundle)  # flip one byte inside part-00001.arrow's data, keep the archive well-formed
@@ -103,7 +96,7 @@ def test_cli_pack_unpack_and_a_corrupt_shard_in_the_bundle(cache, tmp_path):
     raw[member.offset_data + member.size // 2] ^= 0x01
     bad = tmp_path / "bad.tar.zst"
     bad.write_bytes(zstandard.ZstdCompressor().compress(bytes(raw)))
-    res = _cli("unpack", bad, tmp_path / "restored")
+    res = run_cli("unpack", bad, tmp_path / "restored")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: part-00001.arrow: checksum mismatch"), res.stderr

@@ -3,8 +3,6 @@ and a file:// URI (S3 is tests/test_reliability.py's). Copies read back identica
 another cache is refused without a traceback."""
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,18 +12,13 @@ import torch
 from cachebrew.cache import CacheReader
 from cachebrew.cache.sharing import copy_cache
 from fixtures import make_cache
+from helpers import run_cli
 
-TESTS = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return make_cache(tmp_path_factory.mktemp("sharing"))
-
-
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "cachebrew", *map(str, args)], cwd=TESTS, capture_output=True,
-                          text=True)
 
 
 def _same_rows(a, b):
@@ -41,24 +34,24 @@ def _same_rows(a, b):
 def test_push_to_a_directory_and_a_file_uri_then_pull_and_inspect(cache, tmp_path):
     m = CacheReader(cache).manifest
     shared = tmp_path / "shared" / "team-cache"
-    res = _cli("push", cache, shared)  # a plain directory: created, parents included
+    res = run_cli("push", cache, shared)  # a plain directory: created, parents included
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"{cache} -> {shared}: 3 shard(s) copied" in res.stdout and ", 0 already there" in res.stdout
     assert res.stdout.count(" verified") == 3
     assert CacheReader(shared).verify() == [] and CacheReader(shared).manifest.fingerprint == m.fingerprint
 
     uri = f"file://{tmp_path / 'by-uri'}"
-    res = _cli("push", cache, uri)
+    res = run_cli("push", cache, uri)
     assert res.returncode == 0 and "3 shard(s) copied" in res.stdout, res.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "by-uri").iterdir()) == ["manifest.json", *sorted(s.path for s in m.shards)]
 
     local = tmp_path / "pulled"
-    res = _cli("pull", uri, local)
+    res = run_cli("pull", uri, local)
     assert res.returncode == 0 and f"{uri} -> {local}: 3 shard(s) copied" in res.stdout, res.stderr[-2000:]
     assert [s.sha256 for s in CacheReader(local).manifest.shards] == [s.sha256 for s in m.shards]
     _same_rows(cache, local)
 
-    res = _cli("inspect", local, "--rows", "2")
+    res = run_cli("inspect", local, "--rows", "2")
     assert res.returncode == 0, res.stderr[-2000:]
     out = res.stdout
     assert f"fingerprint  {m.fingerprint}" in out
@@ -78,7 +71,7 @@ def test_push_refuses_a_destination_holding_another_cache(cache, tmp_path):
     manifest["fingerprint"] = "f" * 64  # as if exported from other inputs
     (other / "manifest.json").write_text(json.dumps(manifest))
     before = {p.name: p.read_bytes() for p in other.iterdir()}
-    res = _cli("push", cache, other)
+    res = run_cli("push", cache, other)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert f"{other} holds another cache (fingerprint ffffffffffff…" in res.stderr and "--overwrite" in res.stderr
     assert {p.name: p.read_bytes() for p in other.iterdir()} == before  # untouched
