@@ -3,7 +3,6 @@ and a file:// URI (S3 is tests/test_reliability.py's). Copies read back identica
 another cache is refused without a traceback."""
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
