@@ -12,6 +12,8 @@ import torch.nn.functional as F
 __all__ = [
     "kd_mse_loss", "kd_ce_loss", "att_mse_loss", "att_mse_sum_loss", "att_ce_loss", "att_ce_mean_loss",
     "hid_mse_loss", "cos_loss", "pkd_loss", "fsp_loss", "mmd_loss",
+    "inc_kd_ce_loss", "inc_kd_kl_loss", "inc_kd_mse_loss", "inc_mse_feature_loss", "inc_l1_feature_loss",
+    "inc_kl_feature_loss",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -175,3 +177,70 @@ def mmd_loss(state_S, state_T, mask=None):
     gram_T = torch.bmm(T0, T1.transpose(1, 2)) / T1.size(1)
     sq = F.mse_loss(gram_S, gram_T, reduction="none") * mask.unsqueeze(-1) * mask.unsqueeze(1)
     return sq.sum() / _count(valid_count)
+
+
+# -- Intel Neural Compressor's numerics (neural-compressor 2.x, compression/distillation/criterions.py) --------------
+# INC scales the KD term by T**2 and averages its KL and MSE over every element, not per example; its
+# intermediate-layer losses ignore padding. These are the losses INC's criterion configs select
+# (cachebrew.hf / cachebrew.inc), registered as 'inc_*' so that a cachebrew YAML config can name them too.
+
+def _t_squared(temperature):
+    if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
+        return temperature.float() ** 2  # per example, matching the per-example loss it multiplies
+    return temperature ** 2
+
+
+def inc_kd_ce_loss(logits_S, logits_T, temperature=1):
+    """INC 'CE': ``(-softmax(t/T) * log_softmax(s/T)).sum(-1).mean() * T**2``."""
+    s, t = _scaled(logits_S, logits_T, temperature)
+    per_example = -(F.softmax(t, dim=-1) * F.log_softmax(s, dim=-1)).sum(dim=-1)
+    return (per_example * _t_squared(temperature)).mean()
+
+
+def inc_kd_kl_loss(logits_S, logits_T, temperature=1):
+    """INC 'KL': ``F.kl_div(log_softmax(s/T), softmax(t/T)) * T**2`` with torch's default 'mean' reduction,
+    i.e. averaged over batch x classes (INC's choice; TextBrewer-style 'kl' averages over the batch only)."""
+    s, t = _scaled(logits_S, logits_T, temperature)
+    p_T = F.softmax(t, dim=-1)
+    pointwise = torch.xlogy(p_T, p_T) - p_T * F.log_softmax(s, dim=-1)  # kl_div's terms, 0 where p_T is 0
+    t2 = _t_squared(temperature)
+    if isinstance(t2, torch.Tensor) and t2.dim() > 0:
+        t2 = t2.unsqueeze(-1)
+    return (pointwise * t2).mean()
+
+
+def inc_kd_mse_loss(logits_S, logits_T, temperature=1):
+    """INC 'MSE': ``MSELoss()(s/T, t/T) * T**2``."""
+    s, t = _scaled(logits_S, logits_T, temperature)
+    t2 = _t_squared(temperature)
+    if isinstance(t2, torch.Tensor) and t2.dim() > 0:
+        t2 = t2.unsqueeze(-1)
+    return (F.mse_loss(s, t, reduction="none") * t2).mean()
+
+
+def inc_mse_feature_loss(feature_S, feature_T, mask=None):
+    """INC's intermediate 'MSE': ``MSELoss()`` over every element, padding included (INC hooks see no mask)."""
+    feature_S, feature_T = _f32(feature_S, feature_T)
+    return F.mse_loss(feature_S, feature_T)
+
+
+def inc_l1_feature_loss(feature_S, feature_T, mask=None):
+    """INC's intermediate 'L1': ``L1Loss()`` over every element, padding included."""
+    feature_S, feature_T = _f32(feature_S, feature_T)
+    return F.l1_loss(feature_S, feature_T)
+
+
+def _as_probabilities(x):
+    # INC: softmax a feature whose last-dim sums are not all within 0.2 of 1 (attention maps already are).
+    # torch.where on the one flag keeps it on the device: no host sync per step.
+    not_prob = ((x.sum(dim=-1) - 1.0).abs() > 0.2).any()
+    return torch.where(not_prob, F.softmax(x, dim=-1), x)
+
+
+def inc_kl_feature_loss(feature_S, feature_T, mask=None):
+    """INC's intermediate 'KL': ``KLDivLoss()(log(p_S + 1e-9), p_T)`` averaged over every element, where a
+    feature that is not already a distribution over its last dimension is softmaxed first."""
+    feature_S, feature_T = _f32(feature_S, feature_T)
+    log_p_S = torch.log(_as_probabilities(feature_S) + 1e-9)
+    p_T = _as_probabilities(feature_T)
+    return (torch.xlogy(p_T, p_T) - p_T * log_p_S).mean()

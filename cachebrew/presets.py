@@ -11,7 +11,9 @@ are validated against the registry contents at construction time.
 from __future__ import annotations
 
 from .losses import (att_ce_loss, att_ce_mean_loss, att_mse_loss, att_mse_sum_loss, cos_loss, fsp_loss,
-                     hid_mse_loss, kd_ce_loss, kd_kl_loss, kd_mse_loss, mmd_loss, pkd_loss)
+                     hid_mse_loss, inc_kd_ce_loss, inc_kd_kl_loss, inc_kd_mse_loss, inc_kl_feature_loss,
+                     inc_l1_feature_loss, inc_mse_feature_loss, kd_ce_loss, kd_kl_loss, kd_mse_loss, mmd_loss,
+                     pkd_loss)
 from .projections import linear_projection, projection_with_activation
 from .schedulers import (constant_temperature_scheduler, cwsm_temperature_scheduler_builder,
                          flsw_temperature_scheduler_builder, linear_decay_weight_scheduler,
@@ -81,7 +83,12 @@ FEATURES = ["hidden", "attention"]
 
 ADAPTOR_KEYS = ["logits", "logits_mask", "losses", "inputs_mask", "labels"] + FEATURES
 
-KD_LOSS_MAP = Registry("kd loss", {"mse": kd_mse_loss, "ce": kd_ce_loss, "kl": kd_kl_loss})  # kl: not in TextBrewer
+KD_LOSS_MAP = Registry("kd loss", {
+    "mse": kd_mse_loss, "ce": kd_ce_loss,
+    "kl": kd_kl_loss,  # not in TextBrewer
+    # Intel Neural Compressor's KD terms (x T**2, INC's reductions): what INC's criterion configs select
+    "inc_ce": inc_kd_ce_loss, "inc_kl": inc_kd_kl_loss, "inc_mse": inc_kd_mse_loss,
+})
 
 MATCH_LOSS_MAP = Registry("match loss", {
     "attention_mse_sum": att_mse_sum_loss,
@@ -95,6 +102,10 @@ MATCH_LOSS_MAP = Registry("match loss", {
     "fsp": fsp_loss,
     "mmd": mmd_loss,
     "nst": mmd_loss,
+    # Intel Neural Compressor's intermediate-layer losses (every element, no padding mask)
+    "inc_mse": inc_mse_feature_loss,
+    "inc_l1": inc_l1_feature_loss,
+    "inc_kl": inc_kl_feature_loss,
 })
 
 # Losses that compare relations between two layers: layer_T / layer_S are pairs of indices.

@@ -50,7 +50,7 @@ def main():
                              eval_strategy="epoch", save_strategy="epoch", save_total_limit=1, logging_steps=10,
                              report_to=["tensorboard"], disable_tqdm=True)
     criterion = [
-        KnowledgeDistillationLossConfig(temperature=4, loss_types=["CE", "CE"], loss_weight_ratio=[1.0, 1.0]),
+        KnowledgeDistillationLossConfig(temperature=4, loss_types=["CE", "CE"], loss_weights=[0.5, 0.5]),
         IntermediateLayersKnowledgeDistillationLossConfig(layer_mappings=[[1, 3], [2, 6]], loss_types=["MSE", "MSE"],
                                                           loss_weight_ratio=[1.0, 1.0]),
     ]

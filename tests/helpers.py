@@ -114,3 +114,28 @@ def run_cli(*args) -> subprocess.CompletedProcess:
     """`python -m cachebrew ARGS` from the tests directory (entry points such as slow_teacher:build resolve)."""
     return subprocess.run([sys.executable, "-m", "cachebrew", *map(str, args)], cwd=Path(__file__).resolve().parent,
                           capture_output=True, text=True)
+
+
+def cache_rows(cache):
+    """A cache's student inputs and labels as rows, in the cache's order (for online runs that must see the
+    same examples in the same order as a run from the cache)."""
+    from cachebrew.cache.reader import CacheReader
+
+    return [{k: torch.as_tensor(r[k]).long() for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+            for r in CacheReader(cache).iter_rows()]
+
+
+def pad_rows(rows):
+    """data_collator for cache_rows: right-pad to the longest row, as the cache loader does."""
+    import torch.nn.functional as F
+
+    L = max(len(r["input_ids"]) for r in rows)
+    out = {k: torch.stack([F.pad(r[k], (0, L - len(r[k]))) for r in rows])
+           for k in ("input_ids", "attention_mask", "token_type_ids")}
+    out["labels"] = torch.stack([r["labels"] for r in rows])
+    return out
+
+
+def max_weight_diff(a, b) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    return max((sa[k] - sb[k]).abs().max().item() for k in sa)

@@ -67,9 +67,14 @@ def test_textbrewer_modules_know_nothing_of_caches_jobs_or_front_ends():
 
 
 def test_components_serve_recipes_and_front_ends_but_import_none():
-    forbidden = (*RECIPES, "cachebrew.hf", "cachebrew.cli", "cachebrew.distillers")
+    forbidden = (*RECIPES, "cachebrew.hf", "cachebrew.inc", "cachebrew.cli", "cachebrew.distillers")
     assert [d for d in deps("cachebrew.components") if inside(d[1], *forbidden)] == []
 
 
-def test_front_ends_use_components_not_recipes():
-    assert [d for d in deps("cachebrew.hf") if inside(d[1], *RECIPES, "cachebrew.cli")] == []
+@pytest.mark.parametrize("front_end", ["cachebrew.hf", "cachebrew.inc"])
+def test_front_ends_use_components_not_recipes(front_end):
+    assert [d for d in deps(front_end) if inside(d[1], *RECIPES, "cachebrew.cli")] == []
+
+
+def test_hf_knows_nothing_of_the_intel_front_end_built_on_it():
+    assert [d for d in deps("cachebrew.hf") if inside(d[1], "cachebrew.inc")] == []

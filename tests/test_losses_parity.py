@@ -90,8 +90,9 @@ def test_presets_have_textbrewer_names(textbrewer):
 
     assert presets.ADAPTOR_KEYS == tp.ADAPTOR_KEYS
     assert presets.FEATURES == tp.FEATURES
-    assert set(presets.KD_LOSS_MAP) == set(tp.KD_LOSS_MAP) | {"kl"}  # kl: INC's KD loss, an addition
-    assert set(presets.MATCH_LOSS_MAP) == set(tp.MATCH_LOSS_MAP)
+    # additions: 'kl' (KL(teacher || student), batch mean) and INC's numerics for cachebrew.inc / hf criteria
+    assert set(presets.KD_LOSS_MAP) == set(tp.KD_LOSS_MAP) | {"kl", "inc_ce", "inc_kl", "inc_mse"}
+    assert set(presets.MATCH_LOSS_MAP) == set(tp.MATCH_LOSS_MAP) | {"inc_mse", "inc_kl", "inc_l1"}
     assert set(presets.PROJ_MAP) == set(tp.PROJ_MAP)
     assert set(presets.WEIGHT_SCHEDULER) == set(tp.WEIGHT_SCHEDULER)
     assert set(presets.TEMPERATURE_SCHEDULER.keys()) == set(tp.TEMPERATURE_SCHEDULER.store)

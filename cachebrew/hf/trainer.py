@@ -26,6 +26,9 @@ from ..errors import CachebrewError, ConfigError
 from .criteria import to_distillation_config
 
 PROJECTIONS_FILE = "cachebrew_projections.safetensors"
+# hidden-state losses that compare the two sides element by element: a width mismatch gets a linear projection,
+# as INC adds its feature matcher (INC's 'KL' then takes log(softmax(.)) of the projection, as inc_kl does)
+WIDTH_MATCHED_LOSSES = ("hidden_mse", "cos", "inc_mse", "inc_l1", "inc_kl")
 
 
 class _EpochAndSchedules(TrainerCallback):
@@ -70,31 +73,51 @@ class DistillationTrainer(Trainer):
         hidden_states, attentions, loss); adaptor_T=None with a cache takes the cached outputs as they are.
     """
 
+    #: NLPTrainer sets this False: it is built like a plain Trainer and configured later, by ``distill``.
+    distillation_config_required = True
+
     def __init__(self, model=None, args=None, distillation_config=None, teacher_cache=None, teacher_model=None,
                  eval_cache=None, teachers=None, teacher_weights=None, adaptor_S=hf_adaptor, adaptor_T=None,
                  shuffle_buffer=2048, train_dataset=None, eval_dataset=None, **kwargs):
-        if distillation_config is None:
-            raise ConfigError("DistillationTrainer: distillation_config is required (a DistillationConfig or "
-                              "an INC KnowledgeDistillationLossConfig / IntermediateLayersKnowledgeDistillationLossConfig)")
-        sources = [x is not None for x in (teacher_cache, teacher_model)]
-        if sum(sources) != 1 and not isinstance(train_dataset, CacheBatches):
-            raise ConfigError("DistillationTrainer: give exactly one of teacher_cache (distil from a cache) or "
-                              "teacher_model (distil online)")
+        configure_now = distillation_config is not None or self.distillation_config_required
+        if configure_now:
+            if distillation_config is None:
+                raise ConfigError("DistillationTrainer: distillation_config is required (a DistillationConfig or an "
+                                  "INC KnowledgeDistillationLossConfig / IntermediateLayersKnowledgeDistillationLossConfig)")
+            sources = [x is not None for x in (teacher_cache, teacher_model)]
+            if sum(sources) != 1 and not isinstance(train_dataset, CacheBatches):
+                raise ConfigError("DistillationTrainer: give exactly one of teacher_cache (distil from a cache) or "
+                                  "teacher_model (distil online)")
         if args is None:
             from transformers import TrainingArguments
 
             args = TrainingArguments(output_dir="trainer_output")
-        a = args
         if teacher_cache is not None:
-            train_dataset = CacheBatches(
-                _cache_paths(teacher_cache), a.per_device_train_batch_size, shuffle=a.train_sampling_strategy != "sequential",
-                seed=a.data_seed if a.data_seed is not None else a.seed, buffer_size=shuffle_buffer,
-                drop_last=a.dataloader_drop_last, rank=a.process_index, world_size=a.world_size,
-                teachers=teachers, teacher_weights=teacher_weights)
+            train_dataset = self.cache_dataset(args, teacher_cache, teachers, teacher_weights, shuffle_buffer)
         if eval_cache is not None:
-            eval_dataset = CacheBatches(_cache_paths(eval_cache), a.per_device_eval_batch_size, shuffle=False,
-                                        rank=a.process_index, world_size=a.world_size)
+            eval_dataset = CacheBatches(_cache_paths(eval_cache), args.per_device_eval_batch_size, shuffle=False,
+                                        rank=args.process_index, world_size=args.world_size)
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
+        self.distillation_loss = self.distillation_config = self.teacher_model = None
+        if configure_now:
+            self.configure_distillation(distillation_config, teacher_model=teacher_model, adaptor_S=adaptor_S,
+                                        adaptor_T=adaptor_T)
+
+    @staticmethod
+    def cache_dataset(args, teacher_cache, teachers=None, teacher_weights=None, shuffle_buffer=2048) -> CacheBatches:
+        """The train batches of a cache (or of several teachers' caches) as these TrainingArguments ask for them."""
+        a = args
+        return CacheBatches(
+            _cache_paths(teacher_cache), a.per_device_train_batch_size, shuffle=a.train_sampling_strategy != "sequential",
+            seed=a.data_seed if a.data_seed is not None else a.seed, buffer_size=shuffle_buffer,
+            drop_last=a.dataloader_drop_last, rank=a.process_index, world_size=a.world_size,
+            teachers=teachers, teacher_weights=teacher_weights)
+
+    def configure_distillation(self, distillation_config, teacher_model=None, adaptor_S=hf_adaptor, adaptor_T=None):
+        """Make this Trainer distil: the loss, its projections, the teacher (online) and the schedules' callback.
+
+        Called by ``__init__``; NLPTrainer calls it from ``distill`` (once per call: a second call replaces the loss)."""
+        a = self.args
         self.teacher_model = teacher_model
         teachers_list = teacher_model if isinstance(teacher_model, (list, tuple)) else (
             [teacher_model] if teacher_model is not None else [])
@@ -111,6 +134,7 @@ class DistillationTrainer(Trainer):
         # the distillation loss is a mean per micro-batch: let the Trainer divide it for gradient accumulation
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
+        self.remove_callback(_EpochAndSchedules)
         self.add_callback(_EpochAndSchedules(self))
 
     # -- configuration -----------------------------------------------------------------------------
@@ -122,7 +146,7 @@ class DistillationTrainer(Trainer):
             return d_config
         fields = d_config.to_dict()
         for m in fields.get("intermediate_matches") or []:
-            if m.get("feature") == "hidden" and m.get("loss") in ("hidden_mse", "cos") and not m.get("proj"):
+            if m.get("feature") == "hidden" and m.get("loss") in WIDTH_MATCHED_LOSSES and not m.get("proj"):
                 m["proj"] = ["linear", width_S, width_T]
         return DistillationConfig.from_dict(fields)
 
@@ -172,7 +196,7 @@ class DistillationTrainer(Trainer):
 
     # -- loss ----------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if getattr(self, "_plain_loss", False):  # evaluation: the student's own loss
+        if getattr(self, "_plain_loss", False) or self.distillation_loss is None:  # evaluation, or not distilling
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         cached = isinstance(inputs, Mapping) and CACHE_KEY in inputs
         student_inputs = inputs["student"] if cached else inputs
@@ -217,6 +241,8 @@ class DistillationTrainer(Trainer):
 
     # -- projections: trained with the student, saved in each checkpoint -------------------------------
     def _projections(self) -> torch.nn.ModuleList:
+        if self.distillation_loss is None:
+            return torch.nn.ModuleList()
         return torch.nn.ModuleList([p for p in self.distillation_loss.projections if p is not None])
 
     def _average_projection_grads(self):

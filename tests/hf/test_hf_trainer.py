@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
 from cachebrew import ConfigError, DistillationConfig
-from cachebrew.cache.reader import CacheReader
 from cachebrew.recipes.export import ExportConfig, run_export
 from cachebrew.hf import (DistillationTrainer, IntermediateLayersKnowledgeDistillationLossConfig,
                           KnowledgeDistillationLossConfig, to_distillation_config)
 from cachebrew.losses import kd_kl_loss
 from fixtures import export_config, make_teacher_dir, make_text_data
+from helpers import cache_rows, max_weight_diff, pad_rows
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +54,6 @@ INC = [KnowledgeDistillationLossConfig(temperature=2.0, loss_types=["CE", "KL"],
        IntermediateLayersKnowledgeDistillationLossConfig(layer_mappings=[[1, 2]], loss_types=["MSE"])]
 
 
-def max_diff(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    return max((sa[k] - sb[k]).abs().max().item() for k in sa)
-
-
 def test_trainer_from_cache_evaluates_saves_resumes_and_reloads(world, tmp_path):
     full = DistillationTrainer(model=student(dropout=0.1), distillation_config=INC, teacher_cache=world["caches"]["train"],
                                eval_cache=world["caches"]["dev"], compute_metrics=accuracy,
@@ -67,7 +62,7 @@ def test_trainer_from_cache_evaluates_saves_resumes_and_reloads(world, tmp_path)
     before = student(dropout=0.1)
     full.train()
     assert full.state.global_step == 12  # 48 rows / 8 per batch x 2 epochs, no teacher loaded
-    assert max_diff(full.model, before) > 1e-3
+    assert max_weight_diff(full.model, before) > 1e-3
     # the projection (student width 16 -> teacher width 32) was added automatically and trained
     assert full.distillation_config.intermediate_matches[0].proj[:3] == ["linear", 16, 32]
     assert (tmp_path / "full" / "checkpoint-8" / "cachebrew_projections.safetensors").is_file()
@@ -92,8 +87,8 @@ def test_trainer_from_cache_evaluates_saves_resumes_and_reloads(world, tmp_path)
                                   teacher_cache=world["caches"]["train"], args=args(tmp_path / "resumed"))
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-8"))
     assert resumed.state.global_step == 12
-    assert max_diff(resumed.model, full.model) == 0.0
-    assert max_diff(resumed._projections(), full._projections()) == 0.0
+    assert max_weight_diff(resumed.model, full.model) == 0.0
+    assert max_weight_diff(resumed._projections(), full._projections()) == 0.0
 
     # save_model -> from_pretrained gives the same predictions
     full.save_model(str(tmp_path / "final"))
@@ -101,19 +96,6 @@ def test_trainer_from_cache_evaluates_saves_resumes_and_reloads(world, tmp_path)
     b = next(iter(CacheBatches(world["caches"]["dev"], 8, shuffle=False)))["student"]
     b.pop("labels")
     assert torch.equal(reloaded(**b).logits, full.model(**b).logits)
-
-
-def _rows_in_cache_order(cache):
-    return [{k: torch.as_tensor(r[k]).long() for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
-            for r in CacheReader(cache).iter_rows()]
-
-
-def _pad(rows):
-    L = max(len(r["input_ids"]) for r in rows)
-    out = {k: torch.stack([F.pad(r[k], (0, L - len(r[k]))) for r in rows])
-           for k in ("input_ids", "attention_mask", "token_type_ids")}
-    out["labels"] = torch.stack([r["labels"] for r in rows])
-    return out
 
 
 def test_cached_and_online_modes_train_the_same_student(world, tmp_path):
@@ -129,14 +111,14 @@ def test_cached_and_online_modes_train_the_same_student(world, tmp_path):
     cached.distillation_loss.projections[0].reset_parameters()
     cached.train()
     teacher = Bert.from_pretrained(str(world["teacher"]))
-    online = DistillationTrainer(model=student(), teacher_model=teacher, data_collator=_pad,
-                                 train_dataset=_rows_in_cache_order(world["caches"]["train"]), **common)
+    online = DistillationTrainer(model=student(), teacher_model=teacher, data_collator=pad_rows,
+                                 train_dataset=cache_rows(world["caches"]["train"]), **common)
     torch.manual_seed(1234)
     online.distillation_loss.projections[0].reset_parameters()
     online.train()
     assert cached.state.global_step == online.state.global_step == 12
-    assert max_diff(cached.model, online.model) < 1e-5
-    assert max_diff(cached.model, student()) > 1e-3
+    assert max_weight_diff(cached.model, online.model) < 1e-5
+    assert max_weight_diff(cached.model, student()) > 1e-3
     # the weight schedule followed the Trainer's steps: linear_decay reaches 0 at the last step
     assert cached.distillation_loss.kd_loss_weight == pytest.approx(0.0)
 
@@ -151,22 +133,22 @@ def test_gradient_accumulation_matches_the_larger_batch(world, tmp_path):
                                           per_device_train_batch_size=4, gradient_accumulation_steps=2))
     small.train()
     assert big.state.global_step == small.state.global_step == 6
-    assert max_diff(big.model, small.model) < 1e-5
+    assert max_weight_diff(big.model, small.model) < 1e-5
 
 
-def test_inc_configs_translate_to_textbrewer_terms():
+def test_inc_configs_translate_to_inc_terms():
     d = to_distillation_config(INC)
-    assert (d.temperature, d.kd_loss_type, d.kd_loss_weight, d.hard_label_weight) == (2.0, "kl", 0.5, 0.5)
+    assert (d.temperature, d.kd_loss_type, d.kd_loss_weight, d.hard_label_weight) == (2.0, "inc_kl", 0.5, 0.5)
     im = d.intermediate_matches[0]
-    assert (im.layer_S, im.layer_T, im.feature, im.loss, im.weight) == (1, 2, "hidden", "hidden_mse", 1.0)
+    assert (im.layer_S, im.layer_T, im.feature, im.loss, im.weight) == (1, 2, "hidden", "inc_mse", 1.0)
     inter = IntermediateLayersKnowledgeDistillationLossConfig(
         layer_mappings=[["hidden_states.1", "hidden_states.2"], ["attentions.0", "attentions.1"]],
         loss_types=["COS", "KL"], add_origin_loss=True)
     d = to_distillation_config(inter)
     assert [(m.feature, m.loss, m.weight) for m in d.intermediate_matches] == [("hidden", "cos", 0.5),
-                                                                             ("attention", "attention_ce", 0.5)]
+                                                                             ("attention", "inc_kl", 0.5)]
     assert (d.kd_loss_weight, d.hard_label_weight) == (0.0, 1.0)
-    # INC's KL KD loss is KL(teacher || student) on tempered logits
+    # cachebrew's own 'kl' (TextBrewer-style configs) is KL(teacher || student) on tempered logits, batch mean
     s, t = torch.randn(5, 3), torch.randn(5, 3)
     expected = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), reduction="batchmean", log_target=True)
     assert kd_kl_loss(s, t, 2) == pytest.approx(expected.item(), abs=1e-6)
@@ -175,12 +157,15 @@ def test_inc_configs_translate_to_textbrewer_terms():
 @pytest.mark.parametrize("bad, named", [
     (lambda: KnowledgeDistillationLossConfig(loss_types=["CE", "L7"]), "loss_types[1]"),
     (lambda: KnowledgeDistillationLossConfig(loss_weight_ratio=[0.5]), "loss_weight_ratio"),
+    (lambda: KnowledgeDistillationLossConfig(loss_weights=[0.5, 0.6]), "loss_weights"),
     (lambda: KnowledgeDistillationLossConfig(temperature=0), "temperature"),
     (lambda: IntermediateLayersKnowledgeDistillationLossConfig(layer_mappings=[["bert.encoder.layer.0", 1]]),
      "layer_mappings[0]"),
     (lambda: IntermediateLayersKnowledgeDistillationLossConfig(layer_mappings=[[1, "attentions.1"]]), "layer_mappings[0]"),
-    (lambda: IntermediateLayersKnowledgeDistillationLossConfig(layer_mappings=[[1, 2]], loss_types=["KL"]),
-     "loss_types[0]"),
+    (lambda: IntermediateLayersKnowledgeDistillationLossConfig(layer_mappings=[[1, 2]], loss_types=["COS", "MSE"]),
+     "loss_types"),
+    (lambda: IntermediateLayersKnowledgeDistillationLossConfig(layer_mappings=[["attentions.1", "attentions.1"]],
+                                                               loss_types=["COS"]), "loss_types[0]"),
     (lambda: to_distillation_config("ce"), "distillation_config"),
 ])
 def test_bad_criteria_name_the_field(bad, named):
