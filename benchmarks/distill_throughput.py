@@ -8,6 +8,12 @@ All figures are measured in this one run, on this machine, with the same student
   cache_mem    the same distillation from batches decoded beforehand and held in memory (the loader's limit)
   online       cachebrew GeneralDistiller with the teacher in memory (teacher forward every step)
   textbrewer   TextBrewer 0.2.1 GeneralDistiller online (if installed)
+  hf_cache     cachebrew.hf.DistillationTrainer (transformers.Trainer) from the cache     (--trainer)
+  hf_online    the same Trainer with the teacher in memory (teacher_model=), same rows   (--trainer)
+Timed: each runner's steady state, (steps of a 3+N-step run - steps of a 3-step run) / (difference of their
+times), on fresh objects each, so model building, warm-up and the Trainer's setup cancel out. Rounds over all
+runners are interleaved; each ratio is computed within a round (both runners of a ratio ran minutes apart at
+most) and reported as the median with the range over rounds, its uncertainty.
 KD on logits + hidden_mse on 4 layer pairs through linear projections. On CPU the models are small
 (teacher 6x256, student 3x128); with --device cuda: BERT-base teacher -> 3-layer student, seq 128, bf16.
 """
@@ -68,6 +74,8 @@ def main():
                     help="rounds over all configurations, interleaved; each rate is the median (machine drift cancels)")
     ap.add_argument("--config", choices=["logits", "hidden", "attention"], default="hidden",
                     help="what is distilled: KD on logits only; + hidden_mse on 4 layers; + attention_mse on 2 layers")
+    ap.add_argument("--trainer", action="store_true",
+                    help="also time cachebrew.hf.DistillationTrainer from the cache and online (hf_cache, hf_online)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
@@ -160,9 +168,32 @@ def main():
             return lambda n: _train_in(d, opt, data, n)
         return make
 
+    def hf_trainer(**source):
+        from transformers import TrainingArguments
+
+        from cachebrew.hf import DistillationTrainer
+        from helpers import cache_rows, pad_rows
+
+        rows = cache_rows(str(tmp / "cache")) if "teacher_model" in source else None
+
+        def make():
+            def run(n):
+                a = TrainingArguments(output_dir=str(tmp / "hf"), per_device_train_batch_size=args.batch, max_steps=n,
+                                      learning_rate=1e-4, report_to=[], save_strategy="no", logging_steps=10**6,
+                                      disable_tqdm=True, use_cpu=dev.type == "cpu", bf16=amp == "bf16",
+                                      dataloader_num_workers=args.workers, seed=0)
+                extra = {"train_dataset": rows, "data_collator": pad_rows} if rows is not None else {}
+                DistillationTrainer(model=student(), args=a, distillation_config=cachebrew.DistillationConfig(**dk),
+                                    **source, **extra).train()
+            return run
+        return make
+
     runners = [("ceiling", ceiling), ("cache", distiller(cachebrew, None, None, loader, hf_adaptor)),
                ("cache_mem", distiller(cachebrew, None, None, cached_in_memory, hf_adaptor)),
                ("online", distiller(cachebrew, teacher, hf_adaptor, in_memory, hf_adaptor))]
+    if args.trainer:
+        runners += [("hf_cache", hf_trainer(teacher_cache=str(tmp / "cache"))),
+                    ("hf_online", hf_trainer(teacher_model=teacher))]
     try:
         import logging
 
@@ -181,14 +212,19 @@ def main():
     print(f"\n{torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, batch {args.batch}, {steps} steps, loader workers {args.workers}, "
           f"config {args.config}, median of {args.repeats} interleaved rounds")
-    print(f"cache / ceiling    = {results['cache'] / results['ceiling']:.2f}")
-    print(f"cache / cache_mem  = {results['cache'] / results['cache_mem']:.2f}  (streaming from disk vs decoded batches)")
-    print(f"cache / online     = {results['cache'] / results['online']:.2f}")
-    if "textbrewer" in results:
-        print(f"cache / textbrewer = {results['cache'] / results['textbrewer']:.2f}")
+    ratios = {}
+    for num, den in (("cache", "ceiling"), ("cache", "cache_mem"), ("cache", "online"), ("cache", "textbrewer"),
+                     ("hf_cache", "hf_online")):
+        if num in rates and den in rates:
+            per_round = [x / y for x, y in zip(rates[num], rates[den], strict=True)]
+            ratios[f"{num} / {den}"] = {"median": statistics.median(per_round), "min": min(per_round),
+                                        "max": max(per_round), "rounds": per_round}
+            print(f"{num + ' / ' + den:<22} = {statistics.median(per_round):.2f}  "
+                  f"(rounds {min(per_round):.2f}-{max(per_round):.2f})")
     print(f"(export ran at {export.rows_per_second:.0f} rows/s)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"examples_per_second": results, "rounds": rates, "args": vars(args)},
+        Path(args.json).write_text(json.dumps({"examples_per_second": results, "rounds": rates, "ratios": ratios,
+                                               "args": vars(args)},
                                               indent=2))
 
 

@@ -5,12 +5,13 @@
 Measured side by side in this one run, on the same teacher, data and batches:
   bare      the teacher's forward pass in inference mode over the same length-sorted batches, outputs
             dropped (the limit: what export would cost if writing were free)
-  export    run_export end to end: tokenized plan -> teacher forward -> encode -> zstd Arrow shards on disk
+  export    run_export end to end: tokenized plan -> teacher forward -> encode -> Arrow shards (default codec, lz4) on disk
 ratio = export ex/s ÷ bare ex/s (target >= 0.9), end to end (loading teachers, hashing their weights,
 tokenizing: fixed costs a small benchmark magnifies) and marginal: (rows of the full run − rows of a
 half-size run) ÷ (the difference of their times), the rate a large export converges to. Configurations: logits only; logits + 4 hidden layers;
 logits + hidden + attention; 3 teachers (logits + 4 hidden each). On CPU the teacher is 6x256; with
---device cuda BERT-base (12x768), seq 128, bf16 autocast. Peak RSS of the process is reported too.
+--device cuda BERT-base (12x768), seq 128, bf16 autocast. Each configuration runs in its own child process,
+whose peak RSS is reported (one process across configurations could only report the largest so far).
 """
 import argparse
 import contextlib
@@ -19,6 +20,7 @@ import random
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -96,6 +98,51 @@ def bare_forward(args, cfg_dict):
     return len(order) / (time.perf_counter() - t)
 
 
+CONFIGS = ["logits only", "logits + 4 hidden", "logits + hidden + attention", "3 teachers (logits + 4 hidden)"]
+
+
+def configs(teachers, L):
+    hidden = [0, L // 3, 2 * L // 3, L]
+    return {
+        "logits only": (teachers[:1], {"logits": True, "hidden_layers": [], "attention_layers": []}),
+        "logits + 4 hidden": (teachers[:1], {"logits": True, "hidden_layers": hidden, "attention_layers": []}),
+        "logits + hidden + attention": (teachers[:1], {"logits": True, "hidden_layers": hidden,
+                                                       "attention_layers": [L // 2, L - 1]}),
+        "3 teachers (logits + 4 hidden)": (teachers, {"logits": True, "hidden_layers": hidden,
+                                                      "attention_layers": []}),
+    }
+
+
+def measure(args, tmp: Path, name: str) -> dict:
+    """One configuration, all its rounds, in this (fresh) process: its peak RSS is this configuration's alone."""
+    from cachebrew.recipes.export import ExportConfig, run_export
+
+    L = int((tmp / "layers").read_text())
+    teachers = sorted(tmp.glob("teacher*"))
+    ts, outputs = configs(teachers, L)[name]
+    cfg = export_config(args, tmp, ts, outputs, name.split(" (")[0].replace(" ", "_").replace("+", "p"))
+    bare_forward(args, cfg)  # warm-up (allocator, kernels, file cache)
+    rounds = []
+    for _ in range(args.repeats):  # interleaved: bare, half export, full export, and again
+        bare = bare_forward(args, cfg)
+        timings = {}
+        for data in ("half.jsonl", "train.jsonl"):
+            c = export_config(args, tmp, ts, outputs, f"run-{data[:4]}", data)
+            shutil.rmtree(c["output"], ignore_errors=True)
+            t = time.perf_counter()
+            result = run_export(ExportConfig.from_dict(c))
+            timings[data] = (result.rows_total, time.perf_counter() - t)
+        (n1, t1), (n2, t2) = timings["half.jsonl"], timings["train.jsonl"]
+        rounds.append((bare, n2 / t2, (n2 - n1) / (t2 - t1)))
+    med = lambda i: statistics.median(r[i] for r in rounds)
+    return {"config": name, "bare_ex_s": med(0), "export_ex_s": med(1), "export_marginal_ex_s": med(2),
+            "ratio": statistics.median(r[1] / r[0] for r in rounds),
+            "ratio_marginal": statistics.median(r[2] / r[0] for r in rounds),
+            "ratio_rounds": [r[1] / r[0] for r in rounds], "ratio_marginal_rounds": [r[2] / r[0] for r in rounds],
+            "rounds": rounds, "bytes_per_example": result.bytes_total / result.rows_total,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--examples", type=int, default=1024)
@@ -103,50 +150,30 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
+    ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=CONFIGS)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--measure", nargs=2, metavar=("WORKDIR", "CONFIG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
-    from cachebrew.recipes.export import ExportConfig, run_export
+    if args.measure:
+        print(json.dumps(measure(args, Path(args.measure[0]), args.measure[1])))
+        return
 
     tmp = Path(tempfile.mkdtemp(prefix="cb-export-bench-"))
     try:
-        teachers, L = build(args, tmp)
-        hidden = [0, L // 3, 2 * L // 3, L]
-        configs = {
-            "logits only": (teachers[:1], {"logits": True, "hidden_layers": [], "attention_layers": []}),
-            "logits + 4 hidden": (teachers[:1], {"logits": True, "hidden_layers": hidden, "attention_layers": []}),
-            "logits + hidden + attention": (teachers[:1], {"logits": True, "hidden_layers": hidden,
-                                                           "attention_layers": [L // 2, L - 1]}),
-            "3 teachers (logits + 4 hidden)": (teachers, {"logits": True, "hidden_layers": hidden,
-                                                          "attention_layers": []}),
-        }
+        _, L = build(args, tmp)
+        (tmp / "layers").write_text(str(L))
         results = []
-        for name, (ts, outputs) in configs.items():
-            cfg = export_config(args, tmp, ts, outputs, name.split(" (")[0].replace(" ", "_").replace("+", "p"))
-            bare_forward(args, cfg)  # warm-up (allocator, kernels, file cache)
-            rounds = []
-            for _ in range(args.repeats):  # interleaved: bare, half export, full export, and again
-                bare = bare_forward(args, cfg)
-                timings = {}
-                for data in ("half.jsonl", "train.jsonl"):
-                    c = export_config(args, tmp, ts, outputs, f"run-{data[:4]}", data)
-                    shutil.rmtree(c["output"], ignore_errors=True)
-                    t = time.perf_counter()
-                    result = run_export(ExportConfig.from_dict(c))
-                    timings[data] = (result.rows_total, time.perf_counter() - t)
-                (n1, t1), (n2, t2) = timings["half.jsonl"], timings["train.jsonl"]
-                rounds.append((bare, n2 / t2, (n2 - n1) / (t2 - t1)))
-            med = lambda i: statistics.median(r[i] for r in rounds)
-            bare, export, marginal = med(0), med(1), med(2)
-            ratio, ratio_marginal = (statistics.median(r[1] / r[0] for r in rounds),
-                                     statistics.median(r[2] / r[0] for r in rounds))
-            row = {"config": name, "bare_ex_s": bare, "export_ex_s": export, "export_marginal_ex_s": marginal,
-                   "ratio": ratio, "ratio_marginal": ratio_marginal, "rounds": rounds,
-                   "bytes_per_example": result.bytes_total / result.rows_total,
-                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        for name in args.configs:  # each configuration in its own child process: peak RSS per configuration
+            cmd = [sys.executable, __file__, "--examples", str(args.examples), "--batch", str(args.batch),
+                   "--seq", str(args.seq), "--device", args.device, "--repeats", str(args.repeats),
+                   "--measure", str(tmp), name]
+            row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             results.append(row)
-            print(f"{name:<32} bare {bare:7.1f} ex/s  export {export:7.1f} ex/s (ratio {ratio:4.2f})  "
-                  f"marginal {marginal:7.1f} ex/s (ratio {ratio_marginal:4.2f})  {row['bytes_per_example']:>9,.0f} B/ex  "
+            spread = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}"
+            print(f"{name:<32} bare {row['bare_ex_s']:7.1f} ex/s  export {row['export_ex_s']:7.1f} ex/s "
+                  f"(ratio {row['ratio']:4.2f}, rounds {spread(row['ratio_rounds'])})  marginal "
+                  f"{row['export_marginal_ex_s']:7.1f} ex/s (ratio {row['ratio_marginal']:4.2f}, rounds "
+                  f"{spread(row['ratio_marginal_rounds'])})  {row['bytes_per_example']:>9,.0f} B/ex  "
                   f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({"device": args.device, "examples": args.examples,

@@ -132,7 +132,7 @@ def main():
                 rates = sorted(x["rows_per_s"] for x in runs[w])
                 r = {"cache": kind, "rows_in_cache": n, "workers": w, "record_batch_rows": args.record_batch_rows,
                      **sorted(runs[w], key=lambda x: x["rows_per_s"])[len(rates) // 2], "rounds": len(rates),
-                     "rows_per_s_all": rates}
+                     "rows_per_s_all": rates, "rows_per_s_rounds": [x["rows_per_s"] for x in runs[w]]}
                 results.append(r)
                 print(f"{kind:<7} {n:>9,} rows  workers {w}  {r['rows_per_s']:>9,.0f} rows/s "
                       f"(rounds {', '.join(f'{x:,.0f}' for x in rates)})  {r['batches_per_s']:>7,.1f} batches/s  "
