@@ -13,7 +13,7 @@ __all__ = [
     "kd_mse_loss", "kd_ce_loss", "att_mse_loss", "att_mse_sum_loss", "att_ce_loss", "att_ce_mean_loss",
     "hid_mse_loss", "cos_loss", "pkd_loss", "fsp_loss", "mmd_loss",
     "inc_kd_ce_loss", "inc_kd_kl_loss", "inc_kd_mse_loss", "inc_mse_feature_loss", "inc_l1_feature_loss",
-    "inc_kl_feature_loss",
+    "inc_kl_feature_loss", "sparse_kd_loss",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -244,3 +244,30 @@ def inc_kl_feature_loss(feature_S, feature_T, mask=None):
     log_p_S = torch.log(_as_probabilities(feature_S) + 1e-9)
     p_T = _as_probabilities(feature_T)
     return (torch.xlogy(p_T, p_T) - p_T * log_p_S).mean()
+
+
+# -- KD against sparse targets (cache/sparse.py): never a dense teacher tensor ---------------------------------------
+
+def sparse_kd_loss(logits_S, target: dict, temperature=1, kind: str = "ce"):
+    """KD of dense student logits (N, V) against sparse teacher targets {ids, mass (N, K)[, tail (N,)]}.
+
+    The student's log-probabilities are gathered at the stored ids after one log-normaliser per row, so
+    the cost is (N, V) for the student's own softmax and (N, K) for the target:
+        ce:  -sum_k mass_k * log q(id_k)          (sampled: an unbiased estimate of the dense soft CE, and of
+                                                  its gradient, which is the forward KL's)
+             top-k adds the tail as one bucket:  - tail * log(1 - sum_k q(id_k))
+        kl:  ce + sum_k mass_k log mass_k (+ tail log tail): the same gradient, 0 when the student matches
+    """
+    s = _f32(logits_S)[0] / temperature
+    log_q = s.gather(-1, target["ids"]) - torch.logsumexp(s, dim=-1, keepdim=True)
+    mass = target["mass"]
+    ce = -(mass * log_q).sum(dim=-1)
+    tail = target.get("tail")
+    if tail is not None:
+        q_tail = (1.0 - log_q.exp().sum(dim=-1)).clamp_min(1e-12)
+        ce = ce - tail * torch.log(q_tail)
+    if kind == "kl":
+        ce = ce + torch.xlogy(mass, mass).sum(dim=-1) + (torch.xlogy(tail, tail) if tail is not None else 0.0)
+    elif kind != "ce":
+        raise ValueError(f"sparse KD loss kind {kind!r} is not 'ce' or 'kl'")
+    return ce.mean()

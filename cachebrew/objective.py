@@ -13,14 +13,18 @@ shift and temperature schedules. The weights follow their schedulers through ``o
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .configurations import DistillationConfig
 from .errors import BatchError
+from .losses import sparse_kd_loss
 from .presets import KD_LOSS_MAP, MATCH_LOSS_MAP, PROJ_MAP
+
+# kd_loss_type -> sparse_kd_loss kind, for caches that store sparse logits (INC's CE keeps its T**2)
+SPARSE_KD_KINDS = {"ce": "ce", "kl": "kl", "inc_ce": "ce"}
 
 
 def select_logits_with_mask(logits_list, masks_list):
@@ -30,6 +34,12 @@ def select_logits_with_mask(logits_list, masks_list):
     out = []
     for i, logits in enumerate(logits_list):
         mask = masks_list[0] if len(masks_list) == 1 else masks_list[i]
+        if isinstance(logits, Mapping):  # sparse targets: keep the same positions of every per-position tensor
+            if logits["ids"].dim() == 3:
+                keep = mask.to(torch.bool)
+                logits = {k: (v[keep] if isinstance(v, torch.Tensor) else v) for k, v in logits.items()}
+            out.append(logits)
+            continue
         if logits.dim() == 3:
             mask = mask.unsqueeze(-1).expand_as(logits).to(torch.bool)
             logits = torch.masked_select(logits, mask).view(-1, logits.size(-1))
@@ -111,10 +121,30 @@ class DistillationLoss:
         labels_list = shift_labels(results_S) if self.config.probability_shift else None
         total = 0
         for i, (l_T, l_S) in enumerate(zip(logits_list_T, logits_list_S)):
+            if isinstance(l_T, Mapping):
+                total = total + self.sparse_kd_term(l_S, l_T)
+                continue
             if labels_list is not None:
                 l_T = probability_shift_(l_T, labels_list[i])
             total = total + self.kd_loss(l_S, l_T, self.temperature(l_S, l_T))
         return total
+
+    def sparse_kd_term(self, logits_S, target: Mapping):
+        """KD against a sparse-logit cache's targets, which are fixed at the export's temperature."""
+        c = self.config
+        T = float(target["temperature"])
+        if c.temperature_scheduler is not None or abs(float(c.temperature) - T) > 1e-6:
+            raise BatchError(f"the cache's sparse logits are the teacher's distribution at temperature {T:g} "
+                             f"(outputs.sparse_logits.temperature); set DistillationConfig.temperature: {T:g} and "
+                             "no temperature_scheduler")
+        if c.probability_shift:
+            raise BatchError("probability_shift needs dense teacher logits; this cache stores sparse logits")
+        kind = SPARSE_KD_KINDS.get(c.kd_loss_type)
+        if kind is None:
+            raise BatchError(f"kd_loss_type {c.kd_loss_type!r} needs dense teacher logits; with sparse logits use "
+                             f"one of {sorted(SPARSE_KD_KINDS)}")
+        loss = sparse_kd_loss(logits_S, target, T, kind)
+        return loss * T ** 2 if c.kd_loss_type == "inc_ce" else loss
 
     def weighted_kd(self, logits_S, logits_T, results_S, losses_dict):
         """The KD term times its current weight; the unweighted term is recorded in `losses_dict`."""

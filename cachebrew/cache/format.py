@@ -10,6 +10,9 @@ for the row's token count (``len(input_ids)``):
 Storage dtypes: fp32 (float32), fp16 (float16), bf16 (the raw bits as uint16: Arrow has no bfloat16),
 int8 (hidden states only: symmetric per-token quantisation, with a ``<col>.scale`` float32 column of
 one scale per token). Top-k logits store the k largest values and a ``<col>.index`` int32 column.
+Sparse logits (``extra["sparse"]``: "topk" or "sampled", see `sparse`) store K probability masses per
+position and a ``<col>.index`` int32 column of the K token ids; they decode to (ids, masses), never to a dense
+vocabulary-wide tensor.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import pyarrow as pa
 import torch
 
 from ..errors import CacheFormatError
+from .sparse import sparse_targets, uniforms
 
 FORMAT_NAME = "cachebrew-cache"
 FORMAT_VERSION = 1
@@ -53,6 +57,15 @@ class TensorSpec:
     extra: dict = field(default_factory=dict)
 
     @property
+    def sparse(self) -> str | None:
+        """'topk' or 'sampled' for sparse logits (K id/mass slots per position), else None."""
+        return self.extra.get("sparse")
+
+    @property
+    def slots(self) -> int:
+        return int(self.extra["k"])
+
+    @property
     def column(self) -> str:
         return f"{self.teacher}.{self.kind}" + ("" if self.layer is None else f".{self.layer}")
 
@@ -60,7 +73,7 @@ class TensorSpec:
         cols = []
         if self.dtype == "int8":
             cols.append(self.column + ".scale")
-        if self.topk:
+        if self.topk or self.sparse:
             cols.append(self.column + ".index")
         return cols
 
@@ -68,7 +81,7 @@ class TensorSpec:
         fields = [pa.field(self.column, pa.list_(_ARROW_VALUE_TYPE[self.dtype]))]
         if self.dtype == "int8":
             fields.append(pa.field(self.column + ".scale", pa.list_(pa.float32())))
-        if self.topk:
+        if self.topk or self.sparse:
             fields.append(pa.field(self.column + ".index", pa.list_(pa.int32())))
         return fields
 
@@ -83,6 +96,8 @@ class TensorSpec:
         shape = [length if s == "L" else int(s) for s in self.shape]
         if self.topk:
             shape[-1] = self.topk
+        if self.sparse:
+            shape[-1] = self.slots
         return shape
 
 
@@ -148,12 +163,14 @@ def cuts_on_device(spec: TensorSpec) -> bool:
     return not spec.topk and "L" not in spec.shape[1:]
 
 
-def cut_batch(spec: TensorSpec, batch_tensor: torch.Tensor, lengths: list[int]) -> dict[str, torch.Tensor]:
+def cut_batch(spec: TensorSpec, batch_tensor: torch.Tensor, lengths: list[int],
+              row_keys: list[int] | None = None) -> dict[str, torch.Tensor]:
     """What will be stored of a padded (B, ...) teacher output, computed where the tensor lives.
 
     Padding is cut out, values are cast to the storage precision (int8: quantised with per-vector
     scales), all on the tensor's device, so a GPU export copies only the stored bytes to the host.
-    Returns ``{"values": (rows' values, flat per row), "scale": ...}`` for `encode_cut`.
+    Returns ``{"values": (rows' values, flat per row), "scale": ...}`` for `encode_cut`; sparse logits give
+    ``{"values": masses (N, K), "index": ids (N, K)}``, the draws of ``sampled`` seeded by `row_keys`.
     """
     t = batch_tensor.detach()
     if spec.shape and spec.shape[0] == "L":
@@ -162,6 +179,16 @@ def cut_batch(spec: TensorSpec, batch_tensor: torch.Tensor, lengths: list[int]) 
         flat = t[keep]                                   # (sum of lengths, *dims), rows in order
     else:
         flat = t.reshape(t.shape[0], -1)
+    if spec.sparse:
+        u = None
+        if spec.sparse == "sampled":
+            if row_keys is None:
+                raise CacheFormatError(f"{spec.column}: sampled logits need each row's key to seed its draws")
+            per_token = bool(spec.shape) and spec.shape[0] == "L"
+            u = uniforms(row_keys, lengths if per_token else None, spec.slots, int(spec.extra.get("seed", 0)),
+                         flat.device)
+        ids, mass = sparse_targets(flat, spec.sparse, spec.slots, float(spec.extra.get("temperature", 1.0)), u)
+        return {"values": mass.to(_TORCH_STORAGE[spec.dtype]), "index": ids.to(torch.int32)}
     if spec.dtype == "int8":
         q, scale = quantize_int8(flat)
         return {"values": q, "scale": scale}
@@ -169,6 +196,9 @@ def cut_batch(spec: TensorSpec, batch_tensor: torch.Tensor, lengths: list[int]) 
     if storage is None:
         raise CacheFormatError(f"storage dtype {spec.dtype!r} is not a float format")
     return {"values": flat.to(storage)}
+
+
+_TORCH_STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def encode_cut(spec: TensorSpec, cut: dict[str, torch.Tensor], lengths: list[int]) -> dict[str, pa.Array]:
@@ -193,14 +223,18 @@ def encode_cut(spec: TensorSpec, cut: dict[str, torch.Tensor], lengths: list[int
     array = values.view(torch.int16).numpy().view(np.uint16) if spec.dtype == "bf16" else values.numpy()
     out[spec.column] = pa.ListArray.from_arrays(offsets, pa.array(array.reshape(-1),
                                                                   type=_ARROW_VALUE_TYPE[spec.dtype]))
+    if "index" in cut:
+        out[spec.column + ".index"] = pa.ListArray.from_arrays(
+            offsets, pa.array(cut["index"].numpy().reshape(-1), type=pa.int32()))
     return out
 
 
-def encode_batch(spec: TensorSpec, batch_tensor: torch.Tensor, lengths: list[int]) -> dict[str, pa.Array]:
+def encode_batch(spec: TensorSpec, batch_tensor: torch.Tensor, lengths: list[int],
+                 row_keys: list[int] | None = None) -> dict[str, pa.Array]:
     """Like encode_tensor_rows, from the padded (B, ...) batch tensor (on the CPU)."""
     if not cuts_on_device(spec):
         return encode_tensor_rows(spec, slice_rows(spec, batch_tensor, lengths))
-    return encode_cut(spec, cut_batch(spec, batch_tensor, lengths), lengths)
+    return encode_cut(spec, cut_batch(spec, batch_tensor, lengths, row_keys), lengths)
 
 
 def encode_int_rows(rows: list, value_type: pa.DataType) -> pa.ListArray:
@@ -231,6 +265,9 @@ def decode_tensor_column(spec: TensorSpec, table: pa.Table, lengths: list[int], 
     Top-k columns are expanded to dense logits over `dense_vocab` classes (default: the spec's last dim),
     with dropped entries set to TOPK_FILL.
     """
+    if spec.sparse:
+        raise CacheFormatError(f"{spec.column}: sparse logits decode to (ids, masses) with decode_sparse_rows, "
+                               "not to a dense tensor")
     arr = table.column(spec.column).combine_chunks()
     offsets, values = _list_values(arr)
     flat = _from_storage(values, spec.dtype)
@@ -336,7 +373,7 @@ def pad_ints(sel: Selection, name: str, length: int, value: int) -> torch.Tensor
 def decode_selection(spec: TensorSpec, sel: Selection, length: int) -> torch.Tensor | None:
     """The batch tensor (B, *shape with L = length), zero-padded, for logits [C] and hidden / token logits [L, D]
     in fp32/fp16/bf16/int8; None for attention maps and top-k, which take the per-row path."""
-    if spec.topk or "L" in spec.shape[1:]:
+    if spec.topk or spec.sparse or "L" in spec.shape[1:]:
         return None
     per_token = bool(spec.shape) and spec.shape[0] == "L"
     dims = [int(x) for x in (spec.shape[1:] if per_token else spec.shape)]
@@ -347,6 +384,21 @@ def decode_selection(spec: TensorSpec, sel: Selection, length: int) -> torch.Ten
         out = out.astype(np.float32) * scale
     shape = (sel.size, length, *dims) if per_token else (sel.size, *dims)
     return _from_storage(out.reshape(shape), spec.dtype)
+
+
+def decode_sparse_selection(spec: TensorSpec, sel: Selection, length: int) -> dict:
+    """Sparse logits of a batch as sparse targets: ``{"ids": (B, [L,] K) int64, "mass": (B, [L,] K) float32,
+    "method", "temperature"}`` (padding positions: id 0, mass 0) and, for topk, ``"tail"``: the mass left out."""
+    per_token = bool(spec.shape) and spec.shape[0] == "L"
+    k = spec.slots
+    shape = (sel.size, length, k) if per_token else (sel.size, k)
+    mass = sel.padded(spec.column, length, k, 0, _NUMPY_VALUE_TYPE[spec.dtype], per_token)
+    mass = _from_storage(mass.reshape(shape), spec.dtype).float()
+    ids = torch.from_numpy(sel.padded(spec.column + ".index", length, k, 0, np.int32, per_token).reshape(shape)).long()
+    out = {"ids": ids, "mass": mass, "method": spec.sparse, "temperature": float(spec.extra.get("temperature", 1.0))}
+    if spec.sparse == "topk":
+        out["tail"] = (1.0 - mass.sum(dim=-1)).clamp_(min=0.0)
+    return out
 
 
 def decode_int_column(table: pa.Table, name: str) -> list[np.ndarray]:

@@ -29,7 +29,7 @@ import torch
 from ..core.tensors import iter_tensors
 from ..errors import CacheFormatError, CachebrewError
 from ..cache.format import (ATTENTION_MASK, COPY, ID, INPUT_IDS, LABELS, TOKEN_TYPE_IDS, ColumnViews, Selection,
-                     TensorSpec, decode_selection, decode_tensor_column, pad_ints)
+                     TensorSpec, decode_selection, decode_sparse_selection, decode_tensor_column, pad_ints)
 from ..cache.reader import CacheReader
 
 
@@ -396,7 +396,8 @@ class CacheBatches(torch.utils.data.IterableDataset):
                 if other != keys:
                     raise CacheFormatError(f"{self.joined.readers[ci].path} is not aligned with "
                                            f"{self.joined.readers[0].path}: rows {other[:2]}… vs {keys[:2]}…")
-            padded = decode_selection(spec, selections[ci], L)
+            padded = decode_sparse_selection(spec, selections[ci], L) if spec.sparse else \
+                decode_selection(spec, selections[ci], L)
             if padded is None:  # attention maps, top-k: per row
                 table = selections[ci].rows_table([spec.column, *spec.aux_columns()])
                 padded = _pad_stack(spec, decode_tensor_column(spec, table, lengths), L)
@@ -415,12 +416,18 @@ class CacheBatches(torch.utils.data.IterableDataset):
         if logits:
             if len(logits) == 1:
                 cache["logits"] = logits[0]
+            elif isinstance(logits[0], dict):
+                w = [1.0] * len(teachers) if self.teacher_weights is None else \
+                    [float(self.teacher_weights.get(t, 0.0)) for t in teachers]
+                cache["logits"] = merge_sparse_targets(logits, w)
             elif self.teacher_weights is None:
                 cache["logits"] = sum(logits) / len(logits)  # MultiTeacherDistiller's mean, same arithmetic
             else:
                 w = [float(self.teacher_weights.get(t, 0.0)) for t in teachers]
                 cache["logits"] = sum(wi * l for wi, l in zip(w, logits)) / sum(w)
-            if self.token_level:
+            merged = cache["logits"]
+            per_token = (merged["ids"] if isinstance(merged, dict) else merged).dim() == 3
+            if (self.token_level or per_token) and ATTENTION_MASK in student:  # token labels, causal LMs
                 cache["logits_mask"] = student[ATTENTION_MASK]
         first = per_teacher[teachers[0]]
         for kind in ("hidden", "attention"):
@@ -451,6 +458,22 @@ class CacheLoader(torch.utils.data.DataLoader):
 
     def set_epoch(self, epoch: int):
         self.dataset.set_epoch(epoch)
+
+
+def merge_sparse_targets(targets: list[dict], weights: list[float]) -> dict:
+    """Several teachers' sparse targets as one: their slots side by side, masses scaled by w_t / sum(w).
+
+    Exact for every loss linear in the target (the sparse KD losses): sum_t w_t CE(p_t) = CE(sum_t w_t p_t)."""
+    methods = {t["method"] for t in targets}
+    temperatures = {t["temperature"] for t in targets}
+    if len(temperatures) > 1 or methods != {"sampled"}:
+        raise CacheFormatError(f"sparse logits of several teachers are merged when all are 'sampled' at one "
+                               f"temperature (top-k tails overlap), got {sorted(methods)} at {sorted(temperatures)}")
+    total = sum(weights)
+    out = {"ids": torch.cat([t["ids"] for t in targets], dim=-1),
+           "mass": torch.cat([t["mass"] * (w / total) for t, w in zip(targets, weights)], dim=-1),
+           "method": targets[0]["method"], "temperature": targets[0]["temperature"]}
+    return out
 
 
 def _replace(obj, new: dict):

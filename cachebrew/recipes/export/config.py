@@ -7,12 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...cache.format import STORAGE_DTYPES
+from ...cache.sparse import SPARSE_METHODS
 from ...core.config import AMP_MODES, JobConfig, check_choice, check_int, is_int
 from ...components.data import AugmentConfig, DataConfig
 from ...data_utils import AUGMENTATIONS
 
 MODEL_CLASSES = ("AutoModelForSequenceClassification", "AutoModelForTokenClassification", "AutoModel",
-                 "AutoModelForMaskedLM")
+                 "AutoModelForMaskedLM", "AutoModelForCausalLM")
 
 
 @dataclass
@@ -24,9 +25,23 @@ class TeacherConfig:
 
 
 @dataclass
+class SparseLogitsConfig:
+    """Store K (token id, probability mass) slots per position instead of the dense logits (cache/sparse.py).
+
+    method: 'sampled' (K draws from softmax(logits / temperature), unbiased) or 'topk' (the K most probable ids,
+    exact masses; the tail's mass is known). The distill side must use the same temperature.
+    """
+    method: str = "sampled"
+    k: int = 12
+    temperature: float = 1.0
+    seed: int = 0
+
+
+@dataclass
 class OutputsConfig:
     logits: bool = True
-    topk_logits: int | None = None
+    topk_logits: int | None = None     # legacy: top-k values expanded back to dense logits on load (small heads)
+    sparse_logits: SparseLogitsConfig | None = None
     hidden_layers: list = field(default_factory=list)
     attention_layers: list = field(default_factory=list)
     attention_form: str = "probs"      # probs | logits (log-probabilities: pre-softmax scores up to a row constant)
@@ -106,6 +121,18 @@ class ExportConfig(JobConfig):
             elif len(set(layers)) != len(layers):
                 e.append(f"outputs.{key}: duplicate layers in {layers}")
         check_int(e, "outputs.topk_logits", o.topk_logits, 1, optional=True)
+        if o.sparse_logits is not None:
+            sp = o.sparse_logits
+            check_choice(e, "outputs.sparse_logits.method", sp.method, SPARSE_METHODS)
+            check_int(e, "outputs.sparse_logits.k", sp.k, 1)
+            check_int(e, "outputs.sparse_logits.seed", sp.seed, 0)
+            if not isinstance(sp.temperature, (int, float)) or isinstance(sp.temperature, bool) or sp.temperature <= 0:
+                e.append(f"outputs.sparse_logits.temperature: must be a number > 0, got {sp.temperature!r}")
+            if o.topk_logits is not None:
+                e.append("outputs: topk_logits and sparse_logits both set; sparse_logits (method: topk) supersedes "
+                         "topk_logits")
+            if not o.logits:
+                e.append("outputs.sparse_logits: set, but outputs.logits is false")
         if o.attention_form not in ("probs", "logits"):
             e.append(f"outputs.attention_form: 'probs' or 'logits', got {o.attention_form!r}")
         for kind in ("logits", "hidden", "attention"):

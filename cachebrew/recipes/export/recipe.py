@@ -32,6 +32,7 @@ from ...cache.fingerprint import combine, hash_state_dict
 from ...cache.format import (COPY, FORMAT_VERSION, ID, INPUT_IDS, LABELS, TASK, TEXT, TEXT_PAIR,
                             TOKEN_COLUMNS, WORDS, cut_batch, cuts_on_device, encode_batch,
                             encode_cut, encode_int_rows)
+from ...cache.sparse import row_key
 from ...cache.manifest import MANIFEST, Manifest
 from ...cache.shards import (ShardInfo, ShardWriter, describe_shard, list_shards, read_shard_meta,
                              remove_temp_files)
@@ -194,9 +195,10 @@ class _WriterThread:
                 cols[LABELS] = encode_int_rows([t["labels"] for t in tokens], pa.int64())
             else:
                 cols[LABELS] = pa.array([t["labels"] for t in tokens], pa.int64())
+        keys = [row_key(r.id, r.copy) for r in rows] if any(s.sparse == "sampled" for s in self.specs) else None
         for spec in self.specs:
             t = tensors[spec.column]
-            cols.update(encode_cut(spec, t, lengths) if isinstance(t, dict) else encode_batch(spec, t, lengths))
+            cols.update(encode_cut(spec, t, lengths) if isinstance(t, dict) else encode_batch(spec, t, lengths, keys))
         return pa.RecordBatch.from_arrays([cols[n] for n in names], schema=self.schema)
 
     def finish(self):
@@ -210,14 +212,14 @@ class _WriterThread:
         self.thread.join()
 
 
-def stage_outputs(specs, outs: dict, lengths: list[int]) -> dict:
-    """Each spec's teacher output as the writer thread takes it: on a GPU, already cut and cast (`cut_batch`),
-    so only the stored bytes cross to the host; on the CPU, padded, so the cut runs on the writer thread
-    and not between teacher batches."""
+def stage_outputs(specs, outs: dict, lengths: list[int], row_keys: list[int] | None = None) -> dict:
+    """Each spec's teacher output as the writer thread takes it: on a GPU, already cut and cast (`cut_batch`;
+    sparse logits already drawn), so only the stored bytes cross to the host; on the CPU, padded, so the cut
+    runs on the writer thread and not between teacher batches."""
     staged = {}
     for spec in specs:
         t = outs[spec.teacher][(spec.kind, spec.layer)].detach()
-        staged[spec.column] = cut_batch(spec, t, lengths) if t.is_cuda and cuts_on_device(spec) else t
+        staged[spec.column] = cut_batch(spec, t, lengths, row_keys) if t.is_cuda and cuts_on_device(spec) else t
     return staged
 
 
@@ -405,7 +407,10 @@ class ExportRecipe:
                     # the probe already ran the plan's first batch: reuse it rather than run the teachers twice
                     outs = probe if (s == 0 and start == 0 and probe is not None) else self._run_teachers(batch_tokens)
                     probe = None
-                    host, ready = to_host(stage_outputs(self.specs, outs, [len(t[INPUT_IDS]) for t in batch_tokens]))
+                    keys = [row_key(self.rows[i].id, self.rows[i].copy) for i in idx] if any(
+                        spec.sparse == "sampled" for spec in self.specs) else None
+                    host, ready = to_host(stage_outputs(self.specs, outs, [len(t[INPUT_IDS]) for t in batch_tokens],
+                                                        keys))
                     writer.put(("rows", [self.rows[i] for i in idx], batch_tokens, host, cfg.task, ready))
                     self.written += len(idx)
                     if progress is not None:

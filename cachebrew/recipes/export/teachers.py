@@ -118,7 +118,10 @@ def tensor_specs(name: str, tensors: dict, cfg: ExportConfig) -> list[TensorSpec
             topk = cfg.outputs.topk_logits
             if topk is not None and topk >= int(t.shape[-1]):
                 topk = None  # nothing to drop
-            specs.append(TensorSpec(name, kind, None, cfg.dtypes.logits, shape, topk))
+            sp = cfg.outputs.sparse_logits
+            extra = {} if sp is None else {"sparse": sp.method, "k": sp.k, "temperature": float(sp.temperature),
+                                           "seed": sp.seed}
+            specs.append(TensorSpec(name, kind, None, cfg.dtypes.logits, shape, topk, extra))
         elif kind == "hidden":
             specs.append(TensorSpec(name, kind, layer, cfg.dtypes.hidden, ["L", int(t.shape[-1])]))
         else:

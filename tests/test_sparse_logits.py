@@ -1,0 +1,181 @@
+"""Sparse logit caches (issue 15): causal-LM teachers, top-k and sampled targets, unbiased KD."""
+import json
+import shutil
+
+import pyarrow as pa
+import pytest
+import torch
+
+from cachebrew import ConfigError, DistillationConfig
+from cachebrew.cache.sparse import row_key, sparse_targets, uniforms
+from cachebrew.components.loader import CacheBatches, merge_sparse_targets
+from cachebrew.distillers.batches import apply_adaptor
+from cachebrew.errors import BatchError
+from cachebrew.losses import kd_ce_loss, sparse_kd_loss
+from cachebrew.objective import DistillationLoss
+from cachebrew.recipes.export import ExportConfig, run_export
+from fixtures import make_text_data, write_vocab
+
+
+# -- the estimator: sampled KD's gradient is the dense one's on average, top-k's is not ------------------------------
+def mean_gradient(s, targets, T):
+    """Gradient w.r.t. the student logits s (N, V) of the sparse KD loss, averaged over the M target rows sets."""
+    M = targets["ids"].shape[0] // s.shape[0]
+    leaf = s.clone().requires_grad_(True)
+    sparse_kd_loss(leaf.repeat(M, 1), targets, T).backward()  # mean over M*N rows = mean of M per-cache means
+    return leaf.grad
+
+
+def test_sampled_kd_gradient_is_unbiased_and_topk_is_not():
+    g = torch.Generator().manual_seed(0)
+    N, V, K, T, M = 6, 40, 12, 2.0, 4000
+    teacher, student = torch.randn(N, V, generator=g) * 3, torch.randn(N, V, generator=g)
+    leaf = student.clone().requires_grad_(True)
+    kd_ce_loss(leaf, teacher, T).backward()
+    dense = leaf.grad
+
+    # M caches of the same N positions, each with its own draws (distinct row keys)
+    keys = [row_key(f"cache{m}-row{i}", 0) for m in range(M) for i in range(N)]
+    ids, mass = sparse_targets(teacher.repeat(M, 1), "sampled", K, T, uniforms(keys, None, K, seed=5))
+    sampled = mean_gradient(student, {"ids": ids, "mass": mass}, T)
+    # the loss too: averaged over the caches, the sparse loss is the dense soft cross-entropy
+    mean_loss = sparse_kd_loss(student.repeat(M, 1), {"ids": ids, "mass": mass}, T)
+    assert mean_loss.item() == pytest.approx(kd_ce_loss(student, teacher, T).item(), rel=2e-3)
+    # each gradient entry is -mass/(T N) + q/(T N): its standard error over M caches is at most sqrt(1/4K)/(T N sqrt M)
+    stderr = (0.25 / K) ** 0.5 / (T * N * M ** 0.5)
+    err_sampled = (sampled - dense).abs().max().item()
+
+    ids, mass = sparse_targets(teacher, "topk", K, T)
+    tail = 1.0 - mass.sum(-1)
+    topk = mean_gradient(student, {"ids": ids, "mass": mass, "tail": tail}, T)
+    err_topk = (topk - dense).abs().max().item()
+    print(f"max |grad - dense grad|: sampled (K={K}, {M} caches) {err_sampled:.2e}, top-{K} {err_topk:.2e}, "
+          f"stderr bound {stderr:.2e}; top-{K} leaves {tail.mean().item():.1%} of the teacher's mass in its tail")
+    assert err_sampled < 5 * stderr
+    assert err_topk > 10 * stderr  # a bias that no number of caches averages away (measured: ~18 x)
+
+
+def test_draws_are_reproducible_per_row_whatever_the_batch():
+    logits = torch.randn(5, 30)
+    keys = [row_key(f"r{i}", 0) for i in range(5)]
+    ids, mass = sparse_targets(logits, "sampled", 8, 1.0, uniforms(keys, None, 8, seed=1))
+    ids2, mass2 = sparse_targets(logits[2:4], "sampled", 8, 1.0, uniforms(keys[2:4], None, 8, seed=1))
+    assert torch.equal(ids[2:4], ids2) and torch.equal(mass[2:4], mass2)
+    ids3, _ = sparse_targets(logits, "sampled", 8, 1.0, uniforms(keys, None, 8, seed=2))
+    assert not torch.equal(ids, ids3)  # another seed, other draws
+    assert torch.allclose(mass.sum(-1), torch.ones(5))
+    # merged draws: distinct ids first, unused slots are (0, 0)
+    for row_ids, row_mass in zip(ids, mass):
+        used = row_mass > 0
+        assert len(set(row_ids[used].tolist())) == int(used.sum())
+
+
+def test_several_teachers_merge_exactly():
+    s = torch.randn(4, 20)
+    a = {"ids": torch.randint(0, 20, (4, 6)), "mass": torch.rand(4, 6), "method": "sampled", "temperature": 1.0}
+    b = {"ids": torch.randint(0, 20, (4, 6)), "mass": torch.rand(4, 6), "method": "sampled", "temperature": 1.0}
+    merged = merge_sparse_targets([a, b], [3.0, 1.0])
+    expected = 0.75 * sparse_kd_loss(s, a) + 0.25 * sparse_kd_loss(s, b)
+    assert torch.isclose(sparse_kd_loss(s, merged), expected)
+
+
+# -- causal-LM teacher -> sparse cache -> loader -> loss ---------------------------------------------------------------
+def make_causal_teacher(path, vocab_size, seed=0):
+    from transformers import BertTokenizerFast, GPT2Config, GPT2LMHeadModel
+
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(
+        str(path))
+    BertTokenizerFast(vocab=str(path / "vocab.txt")).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    (root / "teacher").mkdir()
+    vocab = write_vocab(root / "teacher" / "vocab.txt")
+    teacher = make_causal_teacher(root / "teacher", vocab)
+    data = make_text_data(root / "text.jsonl", n=20)
+    return {"root": root, "teacher": teacher, "data": data, "vocab": vocab}
+
+
+def export(lm, name, sparse=None, batch_size=8, dtypes=None):
+    cfg = {"output": str(lm["root"] / name), "teachers": [{"name": "lm", "path": str(lm["teacher"]),
+                                                            "model_class": "AutoModelForCausalLM"}],
+           "data": {"path": str(lm["data"]), "text": "sentence", "label": None, "id": "uid"}, "max_length": 24,
+           "outputs": {"logits": True, **({"sparse_logits": sparse} if sparse else {})}, "batch_size": batch_size,
+           "shard_rows": 8, "progress_bar": False, "dtypes": dtypes or {"logits": "fp32"}}
+    result = run_export(ExportConfig.from_dict(cfg))
+    return result
+
+
+def test_causal_teacher_sparse_caches_roundtrip(lm):
+    from transformers import GPT2LMHeadModel
+
+    dense = export(lm, "dense", dtypes={"logits": "fp16"})
+    topk = export(lm, "topk", {"method": "topk", "k": 8, "temperature": 2.0})
+    sampled = export(lm, "sampled", {"method": "sampled", "k": 8, "temperature": 2.0, "seed": 3})
+    assert topk.bytes_total < dense.bytes_total / 2 and sampled.bytes_total < dense.bytes_total / 2
+
+    teacher = GPT2LMHeadModel.from_pretrained(str(lm["teacher"])).eval()
+    batch = next(iter(CacheBatches(str(lm["root"] / "topk"), 4, shuffle=False)))
+    target = batch["teacher_cache"]["logits"]
+    V = lm["vocab"]
+    # nothing vocabulary-wide on the teacher side: K slots per position
+    assert target["ids"].shape[-1] == 8 and all(t.shape[-1] != V for t in batch["teacher_cache"].values()
+                                                 if isinstance(t, torch.Tensor))
+    student_inputs = batch["student"]
+    with torch.no_grad():
+        logits = teacher(input_ids=student_inputs["input_ids"], attention_mask=student_inputs["attention_mask"],
+                         token_type_ids=student_inputs["token_type_ids"]).logits
+    exact = torch.softmax(logits / 2.0, dim=-1).gather(-1, target["ids"])
+    mask = student_inputs["attention_mask"].bool()
+    assert torch.allclose(target["mass"][mask], exact[mask], atol=1e-5)
+    assert torch.allclose(target["tail"][mask], 1 - exact[mask].sum(-1), atol=1e-5)
+
+    # a distillation step from each sparse cache: finite loss, gradients flow, temperature checked
+    for name in ("topk", "sampled"):
+        b = next(iter(CacheBatches(str(lm["root"] / name), 4, shuffle=False)))
+        torch.manual_seed(1)
+        student = GPT2LMHeadModel(teacher.config)  # not the teacher: at the teacher, the KD gradient is 0
+        out = student(**{k: v for k, v in b["student"].items() if k != "labels"})
+        results_S = {"logits": [out.logits], "logits_mask": [b["student"]["attention_mask"]]}
+        results_T = apply_adaptor(None, b["student"], b["teacher_cache"], from_cache=True)
+        loss, _ = DistillationLoss(DistillationConfig(temperature=2.0))(results_S, results_T)
+        loss.backward()
+        assert torch.isfinite(loss) and student.lm_head.weight.grad.abs().sum() > 0
+        with pytest.raises(BatchError, match="temperature 2"):
+            DistillationLoss(DistillationConfig(temperature=1.0))(results_S, results_T)
+        with pytest.raises(BatchError, match="dense teacher logits"):
+            DistillationLoss(DistillationConfig(temperature=2.0, kd_loss_type="mse"))(results_S, results_T)
+
+
+def test_sampled_export_is_reproducible_and_batch_independent(lm):
+    export(lm, "s1", {"method": "sampled", "k": 6, "seed": 9})
+    export(lm, "s2", {"method": "sampled", "k": 6, "seed": 9}, batch_size=3)
+
+    def draws(name):
+        import pyarrow.ipc as ipc
+
+        rows = {}
+        for shard in sorted((lm["root"] / name).glob("*.arrow")):
+            table = ipc.open_file(pa.memory_map(str(shard))).read_all()
+            for rid, idx, m in zip(table["id"].to_pylist(), table["lm.logits.index"].to_pylist(),
+                                   table["lm.logits"].to_pylist()):
+                rows[rid] = (idx, m)
+        return rows
+
+    a, b = draws("s1"), draws("s2")
+    assert len(a) == 20 and a == b
+
+
+def test_sparse_config_errors():
+    base = {"output": "o", "teachers": [{"name": "t", "path": "p"}], "data": {"path": "d"}}
+    with pytest.raises(ConfigError, match=r"outputs\.sparse_logits\.method"):
+        ExportConfig.from_dict({**base, "outputs": {"sparse_logits": {"method": "nucleus"}}})
+    with pytest.raises(ConfigError, match="supersedes"):
+        ExportConfig.from_dict({**base, "outputs": {"topk_logits": 5, "sparse_logits": {"method": "topk"}}})
+    with pytest.raises(ConfigError, match=r"sparse_logits\.temperature"):
+        ExportConfig.from_dict({**base, "outputs": {"sparse_logits": {"temperature": 0}}})
