@@ -5,8 +5,9 @@
 
 Per task (a fixed training subset, the same for every arm; the full test split):
 
-1. the MiniLM-L6 teacher is fine-tuned once (on the subset; WNUT-16: on the whole train split) and exported once per cache: the subset (plain), the subset
-   plus K augmented copies for each K tried, and the dev split (checkpoint selection);
+1. the MiniLM-L6 teacher is fine-tuned once (on the subset; WNUT-16: on the whole train split) and exported
+   once per cache: the subset (plain), the subset plus K augmented copies for each K tried, and the dev split
+   (checkpoint selection);
 2. arm 1's learning rate is tuned **on dev, with seed 0** (never a reported seed); arms 1-3 then run on seed 0
    and each reported seed, the same 2-layer student initialisation for every arm:
    - ``no_kd``       gold labels only, the tuned learning rate (arm 1);

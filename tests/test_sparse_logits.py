@@ -179,3 +179,28 @@ def test_sparse_config_errors():
         ExportConfig.from_dict({**base, "outputs": {"topk_logits": 5, "sparse_logits": {"method": "topk"}}})
     with pytest.raises(ConfigError, match=r"sparse_logits\.temperature"):
         ExportConfig.from_dict({**base, "outputs": {"sparse_logits": {"temperature": 0}}})
+
+
+def test_hf_trainer_distils_a_causal_student_from_a_sampled_cache(lm, tmp_path):
+    """labels = the inputs (padding -100) for a causal-LM cache: the hard-label term is the shifted LM loss."""
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+    from cachebrew.hf import DistillationTrainer
+
+    export(lm, "hf_sampled", {"method": "sampled", "k": 8, "temperature": 1.0, "seed": 1})
+    batch = next(iter(CacheBatches(str(lm["root"] / "hf_sampled"), 4, shuffle=False)))["student"]
+    mask = batch["attention_mask"].bool()
+    assert torch.equal(batch["labels"][mask], batch["input_ids"][mask]) and (batch["labels"][~mask] == -100).all()
+
+    torch.manual_seed(2)
+    student = GPT2LMHeadModel(GPT2Config(vocab_size=lm["vocab"], n_positions=64, n_embd=16, n_layer=1, n_head=2))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, max_steps=3,
+                             learning_rate=1e-2, use_cpu=True, report_to=[], disable_tqdm=True, save_strategy="no",
+                             logging_steps=1)
+    trainer = DistillationTrainer(model=student, args=args, teacher_cache=str(lm["root"] / "hf_sampled"),
+                                  distillation_config=DistillationConfig(temperature=1.0, hard_label_weight=0.5))
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "distill/unweighted_kd_loss" in h]
+    assert logged and all(h["distill/unweighted_hard_label_loss"] > 0 for h in logged)
+    assert max((student.state_dict()[k] - v).abs().max().item() for k, v in before.items()) > 1e-4

@@ -222,6 +222,9 @@ class CacheBatches(torch.utils.data.IterableDataset):
         self.with_labels = with_labels
         self.task = task
         self.token_level = self.joined.manifest.token_level
+        # a causal-LM teacher's cache: the labels are the inputs (Hugging Face causal LMs shift them inside)
+        self.causal_lm = any(t.get("model_class") == "AutoModelForCausalLM"
+                             for t in (self.joined.manifest.config or {}).get("teachers", []))
         # (epoch, first batch) in shared memory: DataLoader workers hold a copy of this object, but they
         # all see this tensor, so set_epoch/set_position reach persistent workers too
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
@@ -381,7 +384,12 @@ class CacheBatches(torch.utils.data.IterableDataset):
         for name in (ATTENTION_MASK, TOKEN_TYPE_IDS):
             if name in names:
                 student[name] = pad_ints(primary, name, L, 0)
-        if self.with_labels and LABELS in names:
+        if self.with_labels and self.causal_lm and LABELS not in names:
+            labels = student[INPUT_IDS].clone()
+            if ATTENTION_MASK in student:
+                labels[student[ATTENTION_MASK] == 0] = -100  # padding is not a next token to predict
+            student["labels"] = labels
+        elif self.with_labels and LABELS in names:
             if names[LABELS].startswith("list"):
                 student["labels"] = pad_ints(primary, LABELS, L, -100)
             else:
