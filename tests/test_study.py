@@ -91,3 +91,19 @@ def test_study_smoke_runs_every_arm(textbrewer, tmp_path):
             assert rec["steps"] > 0 and rec["seed"] == 1
         # arm 2 and arm 3 on the real MiniLM: the same weights, so the same test score
         assert summary["arms"]["textbrewer"]["mean"] == summary["arms"]["cache_same"]["mean"]
+
+
+@pytest.mark.slow
+def test_lm_study_smoke_runs_every_arm(tmp_path):
+    """pipelines/lm_study.py at toy size: tokenizer, teacher, three caches, four student arms, the table."""
+    out = tmp_path / "lm"
+    r = subprocess.run([sys.executable, str(ROOT / "pipelines" / "lm_study.py"), "--smoke", "--seeds", "1",
+                        "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads((out / "runs" / "teacher.json").read_text())
+    # the sparse caches are a small fraction of the dense one, at the same number of slots
+    assert info["caches"]["topk"]["bytes_per_token"] < info["caches"]["dense"]["bytes_per_token"] / 5
+    for arm in ("hard_labels", "dense", "topk", "sampled"):
+        run = json.loads((out / "runs" / arm / "seed-1.json").read_text())
+        assert run["test"]["perplexity"] > 1 and 0 <= run["test"]["ece"] <= 1
+    assert "| sampled |" in (out / "table.md").read_text()
