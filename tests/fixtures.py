@@ -92,3 +92,17 @@ def make_cache(root: Path, n=24, **over) -> Path:
                         shard_rows=8, outputs={"hidden_layers": [1], "attention_layers": []}, **over)
     run_export(ExportConfig.from_dict(cfg))
     return Path(cfg["output"])
+
+
+def make_trainer_world(root: Path, dev_rows: int = 24) -> dict:
+    """A teacher and its train (48 rows) and dev caches (logits + hidden layers 0-2): the Trainer front ends' tests."""
+    from cachebrew.recipes.export import ExportConfig, run_export
+
+    teacher = make_teacher_dir(root / "teacher")
+    caches = {}
+    for name, n, seed in (("train", 48, 1), ("dev", dev_rows, 2)):
+        data = make_text_data(root / f"{name}.jsonl", n=n, seed=seed)
+        run_export(ExportConfig.from_dict(export_config(root / name, teacher, data,
+                                                        outputs={"hidden_layers": [0, 1, 2], "attention_layers": []})))
+        caches[name] = str(root / name / "cache")
+    return {"root": root, "teacher": teacher, "caches": caches}

@@ -1,6 +1,4 @@
 """Sparse logit caches (issue 15): causal-LM teachers, top-k and sampled targets, unbiased KD."""
-import json
-import shutil
 
 import pyarrow as pa
 import pytest

@@ -8,25 +8,16 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
 from cachebrew import ConfigError, DistillationConfig
-from cachebrew.recipes.export import ExportConfig, run_export
 from cachebrew.hf import (DistillationTrainer, IntermediateLayersKnowledgeDistillationLossConfig,
                           KnowledgeDistillationLossConfig, to_distillation_config)
 from cachebrew.losses import kd_kl_loss
-from fixtures import export_config, make_teacher_dir, make_text_data
+from fixtures import make_trainer_world
 from helpers import cache_rows, max_weight_diff, pad_rows
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf")
-    teacher = make_teacher_dir(root / "teacher")
-    caches = {}
-    for name, n, seed in (("train", 48, 1), ("dev", 24, 2)):
-        data = make_text_data(root / f"{name}.jsonl", n=n, seed=seed)
-        run_export(ExportConfig.from_dict(export_config(root / name, teacher, data,
-                                                        outputs={"hidden_layers": [0, 1, 2], "attention_layers": []})))
-        caches[name] = str(root / name / "cache")
-    return {"root": root, "teacher": teacher, "caches": caches}
+    return make_trainer_world(tmp_path_factory.mktemp("hf"))
 
 
 def student(dropout=0.0, seed=0):

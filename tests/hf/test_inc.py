@@ -18,22 +18,13 @@ from cachebrew.inc import (DistillationConfig, IntermediateLayersKnowledgeDistil
 from cachebrew.hf import to_distillation_config
 from cachebrew.losses import kd_ce_loss
 from cachebrew.objective import DistillationLoss
-from cachebrew.recipes.export import ExportConfig, run_export
-from fixtures import export_config, make_teacher_dir, make_text_data
+from fixtures import make_trainer_world
 from helpers import cache_rows, max_weight_diff, pad_rows
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inc")
-    teacher = make_teacher_dir(root / "teacher")
-    caches = {}
-    for name, n, seed in (("train", 48, 1), ("dev", 32, 2)):
-        data = make_text_data(root / f"{name}.jsonl", n=n, seed=seed)
-        run_export(ExportConfig.from_dict(export_config(root / name, teacher, data,
-                                                        outputs={"hidden_layers": [0, 1, 2], "attention_layers": []})))
-        caches[name] = str(root / name / "cache")
-    return {"root": root, "teacher": teacher, "caches": caches}
+    return make_trainer_world(tmp_path_factory.mktemp("inc"), dev_rows=32)
 
 
 def student(seed=0):
