@@ -202,3 +202,14 @@ def test_hf_trainer_distils_a_causal_student_from_a_sampled_cache(lm, tmp_path):
     logged = [h for h in trainer.state.log_history if "distill/unweighted_kd_loss" in h]
     assert logged and all(h["distill/unweighted_hard_label_loss"] > 0 for h in logged)
     assert max((student.state_dict()[k] - v).abs().max().item() for k, v in before.items()) > 1e-4
+
+
+def test_cachebrew_distill_refuses_a_causal_cache_with_a_clear_error(lm, tmp_path):
+    from cachebrew.recipes.distill import DistillRunConfig, run_distill
+
+    export(lm, "refuse", {"method": "topk", "k": 4})
+    cfg = DistillRunConfig.from_dict({"output_dir": str(tmp_path / "d"), "caches": [str(lm["root"] / "refuse")],
+                                      "student": {"path": str(lm["teacher"])},
+                                      "train": {"epochs": 1, "batch_size": 4, "progress_bar": False}})
+    with pytest.raises(ConfigError, match="causal-LM teacher's cache.*hf.DistillationTrainer"):
+        run_distill(cfg)

@@ -25,7 +25,7 @@ from ...core.training import make_optimizer, resolve_amp, save_student, seed_eve
 from ...distillers import GeneralDistiller, MultiTaskDistiller
 from ...distillers.batches import move_to_device
 from ...distillers.loop import ResumeState, StepState
-from ...errors import CacheFormatError, CachebrewError
+from ...errors import CacheFormatError, CachebrewError, ConfigError
 from ...core.paths import resolve_path
 from ...core.runtime import ensure_process_group, get_rank, get_world_size, resolve_device, resolve_local_rank
 from ...version import __version__
@@ -158,6 +158,11 @@ class DistillRecipe:
                         for name, ds in self.train_sets.items()}
         if tc.verify_caches:
             _verify_caches([r for ds in (*self.train_sets.values(), *self.eval_sets.values()) for r in ds.joined.readers])
+        causal = [str(ds.joined.readers[0].path) for ds in self.train_sets.values() if ds.causal_lm]
+        if causal:
+            raise ConfigError(f"{causal[0]}: a causal-LM teacher's cache; `cachebrew distill` scores classification "
+                              "and token-classification students only. Distil causal students with the distillers "
+                              "(teacher_cache batches) or cachebrew.hf.DistillationTrainer (see pipelines/lm_study.py)")
         for name, ds in self.train_sets.items():
             logger.info("task %s: %d rows, %d batches per epoch on this rank, teachers %s", name, ds.joined.num_rows,
                         len(ds), ds.joined.teachers)
