@@ -213,3 +213,15 @@ def test_cachebrew_distill_refuses_a_causal_cache_with_a_clear_error(lm, tmp_pat
                                       "train": {"epochs": 1, "batch_size": 4, "progress_bar": False}})
     with pytest.raises(ConfigError, match="causal-LM teacher's cache.*hf.DistillationTrainer"):
         run_distill(cfg)
+
+
+def test_topk_loss_counts_the_tail_as_one_bucket():
+    """Coarsened to the K ids + one tail bucket, the top-K loss is a proper divergence: its gradient vanishes when
+    the student is the teacher (without the tail term it would push the tail's mass onto the K ids)."""
+    teacher = torch.randn(5, 30) * 2
+    ids, mass = sparse_targets(teacher, "topk", 6, 1.5)
+    target = {"ids": ids, "mass": mass, "tail": 1 - mass.sum(-1)}
+    leaf = teacher.clone().requires_grad_(True)
+    sparse_kd_loss(leaf, target, 1.5, "kl").backward()
+    assert leaf.grad.abs().max().item() < 1e-6
+    assert sparse_kd_loss(teacher, target, 1.5, "kl").abs().item() < 1e-5  # KL of a distribution with itself
