@@ -421,11 +421,15 @@ def main(argv=None):
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--out", default=str(Path(__file__).parent / "study_results"))
     ap.add_argument("--smoke", action="store_true", help="toy sizes, one epoch: checks the protocol runs (CI)")
-    ap.add_argument("--report", action="store_true", help="only rewrite table.md from the <task>.json summaries")
+    ap.add_argument("--report", action="store_true", help="only rewrite table.md from every <task>.json summary in --out")
     args = ap.parse_args(argv)
+
+    def every_summary():  # table.md covers every task run so far, not only those of this invocation
+        return [json.loads((Path(args.out) / f"{t}.json").read_text()) for t in TASKS
+                if (Path(args.out) / f"{t}.json").exists()]
+
     if args.report:
-        summaries = [json.loads((Path(args.out) / f"{t}.json").read_text()) for t in args.tasks
-                     if (Path(args.out) / f"{t}.json").exists()]
+        summaries = every_summary()
         (Path(args.out) / "table.md").write_text(table(summaries))
         print(table(summaries))
         return summaries
@@ -442,7 +446,7 @@ def main(argv=None):
         s = run_task(Task(name, spec, out, smoke=args.smoke, allow_collapse=args.smoke), args.seeds)
         Task._write(out / f"{name}.json", s)
         summaries.append(s)
-        (out / "table.md").write_text(table(summaries))
+        (out / "table.md").write_text(table(every_summary()))
         print(table([s]), flush=True)
     return summaries
 
