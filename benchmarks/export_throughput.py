@@ -9,8 +9,10 @@ Measured side by side in this one run, on the same teacher, data and batches:
 ratio = export ex/s ÷ bare ex/s (target >= 0.9), end to end (loading teachers, hashing their weights,
 tokenizing: fixed costs a small benchmark magnifies) and marginal: (rows of the full run − rows of a
 half-size run) ÷ (the difference of their times), the rate a large export converges to. Configurations: logits only; logits + 4 hidden layers;
-logits + hidden + attention; 3 teachers (logits + 4 hidden each). On CPU the teacher is 6x256; with
---device cuda BERT-base (12x768), seq 128, bf16 autocast. Each configuration runs in its own child process,
+logits + hidden + attention; 3 teachers (logits + 4 hidden each); a causal LM (GPT-2 of the same size, vocabulary
+32,000) with 16 sampled or top-16 slots per token (issue 15: the sampling must not dominate; the bare forward
+computes the same vocabulary-wide logits). On CPU the teachers are 6x256; with --device cuda BERT-base (12x768)
+and its GPT-2 twin, seq 128, bf16 autocast. Each configuration runs in its own child process,
 whose peak RSS is reported (one process across configurations could only report the largest so far).
 """
 import argparse
@@ -49,6 +51,15 @@ def build(args, tmp: Path):
         BertForSequenceClassification(BertConfig(vocab_size=vocab, num_labels=3, max_position_embeddings=160,
                                                  attn_implementation="eager", **cfg)).save_pretrained(str(d))
         teachers.append(d)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp / "causal"
+    d.mkdir()
+    write_vocab(d / "vocab.txt")
+    BertTokenizerFast(vocab=str(d / "vocab.txt")).save_pretrained(str(d))
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=CAUSAL_VOCAB, n_positions=160, n_embd=cfg["hidden_size"],
+                               n_layer=cfg["num_hidden_layers"], n_head=cfg["num_attention_heads"])).save_pretrained(str(d))
     rng = random.Random(0)
     lines = []
     for i in range(args.examples):
@@ -60,9 +71,11 @@ def build(args, tmp: Path):
 
 
 def export_config(args, tmp, teachers, outputs, name, data="train.jsonl"):
+    causal = teachers[0].name == "causal"
     return {"output": str(tmp / "caches" / name), "task": "bench",
-            "teachers": [{"name": f"t{i}", "path": str(t)} for i, t in enumerate(teachers)],
-            "data": {"path": str(tmp / data), "text": "text", "label": "label", "id": "id"},
+            "teachers": [{"name": f"t{i}", "path": str(t), **({"model_class": "AutoModelForCausalLM"} if causal else {})}
+                         for i, t in enumerate(teachers)],
+            "data": {"path": str(tmp / data), "text": "text", "label": None if causal else "label", "id": "id"},
             "max_length": args.seq, "outputs": outputs, "batch_size": args.batch, "shard_rows": 1024,
             "dtypes": {"logits": "fp32", "hidden": "fp16", "attention": "fp16"},
             "device": args.device, "progress_bar": False}
@@ -81,7 +94,8 @@ def bare_forward(args, cfg_dict):
     loaded = [load_teacher(tc, i, bool(cfg.outputs.attention_layers)) for i, tc in enumerate(cfg.teachers)]
     tokenizer, _ = load_tokenizer(cfg, [tok for _, tok in loaded])
     rows = build_rows(ds, cfg.data, cfg.augment, "[MASK]")
-    _, label_map = label_vocabulary(ds[cfg.data.label], getattr(loaded[0][0].config, "label2id", None))
+    _, label_map = label_vocabulary(ds[cfg.data.label] if cfg.data.label else [],
+                                    getattr(loaded[0][0].config, "label2id", None))
     tokens = tokenize_rows(rows, tokenizer, cfg.max_length, label_map, False)
     order = sorted_order([len(t["input_ids"]) for t in tokens], cfg.sort_window * cfg.batch_size)
     models = [m.to(device) for m, _ in loaded]
@@ -98,12 +112,18 @@ def bare_forward(args, cfg_dict):
     return len(order) / (time.perf_counter() - t)
 
 
-CONFIGS = ["logits only", "logits + 4 hidden", "logits + hidden + attention", "3 teachers (logits + 4 hidden)"]
+CONFIGS = ["logits only", "logits + 4 hidden", "logits + hidden + attention", "3 teachers (logits + 4 hidden)",
+           "causal LM, sampled 16", "causal LM, top-16"]
+CAUSAL_VOCAB = 32_000
 
 
-def configs(teachers, L):
+def configs(teachers, L, causal):
     hidden = [0, L // 3, 2 * L // 3, L]
+    sparse = lambda method: {"logits": True, "hidden_layers": [], "attention_layers": [],
+                             "sparse_logits": {"method": method, "k": 16, "temperature": 1.0, "seed": 0}}
     return {
+        "causal LM, sampled 16": ([causal], sparse("sampled")),
+        "causal LM, top-16": ([causal], sparse("topk")),
         "logits only": (teachers[:1], {"logits": True, "hidden_layers": [], "attention_layers": []}),
         "logits + 4 hidden": (teachers[:1], {"logits": True, "hidden_layers": hidden, "attention_layers": []}),
         "logits + hidden + attention": (teachers[:1], {"logits": True, "hidden_layers": hidden,
@@ -119,8 +139,8 @@ def measure(args, tmp: Path, name: str) -> dict:
 
     L = int((tmp / "layers").read_text())
     teachers = sorted(tmp.glob("teacher*"))
-    ts, outputs = configs(teachers, L)[name]
-    cfg = export_config(args, tmp, ts, outputs, name.split(" (")[0].replace(" ", "_").replace("+", "p"))
+    ts, outputs = configs(teachers, L, tmp / "causal")[name]
+    cfg = export_config(args, tmp, ts, outputs, "".join(c if c.isalnum() else "_" for c in name))
     bare_forward(args, cfg)  # warm-up (allocator, kernels, file cache)
     rounds = []
     for _ in range(args.repeats):  # interleaved: bare, half export, full export, and again

@@ -9,7 +9,7 @@
 # ../shared/device-wheels (its README has the one install line).
 # Configurations (issue 14): BERT-base teacher (12 x 768) -> 3-layer student, batch 64, seq 128, bf16;
 #   distill: logits only, and logits + 4 hidden_mse matches; each with the hf Trainer from the cache and online;
-#   export: logits only, and logits + 4 hidden layers, vs the bare bf16 forward; reader: 0, 2 and 4 workers.
+#   export: logits only, logits + 4 hidden layers, and a GPT-2 twin with 16 sampled logit slots, vs the bare bf16 forward; reader: 0, 2 and 4 workers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results-gpu}
@@ -27,7 +27,7 @@ fi
 
 python benchmarks/distill_throughput.py --device "$DEV" --config logits --trainer "${D[@]}" --json "$OUT/distill_logits.json"
 python benchmarks/distill_throughput.py --device "$DEV" --config hidden --trainer "${D[@]}" --json "$OUT/distill_hidden.json"
-python benchmarks/export_throughput.py --device "$DEV" "${E[@]}" --configs "logits only" "logits + 4 hidden" \
+python benchmarks/export_throughput.py --device "$DEV" "${E[@]}" --configs "logits only" "logits + 4 hidden" "causal LM, sampled 16" \
     --json "$OUT/export.json"
 python benchmarks/reader.py "${R[@]}" --json "$OUT/reader.json"
 python benchmarks/ratio_table.py "$OUT" | tee "$OUT/ratios.md"

@@ -163,6 +163,26 @@ def cuts_on_device(spec: TensorSpec) -> bool:
     return not spec.topk and "L" not in spec.shape[1:]
 
 
+def _cut_sparse(spec: TensorSpec, t: torch.Tensor, lengths: list[int], row_keys, per_token: bool) -> dict:
+    """Sparse logits of a batch: K (id, mass) slots per kept position. Each row's positions are a view of the batch
+    tensor, never gathered into one (positions, vocabulary) copy: at LLM vocabularies that copy alone is larger
+    than the rest of the export's working memory."""
+    u = None
+    if spec.sparse == "sampled":
+        if row_keys is None:
+            raise CacheFormatError(f"{spec.column}: sampled logits need each row's key to seed its draws")
+        u = uniforms(row_keys, lengths if per_token else None, spec.slots, int(spec.extra.get("seed", 0)), t.device)
+    temperature = float(spec.extra.get("temperature", 1.0))
+    if per_token:
+        rows = [t[b, :n] for b, n in enumerate(lengths)]
+        u_rows = u.split(list(lengths)) if u is not None else [None] * len(rows)
+        parts = [sparse_targets(r, spec.sparse, spec.slots, temperature, ur) for r, ur in zip(rows, u_rows)]
+        ids, mass = torch.cat([i for i, _ in parts]), torch.cat([m for _, m in parts])
+    else:
+        ids, mass = sparse_targets(t.reshape(t.shape[0], -1), spec.sparse, spec.slots, temperature, u)
+    return {"values": mass.to(_TORCH_STORAGE[spec.dtype]), "index": ids.to(torch.int32)}
+
+
 def cut_batch(spec: TensorSpec, batch_tensor: torch.Tensor, lengths: list[int],
               row_keys: list[int] | None = None) -> dict[str, torch.Tensor]:
     """What will be stored of a padded (B, ...) teacher output, computed where the tensor lives.
@@ -173,22 +193,15 @@ def cut_batch(spec: TensorSpec, batch_tensor: torch.Tensor, lengths: list[int],
     ``{"values": masses (N, K), "index": ids (N, K)}``, the draws of ``sampled`` seeded by `row_keys`.
     """
     t = batch_tensor.detach()
-    if spec.shape and spec.shape[0] == "L":
+    per_token = bool(spec.shape) and spec.shape[0] == "L"
+    if spec.sparse:
+        return _cut_sparse(spec, t, lengths, row_keys, per_token)
+    if per_token:
         L = t.shape[1]
         keep = torch.arange(L, device=t.device)[None, :] < torch.as_tensor(lengths, device=t.device)[:, None]
         flat = t[keep]                                   # (sum of lengths, *dims), rows in order
     else:
         flat = t.reshape(t.shape[0], -1)
-    if spec.sparse:
-        u = None
-        if spec.sparse == "sampled":
-            if row_keys is None:
-                raise CacheFormatError(f"{spec.column}: sampled logits need each row's key to seed its draws")
-            per_token = bool(spec.shape) and spec.shape[0] == "L"
-            u = uniforms(row_keys, lengths if per_token else None, spec.slots, int(spec.extra.get("seed", 0)),
-                         flat.device)
-        ids, mass = sparse_targets(flat, spec.sparse, spec.slots, float(spec.extra.get("temperature", 1.0)), u)
-        return {"values": mass.to(_TORCH_STORAGE[spec.dtype]), "index": ids.to(torch.int32)}
     if spec.dtype == "int8":
         q, scale = quantize_int8(flat)
         return {"values": q, "scale": scale}

@@ -65,23 +65,41 @@ def uniforms(keys: list[int], lengths: list[int] | None, k: int, seed: int, devi
     return (bits.to(torch.float64) / float(1 << 53)).to(device)
 
 
+_CHUNK_ELEMENTS = 1 << 22  # float32 elements per working tensor (16 MB): reused by the allocator, no page faults
+
+
 def sparse_targets(logits: torch.Tensor, method: str, k: int, temperature: float = 1.0,
                    u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids int64 (N, k), probability mass float32 (N, k)) for the rows of ``logits`` (N, V).
 
     ``u``: (N, k) uniforms for ``sampled`` (from `uniforms`). Computed in float32 wherever the logits are:
-    one softmax and one cumulative sum per row, no (N, V) tensor kept beyond this call.
+    one softmax and one cumulative sum per row, in chunks of rows so that no (N, V) float32 tensor is ever
+    allocated (at V = 32k a batch of 4,096 positions would need 0.5 GB per temporary, and the page faults of
+    allocating it cost more than the arithmetic).
     """
-    x = logits.detach().float() / temperature
+    if method not in SPARSE_METHODS:
+        raise ValueError(f"sparse method {method!r} is not one of {SPARSE_METHODS}")
+    if method == "sampled" and u is None:
+        raise ValueError("sampled targets need uniforms (u)")
+    n, vocab = logits.shape
+    step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    parts = [_sparse_chunk(logits[i:i + step].detach(), method, k, temperature,
+                           None if u is None else u[i:i + step]) for i in range(0, n, step)]
+    if not parts:
+        width = min(k, vocab) if method == "topk" else k
+        return (torch.zeros(0, width, dtype=torch.int64, device=logits.device),
+                torch.zeros(0, width, dtype=torch.float32, device=logits.device))
+    return torch.cat([ids for ids, _ in parts]), torch.cat([mass for _, mass in parts])
+
+
+def _sparse_chunk(logits: torch.Tensor, method: str, k: int, temperature: float, u: torch.Tensor | None):
+    x = logits.float()
+    x = x / temperature if temperature != 1.0 else x
     if method == "topk":
         lse = torch.logsumexp(x, dim=-1, keepdim=True)
         values, ids = x.topk(min(k, x.shape[-1]), dim=-1)
         return ids, (values - lse).exp()
-    if method != "sampled":
-        raise ValueError(f"sparse method {method!r} is not one of {SPARSE_METHODS}")
-    if u is None:
-        raise ValueError("sampled targets need uniforms (u)")
-    cdf = torch.softmax(x, dim=-1).cumsum(dim=-1)
+    cdf = torch.softmax(x, dim=-1).cumsum_(dim=-1)
     draws = torch.searchsorted(cdf, (u.to(cdf.device, torch.float64) * cdf[:, -1:].double()).float())
     draws = draws.clamp_(max=x.shape[-1] - 1).sort(dim=-1).values
     # merge repeated draws: slot g of a row holds its g-th distinct id and how often it was drawn
