@@ -1,5 +1,8 @@
 """Sparse logit caches (issue 15): causal-LM teachers, top-k and sampled targets, unbiased KD."""
 
+import json
+import math
+
 import pyarrow as pa
 import pytest
 import torch
@@ -8,7 +11,7 @@ from cachebrew import ConfigError, DistillationConfig
 from cachebrew.cache.sparse import row_key, sparse_targets, uniforms
 from cachebrew.components.loader import CacheBatches, merge_sparse_targets
 from cachebrew.distillers.batches import apply_adaptor
-from cachebrew.errors import BatchError
+from cachebrew.errors import BatchError, CachebrewError
 from cachebrew.losses import kd_ce_loss, sparse_kd_loss
 from cachebrew.objective import DistillationLoss
 from cachebrew.recipes.export import ExportConfig, run_export
@@ -204,15 +207,103 @@ def test_hf_trainer_distils_a_causal_student_from_a_sampled_cache(lm, tmp_path):
     assert max((student.state_dict()[k] - v).abs().max().item() for k, v in before.items()) > 1e-4
 
 
-def test_cachebrew_distill_refuses_a_causal_cache_with_a_clear_error(lm, tmp_path):
+def lm_perplexity(model, ds) -> float:
+    """Held-out perplexity computed apart from the recipe: Hugging Face's own shifted LM loss per row."""
+    nll = tokens = 0.0
+    model.eval()
+    with torch.no_grad():
+        for batch in ds:
+            inputs = batch["student"]
+            for i in range(inputs["input_ids"].size(0)):
+                row = {k: v[i:i + 1] for k, v in inputs.items()}
+                n = int((row["labels"][:, 1:] != -100).sum())
+                nll += model(**row).loss.item() * n
+                tokens += n
+    return math.exp(nll / tokens)
+
+
+def test_cachebrew_distill_trains_a_causal_student_and_keeps_it_by_perplexity(lm, tmp_path):
+    """`cachebrew distill` from a sampled cache: a GPT-2 student (the teacher's first layer), evaluated on a dense
+    cache: its perplexity and the teacher's (from the cached logits) equal Hugging Face's own loss on the rows."""
+    from transformers import GPT2LMHeadModel
+
     from cachebrew.recipes.distill import DistillRunConfig, run_distill
 
-    export(lm, "refuse", {"method": "topk", "k": 4})
-    cfg = DistillRunConfig.from_dict({"output_dir": str(tmp_path / "d"), "caches": [str(lm["root"] / "refuse")],
-                                      "student": {"path": str(lm["teacher"])},
-                                      "train": {"epochs": 1, "batch_size": 4, "progress_bar": False}})
-    with pytest.raises(ConfigError, match="causal-LM teacher's cache.*hf.DistillationTrainer"):
+    export(lm, "d_train", {"method": "sampled", "k": 8, "temperature": 1.0, "seed": 4})
+    export(lm, "d_eval")  # dense fp32 logits: the teacher can be scored from the cache
+    eval_ds = CacheBatches(str(lm["root"] / "d_eval"), 4, shuffle=False)
+    student_spec = {"path": str(lm["teacher"]), "overrides": {"n_layer": 1}}
+    initial = GPT2LMHeadModel.from_pretrained(str(lm["teacher"]), n_layer=1)
+    cfg = DistillRunConfig.from_dict({
+        "output_dir": str(tmp_path / "d"), "caches": [str(lm["root"] / "d_train")],
+        "eval_cache": str(lm["root"] / "d_eval"), "student": student_spec,
+        "distill": {"temperature": 1.0, "hard_label_weight": 1.0},
+        "train": {"epochs": 3, "batch_size": 4, "lr": 5e-3, "progress_bar": False, "device": "cpu"}})
+    result = run_distill(cfg)
+
+    best = GPT2LMHeadModel.from_pretrained(str(tmp_path / "d" / "best"))
+    assert best.config.n_layer == 1
+    assert result.best["default"]["perplexity"] == pytest.approx(lm_perplexity(best, eval_ds), rel=1e-4)
+    teacher = GPT2LMHeadModel.from_pretrained(str(lm["teacher"]))
+    assert result.teacher["default"]["perplexity"] == pytest.approx(lm_perplexity(teacher, eval_ds), rel=1e-4)
+    assert result.best["default"]["perplexity"] < 0.9 * lm_perplexity(initial, eval_ds)  # it trained
+    scores = [row["score"] for row in json.loads((tmp_path / "d" / "results.json").read_text())["history"]]
+    assert len(scores) == 3 and result.best["score"] == max(scores)  # kept by the lowest perplexity
+
+
+def test_cachebrew_distill_refuses_causal_caches_in_multi_task_runs(lm, tmp_path):
+    from cachebrew.recipes.distill import DistillRunConfig, run_distill
+
+    export(lm, "mt", {"method": "topk", "k": 4})
+    cfg = DistillRunConfig.from_dict({"output_dir": str(tmp_path / "d"), "student": {"path": str(lm["teacher"])},
+                                      "tasks": {"a": {"caches": [str(lm["root"] / "mt")]}},
+                                      "train": {"steps": 2, "batch_size": 4, "progress_bar": False}})
+    with pytest.raises(ConfigError, match=r"causal-LM student trains from causal-LM caches only.*mt \(causal LM\)"):
         run_distill(cfg)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}[CLS] {{ m['role'] }} : {{ m['content'] }} [SEP] {% endfor %}")
+
+
+def test_chat_data_is_rendered_by_the_tokenizers_template(lm, tmp_path):
+    """data.messages: each conversation becomes the chat template's text, tokenized without adding special tokens
+    twice; a copy without ops is the same text with fresh draws; bad conversations and templateless tokenizers
+    get errors naming the column, row or tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(lm["teacher"]))
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(tmp_path / "chat_tok"))
+    convs = [[{"role": "user", "content": f"good movie {i}"}, {"role": "assistant", "content": "the plot is great"}]
+             for i in range(6)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"uid": f"c{i}", "conv": c}) + "\n" for i, c in enumerate(convs)))
+    base = {"teachers": [{"name": "lm", "path": str(lm["teacher"]), "model_class": "AutoModelForCausalLM"}],
+            "tokenizer": str(tmp_path / "chat_tok"), "data": {"path": str(data), "messages": "conv", "label": None,
+                                                              "id": "uid"},
+            "max_length": 40, "outputs": {"sparse_logits": {"method": "sampled", "k": 4}}, "augment": {"copies": 1},
+            "progress_bar": False, "shard_rows": 8}
+    run_export(ExportConfig.from_dict({**base, "output": str(tmp_path / "chat_cache")}))
+    seen = {}
+    for batch in CacheBatches(str(tmp_path / "chat_cache"), 4, shuffle=False):
+        for (rid, copy), ids, mask, target in zip(batch["ids"], batch["student"]["input_ids"],
+                                                  batch["student"]["attention_mask"], batch["teacher_cache"]["logits"]["ids"]):
+            seen[(rid, copy)] = (ids[mask.bool()].tolist(), target[mask.bool()])
+    assert len(seen) == 12
+    for i, conv in enumerate(convs):
+        text = tok.apply_chat_template(conv, tokenize=False)
+        assert text.startswith("[CLS] user : good movie")
+        expected = tok(text, add_special_tokens=False)["input_ids"]
+        assert seen[(f"c{i}", 0)][0] == expected == seen[(f"c{i}", 1)][0]  # no doubled [CLS] / [SEP]
+    assert any(not torch.equal(seen[(f"c{i}", 0)][1], seen[(f"c{i}", 1)][1]) for i in range(6))  # fresh draws
+
+    with pytest.raises(ConfigError, match=r"data\.messages: the tokenizer .* has no chat template"):
+        run_export(ExportConfig.from_dict({**base, "tokenizer": None, "output": str(tmp_path / "no_template")}))
+    data.write_text(json.dumps({"uid": "bad", "conv": [{"role": "user"}]}) + "\n")
+    with pytest.raises(CachebrewError, match=r"data\.messages: row 0 \(id bad\) of column 'conv' is not a conversation"):
+        run_export(ExportConfig.from_dict({**base, "output": str(tmp_path / "bad")}))
+    with pytest.raises(ConfigError, match=r"exactly one of data\.text.*\['text', 'messages'\]"):
+        ExportConfig.from_dict({**base, "output": "o", "data": {"path": str(data), "messages": "conv", "text": "t"}})
 
 
 def test_topk_loss_counts_the_tail_as_one_bucket():

@@ -30,6 +30,8 @@ class DataConfig:
     text: str | None = "text"          # column with the text (or None with `tokens`)
     text_pair: str | None = None
     tokens: str | None = None          # column with pre-split words (token-level tasks)
+    messages: str | None = None        # column of chat conversations [{role, content}, ...]: rendered by the
+                                       # tokenizer's chat template (causal-LM teachers), `text` unused
     label: str | None = "label"
     id: str | None = None              # column with a stable example id; None: the row index
     limit: int | None = None
@@ -70,7 +72,7 @@ def load_table(cfg: DataConfig):
         raise
     except Exception as e:  # datasets raises many types for unreadable files
         raise CachebrewError(f"data.path: cannot read {path} as {fmt}: {e}") from None
-    missing = [(f"data.{k}", getattr(cfg, k)) for k in ("text", "text_pair", "tokens", "label", "id")
+    missing = [(f"data.{k}", getattr(cfg, k)) for k in ("text", "text_pair", "tokens", "messages", "label", "id")
                if getattr(cfg, k) is not None and getattr(cfg, k) not in ds.column_names]
     if missing:
         raise ConfigError([f"{k}: column {v!r} not in {path} (columns: {', '.join(ds.column_names)})"
@@ -124,13 +126,41 @@ def label_vocabulary(values, teacher_label2id: dict | None) -> tuple[list | None
     return names, {n: i for i, n in enumerate(names)}
 
 
-def build_rows(ds, cfg: DataConfig, aug: AugmentConfig, mask_token: str) -> list[PlanRow]:
-    """(example, copy) rows in dataset order; augmentation never touches copy 0."""
+def chat_renderer(tokenizer, where: str = "tokenizer"):
+    """A function rendering one conversation ([{role, content}, ...]) to text with the tokenizer's chat template
+    (as `apply_chat_template(..., tokenize=False)`; the text already holds the template's special tokens)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"data.messages: the {where} ({getattr(tokenizer, 'name_or_path', '') or 'given'}) has no "
+                          "chat template; use a chat model's tokenizer (tokenizer: <path>) or a text column (data.text)")
+
+    def render(messages):
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return render
+
+
+def _conversation(value, i: int, example_id: str, column: str) -> list:
+    ok = isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                   and isinstance(m.get("content"), str) for m in value)
+    if not ok:
+        raise CachebrewError(f"data.messages: row {i} (id {example_id}) of column {column!r} is not a conversation "
+                             f"(a non-empty list of {{role, content}} strings): {str(value)[:80]}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def build_rows(ds, cfg: DataConfig, aug: AugmentConfig, mask_token: str, render_chat=None) -> list[PlanRow]:
+    """(example, copy) rows in dataset order; augmentation never touches copy 0. Chat data (``data.messages``)
+    becomes the text `render_chat` (`chat_renderer`) makes of each conversation."""
     token_level = cfg.tokens is not None
     if token_level and aug.copies and any(op["name"] != "masking" for op in aug.ops):
         raise ConfigError("augment.ops: token-level data (data.tokens) supports only 'masking', which keeps "
                           "words aligned with their labels")
-    columns = {k: ds[getattr(cfg, k)] if getattr(cfg, k) else None for k in ("text", "text_pair", "tokens", "label", "id")}
+    if cfg.messages is not None and aug.copies and aug.ops:
+        raise ConfigError("augment.ops: chat data (data.messages) is not augmented (word operations would break the "
+                          "chat template's markup); copies without ops draw fresh sparse samples of the same rows")
+    if cfg.messages is not None and render_chat is None:
+        raise ConfigError("data.messages: chat data needs a tokenizer with a chat template to render it")
+    columns = {k: ds[getattr(cfg, k)] if getattr(cfg, k) else None
+               for k in ("text", "text_pair", "tokens", "messages", "label", "id")}
     ids = [str(x) for x in columns["id"]] if columns["id"] is not None else [str(i) for i in range(len(ds))]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
@@ -139,6 +169,8 @@ def build_rows(ds, cfg: DataConfig, aug: AugmentConfig, mask_token: str) -> list
     rows = []
     for i, example_id in enumerate(ids):
         text = columns["text"][i] if columns["text"] is not None else None
+        if columns["messages"] is not None:
+            text = render_chat(_conversation(columns["messages"][i], i, example_id, cfg.messages))
         pair = columns["text_pair"][i] if columns["text_pair"] is not None else None
         words = list(columns["tokens"][i]) if token_level else None
         label = columns["label"][i] if columns["label"] is not None else None
@@ -146,7 +178,7 @@ def build_rows(ds, cfg: DataConfig, aug: AugmentConfig, mask_token: str) -> list
             raise CachebrewError(f"data.text: row {i} (id {example_id}) is {type(text).__name__}, not text")
         for c in copies:
             t, w = text, words
-            if c > 0:
+            if c > 0 and aug.ops and columns["messages"] is None:  # else the same text (fresh sparse draws)
                 rng = _row_rng(aug.seed, example_id, c)
                 if token_level:
                     w = augment_words(words, aug, rng, mask_token)
@@ -166,8 +198,11 @@ def _label_id(label, label_map: dict | None, row: PlanRow) -> int:
                              f"{sorted(label_map, key=label_map.get)}") from None
 
 
-def tokenize_rows(rows: list[PlanRow], tokenizer, max_length: int, label_map: dict | None, token_level: bool):
-    """input_ids / attention_mask / token_type_ids and labels (aligned to first sub-words when token-level)."""
+def tokenize_rows(rows: list[PlanRow], tokenizer, max_length: int, label_map: dict | None, token_level: bool,
+                  add_special_tokens: bool = True):
+    """input_ids / attention_mask / token_type_ids and labels (aligned to first sub-words when token-level).
+
+    ``add_special_tokens=False`` for text a chat template rendered: it already holds the model's special tokens."""
     out = []
     step = 1000
     for start in range(0, len(rows), step):
@@ -176,7 +211,8 @@ def tokenize_rows(rows: list[PlanRow], tokenizer, max_length: int, label_map: di
             enc = tokenizer([r.words for r in chunk], is_split_into_words=True, truncation=True, max_length=max_length)
         else:
             pairs = [r.text_pair for r in chunk] if chunk[0].text_pair is not None else None
-            enc = tokenizer([r.text for r in chunk], pairs, truncation=True, max_length=max_length)
+            enc = tokenizer([r.text for r in chunk], pairs, truncation=True, max_length=max_length,
+                            add_special_tokens=add_special_tokens)
         for j, r in enumerate(chunk):
             item = {k: enc[k][j] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
             if r.label is not None:

@@ -1,7 +1,11 @@
-"""Evaluation metrics: accuracy for classification, entity-level F1 (conlleval chunking) for BIO tagging."""
+"""Evaluation metrics: accuracy for classification, entity-level F1 (conlleval chunking) for BIO tagging,
+perplexity and next-token accuracy for causal language models."""
 from __future__ import annotations
 
+import math
 from collections import Counter
+
+import torch
 
 
 def accuracy(pred: list[int], gold: list[int]) -> float:
@@ -64,8 +68,39 @@ def score(preds: list, golds: list, id2label=None) -> dict:
 
 
 def main_metric(metrics: dict) -> str:
-    """The number a job selects on: entity F1 when there is one, accuracy otherwise."""
+    """The number a job reports first: perplexity for a language model, entity F1 when there is one, accuracy
+    otherwise."""
+    if "perplexity" in metrics:
+        return "perplexity"
     return "f1" if "f1" in metrics else "accuracy"
+
+
+def selection_score(metrics: dict) -> float:
+    """The number a job maximises when it keeps `best/`: the main metric, negated log-perplexity for a language
+    model (lower perplexity is better; its log keeps several tasks' mean on one scale)."""
+    if "perplexity" in metrics:
+        return -metrics["nll"]
+    return metrics[main_metric(metrics)]
+
+
+def next_token_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+    """(summed negative log-likelihood, correct top-1 predictions, tokens) of a causal LM's batch.
+
+    Position t predicts token t + 1 (the shift Hugging Face causal LMs apply to ``labels`` inside); positions whose
+    next label is -100 (padding) do not count. Summed, not averaged, so that batches of any padding combine exactly.
+    """
+    logits, target = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
+    keep = target != -100
+    logp = torch.log_softmax(logits[keep], dim=-1)
+    y = target[keep]
+    nll = -logp.gather(-1, y[:, None]).sum().item()
+    return nll, int((logp.argmax(-1) == y).sum().item()), int(y.numel())
+
+
+def lm_score(nll: float, correct: int, tokens: int) -> dict:
+    """Perplexity (exp of the mean token NLL), that mean, and next-token accuracy, from `next_token_counts` sums."""
+    mean = nll / max(tokens, 1)
+    return {"perplexity": math.exp(mean), "nll": mean, "accuracy": correct / max(tokens, 1), "tokens": tokens}
 
 
 def predictions(logits, labels) -> tuple[list, list]:

@@ -4,10 +4,13 @@
 distiller, optimizer and schedule → the latest checkpoint with ``--resume``) → ``train`` (the shared
 distiller loop; ``evaluate`` at each plan checkpoint keeps ``best/``; ``save_checkpoint`` writes
 ``checkpoints/step-N``, the run's one checkpoint system) → ``save`` (``last/``, ``results.json``).
-The loaders are built before the student because the student's head size comes from the caches.
+The loaders are built before the student because the student's head size comes from the caches, and so does
+its kind: a causal-LM teacher's cache (dense or sparse logits) trains a causal-LM student
+(``AutoModelForCausalLM``, labels = its own inputs) that is evaluated and kept by held-out perplexity.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -32,7 +35,7 @@ from ...version import __version__
 from .checkpoints import (gather_rng_states, latest_checkpoint, load_run_checkpoint, read_run_state, restore_rng,
                           save_run_checkpoint)
 from .config import DistillRunConfig, TaskConfig
-from ...components.metrics import main_metric, predictions, score
+from ...components.metrics import lm_score, next_token_counts, predictions, score, selection_score
 from ...components.students import build_multitask_student, build_student
 
 logger = logging.getLogger("cachebrew")
@@ -76,6 +79,8 @@ def _verify_caches(readers):
 @torch.no_grad()
 def evaluate(model, ds: CacheBatches, device, label_names) -> tuple[dict, dict | None]:
     """(student metrics, teacher metrics from the cached logits or None), both by `components.metrics.score`."""
+    if ds.causal_lm:
+        return evaluate_lm(model, ds, device)
     model = unwrap(model)
     was_training = model.training
     model.eval()
@@ -93,6 +98,29 @@ def evaluate(model, ds: CacheBatches, device, label_names) -> tuple[dict, dict |
     finally:
         model.train(was_training)
     return score(preds, golds, label_names), (score(t_preds, golds, label_names) if t_preds else None)
+
+
+@torch.no_grad()
+def evaluate_lm(model, ds: CacheBatches, device) -> tuple[dict, dict | None]:
+    """A causal LM's held-out perplexity and next-token accuracy over the eval cache's rows; the teacher's too when
+    the cache holds its dense logits (a sparse cache keeps K slots, not a distribution to score)."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    student_sums, teacher_sums = [0.0, 0, 0], [0.0, 0, 0]
+    try:
+        for batch in ds:
+            student = move_to_device(batch["student"], device)
+            labels = student.pop("labels")
+            for i, x in enumerate(next_token_counts(model(**student).logits, labels)):
+                student_sums[i] += x
+            cached = batch["teacher_cache"].get("logits")
+            if isinstance(cached, torch.Tensor):
+                for i, x in enumerate(next_token_counts(cached, labels.cpu())):
+                    teacher_sums[i] += x
+    finally:
+        model.train(was_training)
+    return lm_score(*student_sums), (lm_score(*teacher_sums) if teacher_sums[2] else None)
 
 
 class DistillRecipe:
@@ -158,11 +186,13 @@ class DistillRecipe:
                         for name, ds in self.train_sets.items()}
         if tc.verify_caches:
             _verify_caches([r for ds in (*self.train_sets.values(), *self.eval_sets.values()) for r in ds.joined.readers])
-        causal = [str(ds.joined.readers[0].path) for ds in self.train_sets.values() if ds.causal_lm]
-        if causal:
-            raise ConfigError(f"{causal[0]}: a causal-LM teacher's cache; `cachebrew distill` scores classification "
-                              "and token-classification students only. Distil causal students with the distillers "
-                              "(teacher_cache batches) or cachebrew.hf.DistillationTrainer (see pipelines/lm_study.py)")
+        causal = {str(ds.joined.readers[0].path): ds.causal_lm
+                  for ds in (*self.train_sets.values(), *self.eval_sets.values())}
+        self.causal_lm = any(causal.values())
+        if self.causal_lm and (self.multi_task or not all(causal.values())):
+            kinds = ", ".join(f"{path} ({'causal LM' if c else 'classification'})" for path, c in causal.items())
+            raise ConfigError(f"caches: a causal-LM student trains from causal-LM caches only, one task "
+                              f"(multi-task heads are classification heads); got {kinds}")
         for name, ds in self.train_sets.items():
             logger.info("task %s: %d rows, %d batches per epoch on this rank, teachers %s", name, ds.joined.num_rows,
                         len(ds), ds.joined.teachers)
@@ -170,6 +200,14 @@ class DistillRecipe:
     def _setup_student(self) -> None:
         """The student, its head sized from the caches; the tokenizer files saved with it come from the export."""
         want_attention = any(im.feature == "attention" for im in self.d_config.intermediate_matches)
+        if self.causal_lm:  # the head is the vocabulary's, from the student's own config
+            spec = self.cfg.student
+            if spec.model_class is None:
+                spec = dataclasses.replace(spec, model_class="AutoModelForCausalLM")
+            self.student = build_student(spec, False, None, want_attention)
+            self.student.to(self.device)
+            self._set_tokenizer_source()
+            return
         token_level = {name: ds.token_level for name, ds in self.train_sets.items()}
         num_labels = {name: _num_labels(ds) for name, ds in self.train_sets.items()}
         if self.multi_task:
@@ -178,6 +216,9 @@ class DistillRecipe:
             self.student = build_student(self.cfg.student, token_level["default"], num_labels["default"],
                                          want_attention, self.train_sets["default"].joined.manifest.label_names)
         self.student.to(self.device)
+        self._set_tokenizer_source()
+
+    def _set_tokenizer_source(self) -> None:
         first = self.train_sets[next(iter(self.tasks))].joined.manifest
         source = first.config.get("tokenizer") or next((t.get("source") for t in first.teachers.values()), None)
         self.tokenizer_source = resolve_path(source) if source else None
@@ -241,7 +282,7 @@ class DistillRecipe:
             row[name], t = evaluate(model, ds, self.device, ds.joined.manifest.label_names)
             if t is not None:
                 teacher_row[name] = t
-        row["score"] = sum(row[n][main_metric(row[n])] for n in self.eval_sets) / len(self.eval_sets)
+        row["score"] = sum(selection_score(row[n]) for n in self.eval_sets) / len(self.eval_sets)
         self.history.append(row)
         self.teacher_metric = teacher_row or self.teacher_metric
         logger.info("eval at step %d: %s", step, {k: v for k, v in row.items() if k != "step"})

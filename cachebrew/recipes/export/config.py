@@ -80,6 +80,13 @@ class ExportConfig(JobConfig):
     overwrite: bool = False
     progress_bar: bool = True
 
+    @classmethod
+    def normalize(cls, data: dict) -> dict:
+        d = data.get("data")
+        if isinstance(d, dict) and d.get("messages") is not None and "text" not in d:
+            d["text"] = None  # chat data: the default text column does not apply
+        return data
+
     # -- validation ---------------------------------------------------------------------------------
     def problems(self) -> list[str]:
         e = []
@@ -104,8 +111,10 @@ class ExportConfig(JobConfig):
             e.append("data.path: required")
         if self.data.format not in (None, "csv", "json", "jsonl", "parquet", "arrow", "saved"):
             e.append(f"data.format: one of csv, json, jsonl, parquet, arrow, saved (or null), got {self.data.format!r}")
-        if (self.data.text is None) == (self.data.tokens is None):
-            e.append("data: give exactly one of data.text (a text column) or data.tokens (a column of word lists)")
+        given = [k for k in ("text", "tokens", "messages") if getattr(self.data, k) is not None]
+        if len(given) != 1:
+            e.append("data: give exactly one of data.text (a text column), data.tokens (a column of word lists) or "
+                     f"data.messages (a column of chat conversations), got {given or 'none'}")
         for name in ("max_length", "batch_size", "shard_rows", "sort_window", "record_batch_rows"):
             check_int(e, name, getattr(self, name), 1)
         check_int(e, "data.limit", self.data.limit, 1, optional=True)
@@ -145,8 +154,9 @@ class ExportConfig(JobConfig):
             e.append(f"augment.copies: must be an integer >= 0, got {a.copies!r}")
         elif a.copies == 0 and not a.include_original:
             e.append("augment: include_original is false and copies is 0, so nothing would be exported")
-        elif a.copies > 0 and not a.ops:
-            e.append("augment.ops: copies > 0 needs at least one operation")
+        elif a.copies > 0 and not a.ops and getattr(self.outputs.sparse_logits, "method", None) != "sampled":
+            e.append("augment.ops: copies > 0 needs at least one operation (only with sampled sparse logits is a "
+                     "copy without operations useful: the same text with fresh draws)")
         if a.mode not in ("sequence", "choice"):
             e.append(f"augment.mode: 'sequence' or 'choice', got {a.mode!r}")
         for i, op in enumerate(a.ops):

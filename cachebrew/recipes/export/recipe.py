@@ -45,7 +45,8 @@ from ...errors import CacheFormatError, CachebrewError, CacheMismatchError
 from ...core.runtime import barrier, launch_env, resolve_device
 from ...version import __version__
 from .config import ExportConfig
-from ...components.data import build_rows, pad_batch, data_fingerprint, label_vocabulary, load_table, sorted_order, tokenize_rows
+from ...components.data import (build_rows, chat_renderer, data_fingerprint, label_vocabulary, load_table, pad_batch,
+                                sorted_order, tokenize_rows)
 from .teachers import forward, load_teacher, load_tokenizer, teacher_tensors, tensor_specs
 
 logger = logging.getLogger("cachebrew")
@@ -357,8 +358,11 @@ class ExportRecipe:
         first_model = next(iter(self.teachers.values()))
         label2id = getattr(getattr(first_model, "config", None), "label2id", None)
         self.label_names, label_map = label_vocabulary(label_col, label2id)
-        self.rows = build_rows(self.ds, cfg.data, cfg.augment, getattr(self.tokenizer, "mask_token", None) or "[MASK]")
-        self.tokens = tokenize_rows(self.rows, self.tokenizer, cfg.max_length, label_map, self.token_level)
+        chat = chat_renderer(self.tokenizer) if cfg.data.messages is not None else None
+        self.rows = build_rows(self.ds, cfg.data, cfg.augment, getattr(self.tokenizer, "mask_token", None) or "[MASK]",
+                               chat)
+        self.tokens = tokenize_rows(self.rows, self.tokenizer, cfg.max_length, label_map, self.token_level,
+                                    add_special_tokens=chat is None)
         self.order = sorted_order([len(t[INPUT_IDS]) for t in self.tokens], cfg.sort_window * cfg.batch_size)
         self.n_shards = math.ceil(len(self.order) / cfg.shard_rows)
         mine = [s for s in range(self.n_shards) if s % self.world == self.rank]
