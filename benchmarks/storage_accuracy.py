@@ -31,7 +31,8 @@ OPTIONS = {
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="train this many epochs instead of the pipeline's own schedule (configs/distill.yaml)")
     args = ap.parse_args()
     from cachebrew.recipes.distill import DistillRunConfig, run_distill
     from cachebrew.recipes.export import ExportConfig, run_export
@@ -53,7 +54,8 @@ def main():
             result = run_export(ExportConfig.from_dict(cfg))
             d = dict(distill, output_dir=str(tmp / name / "run"), caches=[cfg["output"]],
                      eval_cache=str(PIPELINE / distill["eval_cache"]),
-                     train={**distill["train"], "epochs": args.epochs, "progress_bar": False})
+                     train={**distill["train"], "progress_bar": False,
+                            **({"epochs": args.epochs, "steps": None} if args.epochs else {})})
             run = run_distill(DistillRunConfig.from_dict(d))
             test = run_evaluate(str(tmp / name / "run" / "best"),
                                 DataConfig(path=str(PIPELINE / "data" / "test.parquet")), max_length=64)

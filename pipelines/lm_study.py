@@ -10,6 +10,9 @@
 3. `cachebrew export` writes three caches of the teacher's next-token distribution over the students' subset
    (the first 600 train chunks): dense fp16 logits; top-16 (exact masses, tail known); 16 sampled draws
    (unbiased). The two sparse caches cost the same bytes per token (16 slots of an fp16 mass + an int32 id).
+   A fourth cache, ``sampled_fresh``, holds epochs - 1 more copies of every row with fresh draws (augment copies
+   without operations): the student reads each copy once, so every epoch's targets are new samples, where the
+   ``sampled`` arm sees the same 16 draws of a position six times.
 4. Students (GPT-2, 2 layers x 96, seeds 1-3, same initialisation per seed for every arm) are trained with
    cachebrew's GeneralDistiller from each cache (pure KD at T = 1), and one on hard labels only (the same
    chunks, the LM loss), each for the same epochs and steps.
@@ -39,7 +42,9 @@ FULL = dict(vocab=8000, chunk_words=70, max_length=96, student_chunks=600, teach
 SMOKE = dict(vocab=300, chunk_words=30, max_length=40, student_chunks=24, teacher=dict(n_embd=32, n_layer=1,
              n_head=2, steps=4, batch=8, lr=1e-3), student=dict(n_embd=16, n_layer=1, n_head=2), epochs=1,
              batch=8, lr=1e-3, k=4, eval_chunks=16)
-ARMS = ("hard_labels", "dense", "topk", "sampled")
+ARMS = ("hard_labels", "dense", "topk", "sampled", "sampled_fresh")
+LABELS = {"hard_labels": "hard labels", "dense": "dense", "topk": "topk", "sampled": "sampled",
+          "sampled_fresh": "sampled, fresh draws each epoch"}
 
 
 def chunks(split: str, words: int, limit: int | None = None) -> list[dict]:
@@ -131,14 +136,15 @@ def evaluate(model, tokenizer, rows: list[dict], max_length: int, bins: int = 15
     return {"perplexity": math.exp(nll / n), "ece": ece, "accuracy": (acc_sum.sum() / n).item(), "tokens": int(n)}
 
 
-def export(cfg: dict, teacher: Path, data: Path, out: Path, sparse: dict | None) -> dict:
+def export(cfg: dict, teacher: Path, data: Path, out: Path, sparse: dict | None, copies: int = 0) -> dict:
     from cachebrew.recipes.export import ExportConfig, run_export
 
     result = run_export(ExportConfig.from_dict({
         "output": str(out), "teachers": [{"name": "lm", "path": str(teacher), "model_class": "AutoModelForCausalLM"}],
         "data": {"path": str(data), "text": "text", "label": None, "id": "id"}, "max_length": cfg["max_length"],
         "outputs": {"logits": True, **({"sparse_logits": sparse} if sparse else {})},
-        "dtypes": {"logits": "fp16"}, "batch_size": 32, "progress_bar": False}))
+        "dtypes": {"logits": "fp16"}, "batch_size": 32, "progress_bar": False,
+        **({"augment": {"copies": copies}} if copies else {})}))
     return {"bytes": result.bytes_total, "seconds": result.seconds,
             "bytes_per_token": None}
 
@@ -157,11 +163,12 @@ def train_student(cfg: dict, arm: str, cache: Path, vocab: int, seed: int, out: 
                                   keep_checkpoints=0, log_dir=None)
     distiller = cachebrew.GeneralDistiller(tc, cachebrew.DistillationConfig(**kd), None, model, None, hf_adaptor)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
-    steps = len(loader) * cfg["epochs"]
+    epochs = 1 if arm == "sampled_fresh" else cfg["epochs"]  # its cache holds `epochs` copies of every row
+    steps = len(loader) * epochs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=steps, pct_start=0.1)
     t0 = time.perf_counter()
     with distiller:
-        distiller.train(opt, loader, num_epochs=cfg["epochs"], scheduler=sched)
+        distiller.train(opt, loader, num_epochs=epochs, scheduler=sched)
     return model, steps, time.perf_counter() - t0
 
 
@@ -179,7 +186,7 @@ def summarise(out: Path, seeds: list[int]) -> str:
         if not r:
             continue
         bpt = info["caches"]["sampled" if arm == "hard_labels" else arm]["bytes_per_token"]
-        lines.append(f"| {arm.replace('_', ' ')} | {'—' if arm == 'hard_labels' else f'{bpt:,.0f}'} | "
+        lines.append(f"| {LABELS[arm]} | {'—' if arm == 'hard_labels' else f'{bpt:,.0f}'} | "
                      f"{ms([x['test']['perplexity'] for x in r])} | {ms([100 * x['test']['ece'] for x in r])} | "
                      f"{ms([100 * x['test']['accuracy'] for x in r])} | {r[0]['steps']} |")
     lines += ["", "Per seed (perplexity / ECE %):", "", "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |",
@@ -213,30 +220,38 @@ def main():
     data.write_text("".join(json.dumps(r) + "\n" for r in student_rows))
     teacher_dir = work / "teacher"
     record = runs / "teacher.json"
-    if record.is_file():
-        info = json.loads(record.read_text())
+    info = json.loads(record.read_text()) if record.is_file() else None
+    if (teacher_dir / "config.json").is_file():
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
-    else:
+    else:  # first run, or work/ was removed: the same seeds retrain the same teacher, which is checked
         tokenizer = train_tokenizer([r["text"] for r in train_rows], cfg["vocab"], teacher_dir)
         seconds = train_teacher(cfg, tokenizer, train_rows, teacher_dir)
         from transformers import GPT2LMHeadModel
 
         test = evaluate(GPT2LMHeadModel.from_pretrained(str(teacher_dir)), tokenizer, test_rows, cfg["max_length"])
-        caches = {}
-        for arm, sparse in (("dense", None), ("topk", {"method": "topk", "k": cfg["k"], "temperature": 1.0}),
-                            ("sampled", {"method": "sampled", "k": cfg["k"], "temperature": 1.0, "seed": 0})):
-            caches[arm] = export(cfg, teacher_dir, data, work / f"cache_{arm}", sparse)
-        tokens = sum(int(m.sum()) for b in batches(tokenizer, student_rows, 64, cfg["max_length"])
-                     for m in [b["attention_mask"]])
-        for c in caches.values():
-            c["bytes_per_token"] = c["bytes"] / tokens
-        info = {"train_seconds": seconds, "test": test, "caches": caches, "student_tokens": tokens,
-                "config": cfg, "train_chunks": len(train_rows), "student_chunks": len(student_rows)}
-        record.write_text(json.dumps(info, indent=2))
-        print(f"teacher: test perplexity {test['perplexity']:.2f}, ECE {100 * test['ece']:.2f} %; cache bytes/token "
-              + ", ".join(f"{a} {c['bytes_per_token']:,.0f}" for a, c in caches.items()), flush=True)
+        if info is not None and not math.isclose(test["perplexity"], info["test"]["perplexity"], rel_tol=1e-6):
+            sys.exit(f"the retrained teacher scores perplexity {test['perplexity']:.4f}, the recorded one "
+                     f"{info['test']['perplexity']:.4f}: the recorded arms came from another teacher; remove {runs} "
+                     "to rerun every arm")
+        if info is None:
+            info = {"train_seconds": seconds, "test": test, "caches": {}, "config": cfg,
+                    "train_chunks": len(train_rows), "student_chunks": len(student_rows)}
+        print(f"teacher: test perplexity {test['perplexity']:.2f}, ECE {100 * test['ece']:.2f} %", flush=True)
+    tokens = sum(int(m.sum()) for b in batches(tokenizer, student_rows, 64, cfg["max_length"])
+                 for m in [b["attention_mask"]])
+    info["student_tokens"] = tokens
+    sampled = {"method": "sampled", "k": cfg["k"], "temperature": 1.0, "seed": 0}
+    for arm, sparse, copies in (("dense", None, 0), ("topk", {"method": "topk", "k": cfg["k"], "temperature": 1.0}, 0),
+                                ("sampled", sampled, 0), ("sampled_fresh", sampled, cfg["epochs"] - 1)):
+        if arm in info["caches"] and (work / f"cache_{arm}" / "manifest.json").is_file():
+            continue
+        c = export(cfg, teacher_dir, data, work / f"cache_{arm}", sparse, copies)
+        c["bytes_per_token"] = c["bytes"] / tokens  # all copies, per token of the students' data
+        info["caches"][arm] = {**info["caches"].get(arm, {}), **c}
+        print(f"cache {arm}: {c['bytes_per_token']:,.0f} bytes/token", flush=True)
+    record.write_text(json.dumps(info, indent=2))
 
     for seed in args.seeds:
         for arm in ARMS:

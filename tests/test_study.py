@@ -103,7 +103,7 @@ def test_lm_study_smoke_runs_every_arm(tmp_path):
     info = json.loads((out / "runs" / "teacher.json").read_text())
     # the sparse caches are a small fraction of the dense one, at the same number of slots
     assert info["caches"]["topk"]["bytes_per_token"] < info["caches"]["dense"]["bytes_per_token"] / 5
-    for arm in ("hard_labels", "dense", "topk", "sampled"):
+    for arm in ("hard_labels", "dense", "topk", "sampled", "sampled_fresh"):
         run = json.loads((out / "runs" / arm / "seed-1.json").read_text())
         assert run["test"]["perplexity"] > 1 and 0 <= run["test"]["ece"] <= 1
     assert "| sampled |" in (out / "table.md").read_text()
