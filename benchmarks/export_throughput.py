@@ -58,7 +58,8 @@ def build(args, tmp: Path):
     write_vocab(d / "vocab.txt")
     BertTokenizerFast(vocab=str(d / "vocab.txt")).save_pretrained(str(d))
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=CAUSAL_VOCAB, n_positions=160, n_embd=cfg["hidden_size"],
+    GPT2LMHeadModel(GPT2Config(vocab_size=CAUSAL_VOCAB, n_positions=160, n_embd=cfg["hidden_size"], bos_token_id=None,
+                               eos_token_id=None,
                                n_layer=cfg["num_hidden_layers"], n_head=cfg["num_attention_heads"])).save_pretrained(str(d))
     rng = random.Random(0)
     lines = []
