@@ -221,13 +221,16 @@ def main():
     teacher_dir = work / "teacher"
     record = runs / "teacher.json"
     info = json.loads(record.read_text()) if record.is_file() else None
-    if (teacher_dir / "config.json").is_file():
+    trained = not (teacher_dir / "config.json").is_file()
+    if trained:  # first run, or work/ was removed: the teacher is retrained and checked against the record
+        tokenizer = train_tokenizer([r["text"] for r in train_rows], cfg["vocab"], teacher_dir)
+        seconds = train_teacher(cfg, tokenizer, train_rows, teacher_dir)
+    else:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
-    else:  # first run, or work/ was removed: the same seeds retrain the same teacher, which is checked
-        tokenizer = train_tokenizer([r["text"] for r in train_rows], cfg["vocab"], teacher_dir)
-        seconds = train_teacher(cfg, tokenizer, train_rows, teacher_dir)
+        seconds = None
+    if trained or info is None:
         from transformers import GPT2LMHeadModel
 
         test = evaluate(GPT2LMHeadModel.from_pretrained(str(teacher_dir)), tokenizer, test_rows, cfg["max_length"])
