@@ -126,12 +126,13 @@ def label_vocabulary(values, teacher_label2id: dict | None) -> tuple[list | None
     return names, {n: i for i, n in enumerate(names)}
 
 
-def chat_renderer(tokenizer, where: str = "tokenizer"):
+def chat_renderer(tokenizer):
     """A function rendering one conversation ([{role, content}, ...]) to text with the tokenizer's chat template
     (as `apply_chat_template(..., tokenize=False)`; the text already holds the template's special tokens)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(f"data.messages: the {where} ({getattr(tokenizer, 'name_or_path', '') or 'given'}) has no "
-                          "chat template; use a chat model's tokenizer (tokenizer: <path>) or a text column (data.text)")
+        raise ConfigError(f"data.messages: the tokenizer ({getattr(tokenizer, 'name_or_path', '') or 'given'}) has "
+                          "no chat template; use a chat model's tokenizer (tokenizer: <path>) or a text column "
+                          "(data.text)")
 
     def render(messages):
         return tokenizer.apply_chat_template(messages, tokenize=False)

@@ -10,6 +10,7 @@ its kind: a causal-LM teacher's cache (dense or sparse logits) trains a causal-L
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -76,16 +77,25 @@ def _verify_caches(readers):
                                    "false skips this check)")
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """The unwrapped model in eval mode, put back in the mode it was in (the loop evaluates mid-training)."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate(model, ds: CacheBatches, device, label_names) -> tuple[dict, dict | None]:
     """(student metrics, teacher metrics from the cached logits or None), both by `components.metrics.score`."""
     if ds.causal_lm:
         return evaluate_lm(model, ds, device)
-    model = unwrap(model)
-    was_training = model.training
-    model.eval()
     preds, golds, t_preds = [], [], []
-    try:
+    with eval_mode(model) as model:
         for batch in ds:
             student = move_to_device(batch["student"], device)
             labels = student.pop("labels")
@@ -95,8 +105,6 @@ def evaluate(model, ds: CacheBatches, device, label_names) -> tuple[dict, dict |
             cached = batch["teacher_cache"].get("logits")
             if cached is not None:
                 t_preds += predictions(cached, labels.cpu())[0]
-    finally:
-        model.train(was_training)
     return score(preds, golds, label_names), (score(t_preds, golds, label_names) if t_preds else None)
 
 
@@ -104,11 +112,8 @@ def evaluate(model, ds: CacheBatches, device, label_names) -> tuple[dict, dict |
 def evaluate_lm(model, ds: CacheBatches, device) -> tuple[dict, dict | None]:
     """A causal LM's held-out perplexity and next-token accuracy over the eval cache's rows; the teacher's too when
     the cache holds its dense logits (a sparse cache keeps K slots, not a distribution to score)."""
-    model = unwrap(model)
-    was_training = model.training
-    model.eval()
     student_sums, teacher_sums = [0.0, 0, 0], [0.0, 0, 0]
-    try:
+    with eval_mode(model) as model:
         for batch in ds:
             student = move_to_device(batch["student"], device)
             labels = student.pop("labels")
@@ -118,8 +123,6 @@ def evaluate_lm(model, ds: CacheBatches, device) -> tuple[dict, dict | None]:
             if isinstance(cached, torch.Tensor):
                 for i, x in enumerate(next_token_counts(cached, labels.cpu())):
                     teacher_sums[i] += x
-    finally:
-        model.train(was_training)
     return lm_score(*student_sums), (lm_score(*teacher_sums) if teacher_sums[2] else None)
 
 
@@ -200,25 +203,20 @@ class DistillRecipe:
     def _setup_student(self) -> None:
         """The student, its head sized from the caches; the tokenizer files saved with it come from the export."""
         want_attention = any(im.feature == "attention" for im in self.d_config.intermediate_matches)
+        token_level = {name: ds.token_level for name, ds in self.train_sets.items()}
         if self.causal_lm:  # the head is the vocabulary's, from the student's own config
             spec = self.cfg.student
             if spec.model_class is None:
                 spec = dataclasses.replace(spec, model_class="AutoModelForCausalLM")
             self.student = build_student(spec, False, None, want_attention)
-            self.student.to(self.device)
-            self._set_tokenizer_source()
-            return
-        token_level = {name: ds.token_level for name, ds in self.train_sets.items()}
-        num_labels = {name: _num_labels(ds) for name, ds in self.train_sets.items()}
-        if self.multi_task:
+        elif self.multi_task:
+            num_labels = {name: _num_labels(ds) for name, ds in self.train_sets.items()}
             self.student = build_multitask_student(self.cfg.student, num_labels, token_level, want_attention)
         else:
-            self.student = build_student(self.cfg.student, token_level["default"], num_labels["default"],
-                                         want_attention, self.train_sets["default"].joined.manifest.label_names)
+            default = self.train_sets["default"]
+            self.student = build_student(self.cfg.student, token_level["default"], _num_labels(default), want_attention,
+                                         default.joined.manifest.label_names)
         self.student.to(self.device)
-        self._set_tokenizer_source()
-
-    def _set_tokenizer_source(self) -> None:
         first = self.train_sets[next(iter(self.tasks))].joined.manifest
         source = first.config.get("tokenizer") or next((t.get("source") for t in first.teachers.values()), None)
         self.tokenizer_source = resolve_path(source) if source else None
