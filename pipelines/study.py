@@ -61,13 +61,32 @@ AUGMENT_OPS = [{"name": "masking", "p": 0.15}, {"name": "deleting", "p": 0.1},
 TOKEN_AUGMENT_OPS = [{"name": "masking", "p": 0.15}]  # tags stay aligned with words
 BASELINE_LRS = [1e-4, 3e-4]  # extended upwards while the best is the largest, up to MAX_LR
 MAX_LR = 1e-3
-# arm 4 candidates, chosen on dev: augmented copies (0 = the plain cache) x hard-label weight (the rest of the
-# recipe is arm 3's), each at the step budget that keeps it within arm 2's wall time
+# arm 4 candidates, chosen on dev, each at the step budget that keeps it within arm 2's wall time. First grid:
+# augmented copies (0 = the plain cache) x hard-label weight, the rest of the recipe arm 3's (T = 4, hidden matches).
 BEST_CANDIDATES = [{"copies": k, "hard_label_weight": h} for k in (0, 1, 4) for h in (1.0, 0.0)]
 # After TREC (the first task run), the grid was pruned on its dev scores: hard-label weight 0 lost to 1 at every
 # K, and K = 4 lost to K = 0 and 1. The later tasks try the two survivors (CPU time: 2 runs instead of 6).
 PRUNED_CANDIDATES = {"rotten_tomatoes": [{"copies": 0, "hard_label_weight": 1.0}, {"copies": 1, "hard_label_weight": 1.0}],
                      "wnut16": [{"copies": 0, "hard_label_weight": 1.0}, {"copies": 1, "hard_label_weight": 1.0}]}
+# Second grid, every task, at the copies that won the first one everywhere (K = 1, hard-label weight 1):
+# temperature x which features to match. Motivated by the main job's `dvc exp` sweep (T = 1 and logits only
+# beat T = 4 with hidden MSE there), chosen here on dev like the rest.
+RECIPE_CANDIDATES = [{"copies": 1, "hard_label_weight": 1.0, "temperature": t, "matches": m}
+                     for t in (1, 2, 4) for m in ("hidden", "none") if (t, m) != (4, "hidden")]
+
+
+def candidate_recipe(c: dict) -> dict:
+    """Arm 3's recipe with a candidate's changes."""
+    recipe = {**SAME_RECIPE, "hard_label_weight": c["hard_label_weight"], "temperature": c.get("temperature", 4)}
+    if c.get("matches", "hidden") == "none":
+        recipe["intermediate_matches"] = []
+    return recipe
+
+
+def candidate_name(c: dict) -> str:
+    """k<copies>-h<hard weight>[-T<t>-<matches>]: first-grid names stay as they were recorded."""
+    name = f"k{c['copies']}-h{c['hard_label_weight']:g}"
+    return name + (f"-T{c['temperature']:g}-{c['matches']}" if "temperature" in c else "")
 TUNE_SEED = 0
 
 
@@ -111,7 +130,8 @@ class Task:
         if self.token_level:
             self.student["model_class"] = "AutoModelForTokenClassification"
         self.L, self.bs = spec["max_length"], spec["batch_size"]
-        self.candidates = BEST_CANDIDATES if smoke else PRUNED_CANDIDATES.get(name, BEST_CANDIDATES)
+        first = BEST_CANDIDATES if smoke else PRUNED_CANDIDATES.get(name, BEST_CANDIDATES)
+        self.candidates = first + RECIPE_CANDIDATES[:1 if smoke else None]
 
     # -- teacher and caches (once per task) ---------------------------------------------------------------
     def prepare(self) -> dict:
@@ -119,9 +139,10 @@ class Task:
         from cachebrew.recipes.finetune import FinetuneConfig, FinetuneTrain, run_evaluate, run_finetune
 
         record = self.runs / "teacher.json"
-        if record.exists():
-            self.info = json.loads(record.read_text())
-        else:
+        recorded = json.loads(record.read_text()) if record.exists() else None
+        if recorded and (self.work / "teacher" / "best").exists():
+            self.info = recorded
+        else:  # first run, or a checkout that kept the records but not the (untracked) checkpoints
             t0 = time.perf_counter()
             teacher = {"path": MINILM, **({"model_class": "AutoModelForTokenClassification"} if self.token_level else {})}
             data = replace(self.train, limit=self.spec.get("teacher_train_size", self.spec["train_size"]))
@@ -131,8 +152,15 @@ class Task:
                                                             **self.spec["teacher"])))
             finetune_s = time.perf_counter() - t0
             test = run_evaluate(str(self.work / "teacher" / "best"), self.test, self.L)
-            self.info = {"teacher_test": test, "finetune_seconds": finetune_s}
-            self._write(record, self.info)
+            if recorded:  # the recorded runs were distilled from that teacher: it must come back the same
+                if test["accuracy" if "accuracy" in test else "f1"] != main_score(recorded["teacher_test"]):
+                    raise SystemExit(f"{self.name}: the rebuilt teacher scores {main_score(test):.4f} on test, the "
+                                     f"recorded one {main_score(recorded['teacher_test']):.4f}; the records in "
+                                     f"{self.runs} belong to another teacher: move them away to start over")
+                self.info = recorded
+            else:
+                self.info = {"teacher_test": test, "finetune_seconds": finetune_s}
+                self._write(record, self.info)
         self.export_seconds = {"plain": self.export("plain", 0, self.train), "dev": self.export("dev", 0, self.dev)}
         for k in sorted({c["copies"] for c in self.candidates if c["copies"]}):
             self.export_seconds[f"aug{k}"] = self.export(f"aug{k}", k, self.train)
@@ -144,7 +172,7 @@ class Task:
         from cachebrew.recipes.export import ExportConfig, run_export
 
         record = self.runs / f"export-{cache}.json"
-        if record.exists():
+        if record.exists() and (self.work / f"cache_{cache}" / "manifest.json").exists():
             return json.loads(record.read_text())["seconds"]
         t = time.perf_counter()
         cfg = {"output": str(self.work / f"cache_{cache}"), "task": self.name, "max_length": self.L,
@@ -158,6 +186,11 @@ class Task:
                               "ops": TOKEN_AUGMENT_OPS if self.token_level else AUGMENT_OPS}
         result = run_export(ExportConfig.from_dict(cfg))
         seconds = time.perf_counter() - t
+        if record.exists():  # rebuilt: the budget keeps the first measurement, which the recorded runs used
+            first = json.loads(record.read_text())
+            if first.get("rows") not in (None, result.rows_total):  # early records lack the count
+                raise SystemExit(f"{self.name}: rebuilt cache_{cache} has {result.rows_total} rows, recorded {first['rows']}")
+            return first["seconds"]
         self._write(record, {"cache": cache, "copies": copies, "rows": result.rows_total, "seconds": seconds})
         return seconds
 
@@ -355,10 +388,8 @@ def run_task(task: Task, seeds: list[int]) -> dict:
     candidates = task.candidates
     budget = {k: max(int((online - info["export_seconds"][cache_of(k)] / len(seeds)) / per_step), 1)
               for k in {c["copies"] for c in candidates}}
-    tune["cache_best"] = [task.run_cache("cache_best", f"k{c['copies']}-h{c['hard_label_weight']:g}", TUNE_SEED,
-                                         cache_of(c["copies"]),
-                                         {**SAME_RECIPE, "hard_label_weight": c["hard_label_weight"]},
-                                         lr, steps=budget[c["copies"]]) for c in candidates]
+    tune["cache_best"] = [task.run_cache("cache_best", candidate_name(c), TUNE_SEED, cache_of(c["copies"]),
+                                         candidate_recipe(c), lr, steps=budget[c["copies"]]) for c in candidates]
     chosen = pick(tune["cache_best"])
     best_recipe, best_variant, best_cache = chosen["params"]["recipe"], chosen["variant"], chosen["params"]["cache"]
     for seed in seeds:

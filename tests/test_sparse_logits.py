@@ -316,3 +316,120 @@ def test_topk_loss_counts_the_tail_as_one_bucket():
     sparse_kd_loss(leaf, target, 1.5, "kl").backward()
     assert leaf.grad.abs().max().item() < 1e-6
     assert sparse_kd_loss(teacher, target, 1.5, "kl").abs().item() < 1e-5  # KL of a distribution with itself
+
+
+def test_packing_concatenates_documents_into_full_rows(lm):
+    """packing: every document's tokens (each ending in the separator) in order, cut into rows of exactly
+    max_length (only the last shorter), no padding, nothing truncated; the cached logits are the teacher's on the
+    packed row, and a distillation batch labels every token (no padding to mask)."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    cfg = {"output": str(lm["root"] / "packed"), "packing": True, "max_length": 16, "batch_size": 4,
+           "teachers": [{"name": "lm", "path": str(lm["teacher"]), "model_class": "AutoModelForCausalLM"}],
+           "data": {"path": str(lm["data"]), "text": "sentence", "label": None, "id": "uid"},
+           "outputs": {"logits": True}, "dtypes": {"logits": "fp32"}, "progress_bar": False, "shard_rows": 8}
+    result = run_export(ExportConfig.from_dict(cfg))
+    tok = AutoTokenizer.from_pretrained(str(lm["teacher"]))
+    docs = [json.loads(line) for line in lm["data"].read_text().splitlines()]
+    stream = [t for d in docs for t in tok(d["sentence"])["input_ids"]]  # [CLS] ... [SEP]: already separated
+    assert stream.count(tok.sep_token_id) == len(docs)
+    rows = {}
+    for batch in CacheBatches(cfg["output"], 4, shuffle=False):
+        for (rid, _), ids, mask, labels, logits in zip(batch["ids"], batch["student"]["input_ids"],
+                                                       batch["student"]["attention_mask"], batch["student"]["labels"],
+                                                       batch["teacher_cache"]["logits"]):
+            n = int(mask.sum())
+            rows[rid] = (ids[:n], logits[:n])
+            assert torch.equal(labels[:n], ids[:n])
+    assert result.rows_total == len(rows) == math.ceil(len(stream) / 16)
+    ordered = sorted(rows, key=lambda r: (int(r.split("@")[0][2:]), int(r.split("@")[1])))
+    assert torch.cat([rows[r][0] for r in ordered]).tolist() == stream
+    assert [len(rows[r][0]) for r in ordered[:-1]] == [16] * (len(ordered) - 1)
+    assert ordered[0] == "ex0000@0"
+    teacher = GPT2LMHeadModel.from_pretrained(str(lm["teacher"])).eval()
+    with torch.no_grad():
+        for r in ordered[:3]:
+            ids = rows[r][0][None]
+            expected = teacher(input_ids=ids, token_type_ids=torch.zeros_like(ids)).logits[0]
+            assert torch.allclose(rows[r][1], expected, atol=1e-5)
+
+    with pytest.raises(ConfigError, match=r"teachers\[0\]\.model_class: packing"):
+        ExportConfig.from_dict({**cfg, "teachers": [{"name": "t", "path": "p"}]})
+    with pytest.raises(ConfigError, match=r"data\.label: a packed row .*got 'label'"):
+        ExportConfig.from_dict({**cfg, "data": {**cfg["data"], "label": "label"}})
+    with pytest.raises(ConfigError, match=r"packing: must be true or false, got 'yes'"):
+        ExportConfig.from_dict({**cfg, "packing": "yes"})
+
+
+def test_pack_rows_adds_the_separator_and_packs_each_copy_apart():
+    from cachebrew.components.data import PlanRow, pack_rows
+
+    rows = [PlanRow(f"d{i}", c, "x", None, None, None) for i in range(3) for c in (0, 1)]
+    tokens = [{"input_ids": [10 * i + 1, 10 * i + 2] + ([99] if i == 1 else []), "attention_mask": [1] * 2}
+              for i in range(3) for _ in (0, 1)]
+    packed, toks = pack_rows(rows, tokens, 4, 99, lambda ids: " ".join(map(str, ids)))
+    assert [(r.id, r.copy) for r in packed] == [("d0@0", 0), ("d1@1", 0), ("d2@2", 0),
+                                                ("d0@0", 1), ("d1@1", 1), ("d2@2", 1)]
+    assert [t["input_ids"] for t in toks[:3]] == [[1, 2, 99, 11], [12, 99, 21, 22], [99]]
+    assert toks[0]["attention_mask"] == [1, 1, 1, 1] and packed[0].text == "1 2 99 11" and packed[0].label is None
+
+
+def test_sampled_kd_with_a_flatter_proposal_stays_unbiased():
+    """Draws from softmax(l / T_q) with masses count / K * p / q: the averaged gradient is still the dense one's
+    (within 5 of its own standard errors, measured over the caches), the weights reach tail ids that the plain
+    sampler draws less often, and without importance weights the same draws would be biased."""
+    g = torch.Generator().manual_seed(1)
+    N, V, K, T, Tq, M = 4, 40, 12, 1.0, 3.0, 4000
+    teacher, student = torch.randn(N, V, generator=g) * 3, torch.randn(N, V, generator=g)
+    leaf = student.clone().requires_grad_(True)
+    kd_ce_loss(leaf, teacher, T).backward()
+    dense = leaf.grad
+    keys = [row_key(f"cache{m}-row{i}", 0) for m in range(M) for i in range(N)]
+    u = uniforms(keys, None, K, seed=2)
+    ids, mass = sparse_targets(teacher.repeat(M, 1), "sampled", K, T, u, proposal_temperature=Tq)
+    plain_ids, plain_mass = sparse_targets(teacher.repeat(M, 1), "sampled", K, T, u)
+
+    def per_cache_grads(mass):  # (M, N, V): d loss / d student of each cache (loss = mean over its N rows)
+        q = torch.softmax(student / T, -1)
+        m = torch.zeros(M * N, V).scatter_add_(1, ids, mass).view(M, N, V)
+        return (m.sum(-1, keepdim=True) * q - m) / (T * N)
+
+    grads = per_cache_grads(mass)
+    assert torch.allclose(grads.mean(0), mean_gradient(student, {"ids": ids, "mass": mass}, T), atol=1e-6)
+    stderr = grads.std(0) / M ** 0.5
+    z = ((grads.mean(0) - dense).abs() / stderr.clamp_min(1e-9)).max().item()
+    # the stored masses are the draw frequencies times p / q: without the weights the target would be q, not p
+    p_T, q_T = (torch.softmax(teacher / t, -1).repeat(M, 1).gather(1, ids) for t in (T, Tq))
+    freq = torch.where(mass > 0, mass * q_T / p_T, 0.0)
+    assert torch.allclose(freq * K, (freq * K).round(), atol=1e-3) and torch.allclose(freq.sum(-1), torch.ones(M * N))
+    biased = per_cache_grads(freq)
+    z_biased = ((biased.mean(0) - dense).abs() / stderr.clamp_min(1e-9)).max().item()
+    def distinct(ids, used):  # distinct (position, id) pairs the caches hold
+        rows = torch.arange(M * N)[:, None].expand_as(ids) % N
+        return len(set(zip(rows[used].tolist(), ids[used].tolist())))
+
+    plain_used = plain_mass > 0
+    print(f"proposal T_q={Tq}: max |mean grad - dense| / stderr {z:.1f} (unweighted counts: {z_biased:.0f}); "
+          f"distinct (position, id) pairs drawn {distinct(ids, mass > 0)} vs {distinct(plain_ids, plain_used)} from p")
+    assert z < 5 and z_biased > 20
+    assert distinct(ids, mass > 0) > distinct(plain_ids, plain_used)
+    with pytest.raises(ConfigError, match=r"proposal_temperature: only 'sampled'"):
+        ExportConfig.from_dict({"output": "o", "teachers": [{"name": "t", "path": "p"}], "data": {"path": "d"},
+                                "outputs": {"sparse_logits": {"method": "topk", "proposal_temperature": 2}}})
+
+
+def test_export_with_a_proposal_stores_importance_weighted_masses(lm):
+    from transformers import GPT2LMHeadModel
+
+    export(lm, "proposal", {"method": "sampled", "k": 8, "temperature": 1.0, "proposal_temperature": 2.5, "seed": 3})
+    spec = json.loads((lm["root"] / "proposal" / "manifest.json").read_text())["tensors"][0]
+    assert spec["extra"]["proposal_temperature"] == 2.5
+    batch = next(iter(CacheBatches(str(lm["root"] / "proposal"), 4, shuffle=False)))
+    target, inputs = batch["teacher_cache"]["logits"], batch["student"]
+    teacher = GPT2LMHeadModel.from_pretrained(str(lm["teacher"])).eval()
+    with torch.no_grad():
+        logits = teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    mask = inputs["attention_mask"].bool()
+    p, q = (torch.softmax(logits / t, -1).gather(-1, target["ids"])[mask] for t in (1.0, 2.5))
+    counts = torch.where(target["mass"][mask] > 0, target["mass"][mask] * q / p * 8, 0.0)
+    assert torch.allclose(counts, counts.round(), atol=1e-3) and torch.allclose(counts.sum(-1), torch.full_like(p[:, 0], 8))

@@ -173,13 +173,14 @@ def _cut_sparse(spec: TensorSpec, t: torch.Tensor, lengths: list[int], row_keys,
             raise CacheFormatError(f"{spec.column}: sampled logits need each row's key to seed its draws")
         u = uniforms(row_keys, lengths if per_token else None, spec.slots, int(spec.extra.get("seed", 0)), t.device)
     temperature = float(spec.extra.get("temperature", 1.0))
+    proposal = spec.extra.get("proposal_temperature")
     if per_token:
         rows = [t[b, :n] for b, n in enumerate(lengths)]
         u_rows = u.split(list(lengths)) if u is not None else [None] * len(rows)
-        parts = [sparse_targets(r, spec.sparse, spec.slots, temperature, ur) for r, ur in zip(rows, u_rows)]
+        parts = [sparse_targets(r, spec.sparse, spec.slots, temperature, ur, proposal) for r, ur in zip(rows, u_rows)]
         ids, mass = torch.cat([i for i, _ in parts]), torch.cat([m for _, m in parts])
     else:
-        ids, mass = sparse_targets(t.reshape(t.shape[0], -1), spec.sparse, spec.slots, temperature, u)
+        ids, mass = sparse_targets(t.reshape(t.shape[0], -1), spec.sparse, spec.slots, temperature, u, proposal)
     return {"values": mass.to(_TORCH_STORAGE[spec.dtype]), "index": ids.to(torch.int32)}
 
 

@@ -10,6 +10,9 @@ at the export's temperature T:
 ``sampled``  K draws from p with replacement, merged into unique ids with mass count / K (unused slots: id 0,
              mass 0). ``E[count_v / K] = p_v``, so any loss linear in the target (cross-entropy, the forward KL's
              gradient) is an unbiased estimate of the dense one: Anshumann et al. 2025, "Sparse Logit Sampling".
+             With a proposal temperature T_q the draws come from q = softmax(logits / T_q) instead (T_q > T: a
+             flatter proposal that reaches further into the tail) and each carries the importance weight p_v / q_v:
+             mass = count / K * p_v / q_v, still ``E[mass_v] = p_v``; the masses no longer sum to exactly 1.
 
 Draws are reproducible and independent of batching, device count and resume: the uniform variates of row r,
 position i, draw j come from a counter-based hash (splitmix64) of (seed, row key, i, j), the row key being a
@@ -69,10 +72,13 @@ _CHUNK_ELEMENTS = 1 << 22  # float32 elements per working tensor (16 MB): reused
 
 
 def sparse_targets(logits: torch.Tensor, method: str, k: int, temperature: float = 1.0,
-                   u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   u: torch.Tensor | None = None,
+                   proposal_temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids int64 (N, k), probability mass float32 (N, k)) for the rows of ``logits`` (N, V).
 
-    ``u``: (N, k) uniforms for ``sampled`` (from `uniforms`). Computed in float32 wherever the logits are:
+    ``u``: (N, k) uniforms for ``sampled`` (from `uniforms`); ``proposal_temperature``: draw from
+    softmax(logits / proposal_temperature) with importance weights (None: from the target itself).
+    Computed in float32 wherever the logits are:
     one softmax and one cumulative sum per row, in chunks of rows so that no (N, V) float32 tensor is ever
     allocated (at V = 32k a batch of 4,096 positions would need 0.5 GB per temporary, and the page faults of
     allocating it cost more than the arithmetic).
@@ -83,8 +89,10 @@ def sparse_targets(logits: torch.Tensor, method: str, k: int, temperature: float
         raise ValueError("sampled targets need uniforms (u)")
     n, vocab = logits.shape
     step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    if proposal_temperature is not None and (method != "sampled" or proposal_temperature == temperature):
+        proposal_temperature = None  # top-k draws nothing; a proposal equal to the target is the plain sampler
     parts = [_sparse_chunk(logits[i:i + step].detach(), method, k, temperature,
-                           None if u is None else u[i:i + step]) for i in range(0, n, step)]
+                           None if u is None else u[i:i + step], proposal_temperature) for i in range(0, n, step)]
     if not parts:
         width = min(k, vocab) if method == "topk" else k
         return (torch.zeros(0, width, dtype=torch.int64, device=logits.device),
@@ -92,13 +100,25 @@ def sparse_targets(logits: torch.Tensor, method: str, k: int, temperature: float
     return torch.cat([ids for ids, _ in parts]), torch.cat([mass for _, mass in parts])
 
 
-def _sparse_chunk(logits: torch.Tensor, method: str, k: int, temperature: float, u: torch.Tensor | None):
+def _sparse_chunk(logits: torch.Tensor, method: str, k: int, temperature: float, u: torch.Tensor | None,
+                  proposal_temperature: float | None):
     x = logits.float()
     x = x / temperature if temperature != 1.0 else x
     if method == "topk":
         lse = torch.logsumexp(x, dim=-1, keepdim=True)
         values, ids = x.topk(min(k, x.shape[-1]), dim=-1)
         return ids, (values - lse).exp()
+    if proposal_temperature is None:
+        return _draw(x, u)
+    xq = logits.float() / proposal_temperature
+    ids, freq = _draw(xq, u)
+    log_w = (x.gather(1, ids) - torch.logsumexp(x, dim=-1, keepdim=True)) - \
+        (xq.gather(1, ids) - torch.logsumexp(xq, dim=-1, keepdim=True))  # log p_v - log q_v
+    return ids, torch.where(freq > 0, freq * log_w.exp(), 0.0)  # unused slots stay 0 (even where q_v = 0)
+
+
+def _draw(x: torch.Tensor, u: torch.Tensor):
+    """K draws from softmax(x) per row by inverse CDF, merged: (distinct ids, count / K), unused slots (0, 0)."""
     cdf = torch.softmax(x, dim=-1).cumsum_(dim=-1)
     draws = torch.searchsorted(cdf, (u.to(cdf.device, torch.float64) * cdf[:, -1:].double()).float())
     draws = draws.clamp_(max=x.shape[-1] - 1).sort(dim=-1).values

@@ -199,11 +199,12 @@ def _label_id(label, label_map: dict | None, row: PlanRow) -> int:
                              f"{sorted(label_map, key=label_map.get)}") from None
 
 
-def tokenize_rows(rows: list[PlanRow], tokenizer, max_length: int, label_map: dict | None, token_level: bool,
+def tokenize_rows(rows: list[PlanRow], tokenizer, max_length: int | None, label_map: dict | None, token_level: bool,
                   add_special_tokens: bool = True):
     """input_ids / attention_mask / token_type_ids and labels (aligned to first sub-words when token-level).
 
-    ``add_special_tokens=False`` for text a chat template rendered: it already holds the model's special tokens."""
+    ``add_special_tokens=False`` for text a chat template rendered: it already holds the model's special tokens.
+    ``max_length=None``: whole documents, not truncated (`pack_rows` cuts them)."""
     out = []
     step = 1000
     for start in range(0, len(rows), step):
@@ -212,8 +213,9 @@ def tokenize_rows(rows: list[PlanRow], tokenizer, max_length: int, label_map: di
             enc = tokenizer([r.words for r in chunk], is_split_into_words=True, truncation=True, max_length=max_length)
         else:
             pairs = [r.text_pair for r in chunk] if chunk[0].text_pair is not None else None
-            enc = tokenizer([r.text for r in chunk], pairs, truncation=True, max_length=max_length,
-                            add_special_tokens=add_special_tokens)
+            whole = {} if max_length is not None else {"verbose": False}  # no "longer than the model" warning
+            enc = tokenizer([r.text for r in chunk], pairs, truncation=max_length is not None, max_length=max_length,
+                            add_special_tokens=add_special_tokens, **whole)
         for j, r in enumerate(chunk):
             item = {k: enc[k][j] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
             if r.label is not None:
@@ -228,6 +230,37 @@ def tokenize_rows(rows: list[PlanRow], tokenizer, max_length: int, label_map: di
                     item["labels"] = _label_id(r.label, label_map, r)
             out.append(item)
     return out
+
+
+def pack_rows(rows: list[PlanRow], tokens: list[dict], max_length: int, separator_id: int,
+              decode) -> tuple[list[PlanRow], list[dict]]:
+    """Documents concatenated and cut into rows of exactly ``max_length`` tokens (the last row of each copy
+    shorter), as Hugging Face's run_clm.py ``group_texts`` and GPT-2-style pretraining do: no padding, no
+    truncation. Each document ends with ``separator_id`` (the tokenizer's EOS) unless it already does, so the
+    model sees where one ends; attention runs across the boundary, the same way in teacher and student.
+
+    Each copy is packed on its own (fresh sampled draws of copy c stay apart from copy 0). A packed row's id is
+    ``<id of the document it starts in>@<token offset in it>``, its text the decoded tokens, its label none.
+    """
+    extra = [k for k in ("attention_mask", "token_type_ids") if tokens and k in tokens[0]]
+    fill = {"attention_mask": 1, "token_type_ids": 0}
+    packed_rows, packed_tokens = [], []
+    for copy in sorted({r.copy for r in rows}):
+        ids, origin = [], []  # the copy's token stream; origin[j]: (document id, offset) of token j
+        for r, t in zip(rows, tokens):
+            if r.copy != copy:
+                continue
+            doc = list(t["input_ids"])
+            if not doc or doc[-1] != separator_id:
+                doc.append(separator_id)
+            ids.extend(doc)
+            origin.extend((r.id, j) for j in range(len(doc)))
+        for start in range(0, len(ids), max_length):
+            chunk = ids[start:start + max_length]
+            doc_id, offset = origin[start]
+            packed_rows.append(PlanRow(f"{doc_id}@{offset}", copy, decode(chunk), None, None, None))
+            packed_tokens.append({"input_ids": chunk, **{k: [fill[k]] * len(chunk) for k in extra}})
+    return packed_rows, packed_tokens
 
 
 def pad_batch(examples: list[dict], pad_id: int = 0, labels: bool = True) -> dict:

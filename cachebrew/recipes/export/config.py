@@ -35,6 +35,9 @@ class SparseLogitsConfig:
     k: int = 12
     temperature: float = 1.0
     seed: int = 0
+    # sampled only: draw from softmax(logits / proposal_temperature) and store importance-weighted masses
+    # (count / K * p / q: still unbiased); None draws from the target distribution itself
+    proposal_temperature: float | None = None
 
 
 @dataclass
@@ -65,6 +68,9 @@ class ExportConfig(JobConfig):
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: str | None = None       # path or module:function; default: the first teacher's path
     max_length: int = 128
+    # causal-LM teachers: documents concatenated (EOS between them) and cut into rows of max_length tokens,
+    # run_clm.py's group_texts; false: one row per document, truncated to max_length and padded
+    packing: bool = False
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
     dtypes: DtypesConfig = field(default_factory=DtypesConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -119,6 +125,17 @@ class ExportConfig(JobConfig):
             check_int(e, name, getattr(self, name), 1)
         check_int(e, "data.limit", self.data.limit, 1, optional=True)
         check_choice(e, "compression", self.compression, COMPRESSIONS)
+        if self.packing:
+            for i, t in enumerate(self.teachers):
+                if t.model_class != "AutoModelForCausalLM":
+                    e.append(f"teachers[{i}].model_class: packing concatenates documents for causal-LM teachers; "
+                             f"{t.model_class!r} reads one example per row (set packing: false)")
+            if self.data.label is not None:
+                e.append(f"data.label: a packed row holds parts of several documents and has no label; set "
+                         f"data.label: null (got {self.data.label!r}) or packing: false")
+            if self.data.tokens is not None or self.data.text_pair is not None:
+                e.append("packing: concatenates plain text or chat documents; data.tokens and data.text_pair "
+                         "have no meaning in a packed row")
         o = self.outputs
         if not (o.logits or o.hidden_layers or o.attention_layers):
             e.append("outputs: nothing to export (logits false and no hidden/attention layers)")
@@ -137,6 +154,12 @@ class ExportConfig(JobConfig):
             check_int(e, "outputs.sparse_logits.seed", sp.seed, 0)
             if not isinstance(sp.temperature, (int, float)) or isinstance(sp.temperature, bool) or sp.temperature <= 0:
                 e.append(f"outputs.sparse_logits.temperature: must be a number > 0, got {sp.temperature!r}")
+            pt = sp.proposal_temperature
+            if pt is not None and (not isinstance(pt, (int, float)) or isinstance(pt, bool) or pt <= 0):
+                e.append(f"outputs.sparse_logits.proposal_temperature: must be a number > 0 or null, got {pt!r}")
+            elif pt is not None and sp.method != "sampled":
+                e.append(f"outputs.sparse_logits.proposal_temperature: only 'sampled' draws from a proposal; method is "
+                         f"{sp.method!r}")
             if o.topk_logits is not None:
                 e.append("outputs: topk_logits and sparse_logits both set; sparse_logits (method: topk) supersedes "
                          "topk_logits")

@@ -41,12 +41,12 @@ from ...cache.sharing import copy_cache
 from ...cache.storage import is_uri, local_path
 from ...core.tensors import iter_tensors
 from ...core.training import AMP_DTYPES, resolve_amp
-from ...errors import CacheFormatError, CachebrewError, CacheMismatchError
+from ...errors import CacheFormatError, CachebrewError, CacheMismatchError, ConfigError
 from ...core.runtime import barrier, launch_env, resolve_device
 from ...version import __version__
 from .config import ExportConfig
-from ...components.data import (build_rows, chat_renderer, data_fingerprint, label_vocabulary, load_table, pad_batch,
-                                sorted_order, tokenize_rows)
+from ...components.data import (build_rows, chat_renderer, data_fingerprint, label_vocabulary, load_table, pack_rows,
+                                pad_batch, sorted_order, tokenize_rows)
 from .teachers import forward, load_teacher, load_tokenizer, teacher_tensors, tensor_specs
 
 logger = logging.getLogger("cachebrew")
@@ -361,8 +361,11 @@ class ExportRecipe:
         chat = chat_renderer(self.tokenizer) if cfg.data.messages is not None else None
         self.rows = build_rows(self.ds, cfg.data, cfg.augment, getattr(self.tokenizer, "mask_token", None) or "[MASK]",
                                chat)
-        self.tokens = tokenize_rows(self.rows, self.tokenizer, cfg.max_length, label_map, self.token_level,
-                                    add_special_tokens=chat is None)
+        self.tokens = tokenize_rows(self.rows, self.tokenizer, None if cfg.packing else cfg.max_length, label_map,
+                                    self.token_level, add_special_tokens=chat is None)
+        if cfg.packing:
+            self.rows, self.tokens = pack_rows(self.rows, self.tokens, cfg.max_length, self._separator_id(),
+                                               self.tokenizer.decode)
         self.order = sorted_order([len(t[INPUT_IDS]) for t in self.tokens], cfg.sort_window * cfg.batch_size)
         self.n_shards = math.ceil(len(self.order) / cfg.shard_rows)
         mine = [s for s in range(self.n_shards) if s % self.world == self.rank]
@@ -371,6 +374,14 @@ class ExportRecipe:
         self.todo = [s for s in mine if s not in self.on_disk]
         if self.done:
             logger.info("resuming: %d of this rank's %d shards are already complete", len(self.done), len(mine))
+
+    def _separator_id(self) -> int:
+        """The token that ends each packed document: the tokenizer's EOS (else its SEP)."""
+        for name in ("eos_token_id", "sep_token_id"):
+            if getattr(self.tokenizer, name, None) is not None:
+                return int(getattr(self.tokenizer, name))
+        raise ConfigError(f"packing: the tokenizer ({type(self.tokenizer).__name__}) has no eos_token (nor "
+                          "sep_token) to mark where a packed document ends; set one or packing: false")
 
     def _run_teachers(self, batch_tokens) -> dict:
         batch = {k: v.to(self.device) for k, v in pad_batch(batch_tokens, self.pad_id, labels=False).items()}

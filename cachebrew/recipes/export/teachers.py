@@ -121,6 +121,8 @@ def tensor_specs(name: str, tensors: dict, cfg: ExportConfig) -> list[TensorSpec
             sp = cfg.outputs.sparse_logits
             extra = {} if sp is None else {"sparse": sp.method, "k": sp.k, "temperature": float(sp.temperature),
                                            "seed": sp.seed}
+            if sp is not None and sp.proposal_temperature is not None:
+                extra["proposal_temperature"] = float(sp.proposal_temperature)
             specs.append(TensorSpec(name, kind, None, cfg.dtypes.logits, shape, topk, extra))
         elif kind == "hidden":
             specs.append(TensorSpec(name, kind, layer, cfg.dtypes.hidden, ["L", int(t.shape[-1])]))
