@@ -433,3 +433,19 @@ def test_export_with_a_proposal_stores_importance_weighted_masses(lm):
     p, q = (torch.softmax(logits / t, -1).gather(-1, target["ids"])[mask] for t in (1.0, 2.5))
     counts = torch.where(target["mass"][mask] > 0, target["mass"][mask] * q / p * 8, 0.0)
     assert torch.allclose(counts, counts.round(), atol=1e-3) and torch.allclose(counts.sum(-1), torch.full_like(p[:, 0], 8))
+
+
+@pytest.mark.parametrize("vocab", [40, 1000, 32_000])
+def test_two_level_draws_are_the_flat_inverse_cdf(vocab):
+    """The blocked sampler picks, for each uniform, the id a flat inverse CDF over the whole vocabulary picks
+    (a vocabulary that is not a multiple of the block size included); masses are draw frequencies."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(64, vocab, generator=g) * 4
+    u = uniforms([row_key(f"r{i}", 0) for i in range(64)], None, 16, seed=0)
+    ids, mass = sparse_targets(logits, "sampled", 16, 1.0, u)
+    cdf = torch.softmax(logits.double(), -1).cumsum(-1)
+    flat = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp(max=vocab - 1)
+    for row in range(64):
+        expected = torch.bincount(flat[row], minlength=vocab)
+        got = torch.zeros(vocab, dtype=torch.long).scatter_add_(0, ids[row], (mass[row] * 16).round().long())
+        assert torch.equal(got, expected)
