@@ -117,33 +117,15 @@ def _sparse_chunk(logits: torch.Tensor, method: str, k: int, temperature: float,
     return ids, torch.where(freq > 0, freq * log_w.exp(), 0.0)  # unused slots stay 0 (even where q_v = 0)
 
 
-_BLOCK = 256  # vocabulary entries per block of the two-level inverse CDF
-
-
 def _draw(x: torch.Tensor, u: torch.Tensor):
     """K draws from softmax(x) per row by inverse CDF, merged: (distinct ids, count / K), unused slots (0, 0).
 
-    Two levels, so that no vocabulary-wide cumulative sum is computed (a sequential scan, as costly as the softmax
-    itself at V = 32k): the masses of blocks of 256 ids (one vectorised reduction), the block each draw falls in
-    (a search over V / 256 block sums, in float64), then the cumulative sum of only the drawn blocks' 256 masses.
-    The same draw as a flat inverse CDF for the same uniform, up to float rounding at the boundaries.
-    """
-    n, vocab = x.shape
-    p = torch.softmax(x, dim=-1)
-    full = vocab // _BLOCK * _BLOCK
-    sums = p[:, :full].reshape(n, -1, _BLOCK).sum(dim=-1)
-    if full < vocab:
-        sums = torch.cat([sums, p[:, full:].sum(dim=-1, keepdim=True)], dim=1)
-    sums = sums.double()
-    cdf = sums.cumsum(dim=-1)
-    target = u.to(p.device, torch.float64) * cdf[:, -1:]
-    block = torch.searchsorted(cdf, target).clamp_(max=sums.shape[1] - 1)
-    residual = target - (cdf.gather(1, block) - sums.gather(1, block))  # where in its block the draw falls
-    cols = block[..., None] * _BLOCK + torch.arange(_BLOCK, device=p.device)
-    inner = p.gather(1, cols.clamp(max=vocab - 1).flatten(1)).view(cols.shape)
-    inner = torch.where(cols < vocab, inner, 0.0).double().cumsum_(dim=-1)
-    offset = torch.searchsorted(inner, residual[..., None]).squeeze(-1).clamp_(max=_BLOCK - 1)
-    draws = (block * _BLOCK + offset).clamp_(max=vocab - 1).sort(dim=-1).values
+    One softmax and one in-place cumulative sum per row. (A two-level variant — block sums, then only the drawn
+    blocks' cumulative sums — was measured: 10 % faster at K = 12, 5x slower at K = 64, where gathering K blocks
+    per position costs more than the one scan it saves.)"""
+    cdf = torch.softmax(x, dim=-1).cumsum_(dim=-1)
+    draws = torch.searchsorted(cdf, (u.to(cdf.device, torch.float64) * cdf[:, -1:].double()).float())
+    draws = draws.clamp_(max=x.shape[-1] - 1).sort(dim=-1).values
     # merge repeated draws: slot g of a row holds its g-th distinct id and how often it was drawn
     first = torch.ones_like(draws, dtype=torch.bool)
     first[:, 1:] = draws[:, 1:] != draws[:, :-1]
