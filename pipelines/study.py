@@ -2,6 +2,7 @@
 
     python pipelines/study.py [--tasks trec rotten_tomatoes wnut16] [--seeds 1 2 3] [--out pipelines/study_results]
     python pipelines/study.py --smoke --out /tmp/smoke      # every stage and arm at toy size (CI)
+    python pipelines/study.py --timing wnut16               # arm 2 and arm 4 timed side by side, today
 
 Per task (a fixed training subset, the same for every arm; the full test split):
 
@@ -418,6 +419,32 @@ def run_task(task: Task, seeds: list[int]) -> dict:
     return summary
 
 
+def side_by_side_timing(task: Task, seeds: list[int]) -> list[dict]:
+    """Arm 2 and arm 4 (its chosen recipe and steps) trained alternately on the same machine and day, seed by
+    seed: wall time compared within one run, as the benchmarks do. Needs the task's summary and work dir."""
+    from cachebrew.recipes.distill import run_distill
+
+    s = json.loads((task.runs.parent.parent / f"{task.name}.json").read_text())
+    task.prepare()
+    rows = []
+    for seed in seeds:
+        for arm in ("textbrewer", "cache_best"):
+            out = task.work / "timing" / f"{arm}-seed-{seed}"
+            if out.exists():
+                import shutil
+                shutil.rmtree(out)
+            t = time.perf_counter()
+            if arm == "textbrewer":
+                train_textbrewer_online(task.distill_config(out, seed, "plain", SAME_RECIPE, s["chosen_lr"]),
+                                        str(task.work / "teacher" / "best"))
+            else:
+                run_distill(task.distill_config(out, seed, s["best_cache"], s["best_recipe"], s["chosen_lr"],
+                                                s["best_steps"]))
+            rows.append({"arm": arm, "seed": seed, "train_seconds": time.perf_counter() - t})
+            print(f"{task.name} timing {arm:11s} seed {seed}: {rows[-1]['train_seconds']:.0f}s", flush=True)
+    return rows
+
+
 LABELS = {"no_kd": "no KD (tuned lr)", "textbrewer": "TextBrewer 0.2.1 online", "cache_same": "cachebrew, same recipe",
           "cache_best": "cachebrew, best recipe"}
 
@@ -453,6 +480,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(Path(__file__).parent / "study_results"))
     ap.add_argument("--smoke", action="store_true", help="toy sizes, one epoch: checks the protocol runs (CI)")
     ap.add_argument("--report", action="store_true", help="only rewrite table.md from every <task>.json summary in --out")
+    ap.add_argument("--timing", choices=list(TASKS), help="time arms 2 and 4 of a finished task side by side, today")
     args = ap.parse_args(argv)
 
     def every_summary():  # table.md covers every task run so far, not only those of this invocation
@@ -464,12 +492,17 @@ def main(argv=None):
         (Path(args.out) / "table.md").write_text(table(summaries))
         print(table(summaries))
         return summaries
-    if TUNE_SEED in args.seeds:
-        ap.error(f"--seeds: seed {TUNE_SEED} is the tuning seed; report on others")
     import transformers
 
     transformers.utils.logging.set_verbosity_error()  # load reports of the truncated student are expected
     transformers.utils.logging.disable_progress_bar()
+    if args.timing:
+        task = Task(args.timing, TASKS[args.timing], Path(args.out))
+        rows = side_by_side_timing(task, args.seeds[:2])
+        Task._write(Path(args.out) / f"timing-{args.timing}.json", {"date": time.strftime("%Y-%m-%d"), "runs": rows})
+        return rows
+    if TUNE_SEED in args.seeds:
+        ap.error(f"--seeds: seed {TUNE_SEED} is the tuning seed; report on others")
     out = Path(args.out)
     summaries = []
     for name in args.tasks:
