@@ -6,6 +6,7 @@ of the plan always holds the same rows, which is what makes resume and multi-ran
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,19 +247,19 @@ def pack_rows(rows: list[PlanRow], tokens: list[dict], max_length: int, separato
     fill = {"attention_mask": 1, "token_type_ids": 0}
     packed_rows, packed_tokens = [], []
     for copy in sorted({r.copy for r in rows}):
-        ids, origin = [], []  # the copy's token stream; origin[j]: (document id, offset) of token j
+        ids, starts, doc_ids = [], [], []  # the copy's token stream; where each document starts in it
         for r, t in zip(rows, tokens):
             if r.copy != copy:
                 continue
-            doc = list(t["input_ids"])
-            if not doc or doc[-1] != separator_id:
-                doc.append(separator_id)
-            ids.extend(doc)
-            origin.extend((r.id, j) for j in range(len(doc)))
+            starts.append(len(ids))
+            doc_ids.append(r.id)
+            ids.extend(t["input_ids"])
+            if not t["input_ids"] or t["input_ids"][-1] != separator_id:
+                ids.append(separator_id)
         for start in range(0, len(ids), max_length):
             chunk = ids[start:start + max_length]
-            doc_id, offset = origin[start]
-            packed_rows.append(PlanRow(f"{doc_id}@{offset}", copy, decode(chunk), None, None, None))
+            d = bisect.bisect_right(starts, start) - 1  # the document this row starts in
+            packed_rows.append(PlanRow(f"{doc_ids[d]}@{start - starts[d]}", copy, decode(chunk), None, None, None))
             packed_tokens.append({"input_ids": chunk, **{k: [fill[k]] * len(chunk) for k in extra}})
     return packed_rows, packed_tokens
 
