@@ -78,7 +78,8 @@ RECIPE_CANDIDATES = [{"copies": 1, "hard_label_weight": 1.0, "temperature": t, "
 
 def candidate_recipe(c: dict) -> dict:
     """Arm 3's recipe with a candidate's changes."""
-    recipe = {**SAME_RECIPE, "hard_label_weight": c["hard_label_weight"], "temperature": c.get("temperature", 4)}
+    recipe = {**SAME_RECIPE, "hard_label_weight": c["hard_label_weight"],
+              "temperature": c.get("temperature", SAME_RECIPE["temperature"])}
     if c.get("matches", "hidden") == "none":
         recipe["intermediate_matches"] = []
     return recipe
@@ -137,6 +138,7 @@ class Task:
     # -- teacher and caches (once per task) ---------------------------------------------------------------
     def prepare(self) -> dict:
         from cachebrew.components.students import StudentConfig
+        from cachebrew.core.files import sha256_file
         from cachebrew.recipes.finetune import FinetuneConfig, FinetuneTrain, run_evaluate, run_finetune
 
         record = self.runs / "teacher.json"
@@ -153,15 +155,20 @@ class Task:
                                                             **self.spec["teacher"])))
             finetune_s = time.perf_counter() - t0
             test = run_evaluate(str(self.work / "teacher" / "best"), self.test, self.L)
+            weights = sha256_file(self.work / "teacher" / "best" / "model.safetensors")
             if recorded:  # the recorded runs were distilled from that teacher: it must come back the same
-                if test["accuracy" if "accuracy" in test else "f1"] != main_score(recorded["teacher_test"]):
-                    raise SystemExit(f"{self.name}: the rebuilt teacher scores {main_score(test):.4f} on test, the "
-                                     f"recorded one {main_score(recorded['teacher_test']):.4f}; the records in "
-                                     f"{self.runs} belong to another teacher: move them away to start over")
-                self.info = recorded
+                same = recorded["weights_sha256"] == weights if "weights_sha256" in recorded else \
+                    main_score(test) == main_score(recorded["teacher_test"])  # early records: no weights hash
+                if not same:
+                    raise SystemExit(f"{self.name}: the rebuilt teacher differs from the one the records in {self.runs} "
+                                     f"were distilled from (test {main_score(test):.4f} vs "
+                                     f"{main_score(recorded['teacher_test']):.4f}; training is not bit-identical "
+                                     f"across machines, thread counts or library versions). Move {self.runs} and "
+                                     f"{self.work} away to start this task over.")
+                self.info = {**recorded, "weights_sha256": weights}
             else:
-                self.info = {"teacher_test": test, "finetune_seconds": finetune_s}
-                self._write(record, self.info)
+                self.info = {"teacher_test": test, "finetune_seconds": finetune_s, "weights_sha256": weights}
+            self._write(record, self.info)
         self.export_seconds = {"plain": self.export("plain", 0, self.train), "dev": self.export("dev", 0, self.dev)}
         for k in sorted({c["copies"] for c in self.candidates if c["copies"]}):
             self.export_seconds[f"aug{k}"] = self.export(f"aug{k}", k, self.train)
@@ -498,7 +505,9 @@ def main(argv=None):
     transformers.utils.logging.disable_progress_bar()
     if args.timing:
         task = Task(args.timing, TASKS[args.timing], Path(args.out))
-        rows = side_by_side_timing(task, args.seeds[:2])
+        if args.smoke:
+            ap.error("--timing times a finished full-size task; it has no --smoke form")
+        rows = side_by_side_timing(task, args.seeds[:2])  # two seeds: two alternations of the pair
         Task._write(Path(args.out) / f"timing-{args.timing}.json", {"date": time.strftime("%Y-%m-%d"), "runs": rows})
         return rows
     if TUNE_SEED in args.seeds:

@@ -450,3 +450,19 @@ def test_draws_are_the_inverse_cdf_of_the_teacher_distribution(vocab):
     drawn = torch.stack([torch.repeat_interleave(i, c) for i, c in zip(ids, counts)])  # (64, 16), sorted
     assert (drawn - reference).abs().max() <= 1
     assert (drawn != reference).float().mean() < 0.01
+
+
+def test_new_export_settings_leave_old_fingerprints_alone():
+    """packing: false and no proposal are the settings every earlier cache was made with: they must not change
+    the fingerprint (else every existing cache would read as foreign); set, they do."""
+    base = {"output": "o", "teachers": [{"name": "t", "path": "p", "model_class": "AutoModelForCausalLM"}],
+            "data": {"path": "d", "label": None}, "outputs": {"sparse_logits": {"method": "sampled"}}}
+    plain = ExportConfig.from_dict(base).fingerprint_settings()
+    assert "packing" not in plain and "proposal_temperature" not in plain["outputs"]["sparse_logits"]
+    assert ExportConfig.from_dict({**base, "packing": True}).fingerprint_settings()["packing"] is True
+    with_q = ExportConfig.from_dict({**base, "outputs": {"sparse_logits": {"method": "sampled",
+                                                                           "proposal_temperature": 2.0}}})
+    assert with_q.fingerprint_settings()["outputs"]["sparse_logits"]["proposal_temperature"] == 2.0
+    with pytest.raises(ConfigError, match=r"proposal_temperature: 0.5 is below the target's temperature 1"):
+        ExportConfig.from_dict({**base, "outputs": {"sparse_logits": {"method": "sampled",
+                                                                      "proposal_temperature": 0.5}}})

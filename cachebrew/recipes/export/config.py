@@ -160,6 +160,10 @@ class ExportConfig(JobConfig):
             elif pt is not None and sp.method != "sampled":
                 e.append(f"outputs.sparse_logits.proposal_temperature: only 'sampled' draws from a proposal; method is "
                          f"{sp.method!r}")
+            elif pt is not None and isinstance(sp.temperature, (int, float)) and pt < sp.temperature:
+                e.append(f"outputs.sparse_logits.proposal_temperature: {pt} is below the target's temperature "
+                         f"{sp.temperature}; a proposal sharper than the target gives the tail ids it rarely draws "
+                         "weights p / q that blow up the variance (use a flatter one, >= temperature)")
             if o.topk_logits is not None:
                 e.append("outputs: topk_logits and sparse_logits both set; sparse_logits (method: topk) supersedes "
                          "topk_logits")
@@ -195,4 +199,10 @@ class ExportConfig(JobConfig):
             d.pop(key, None)
         d["data"].pop("path", None)  # the data is fingerprinted by content
         d["teacher_names"] = [t.name for t in self.teachers]
+        # settings added later count only when set: caches exported before they existed stay up to date
+        if not d.get("packing"):
+            d.pop("packing", None)
+        sparse = d["outputs"].get("sparse_logits")
+        if sparse and sparse.get("proposal_temperature") is None:
+            sparse.pop("proposal_temperature", None)
         return d
