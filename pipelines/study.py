@@ -15,7 +15,8 @@ Per task (a fixed training subset, the same for every arm; the full test split):
    - ``textbrewer``  TextBrewer 0.2.1's own GeneralDistiller, teacher in memory, the arm-3 recipe (arm 2);
    - ``cache_same``  ``cachebrew distill`` from the plain cache, the same recipe and batches (arm 3);
 3. arm 4, ``cache_best``: ``cachebrew distill`` with a step budget that keeps its wall time (its export's share
-   included) at most arm 2's mean, its cache (augmented copies) and hard-label weight chosen on dev with seed 0,
+   included) at most arm 2's mean, its recipe chosen on dev with seed 0 (grids of augmented copies, hard-label
+   weight, temperature, what to match; refinements of the choice; then the learning rate, within arm 1's grid),
    then run on the reported seeds.
 
 Every run keeps its best dev checkpoint and is scored on the test split. The script stops with an error if a
@@ -60,8 +61,8 @@ SAME_RECIPE = {"temperature": 4, "hard_label_weight": 1.0, "kd_loss_weight": 1.0
 AUGMENT_OPS = [{"name": "masking", "p": 0.15}, {"name": "deleting", "p": 0.1},
                {"name": "short_disorder", "p": [0.9, 0.1, 0, 0, 0]}]
 TOKEN_AUGMENT_OPS = [{"name": "masking", "p": 0.15}]  # tags stay aligned with words
-BASELINE_LRS = [1e-4, 3e-4]  # extended upwards while the best is the largest, up to MAX_LR
-MAX_LR = 1e-3
+# arm 1's learning rates: the first two, then up the ladder while the best on dev is the largest tried
+LR_LADDER = [1e-4, 3e-4, 6e-4, 1e-3, 2e-3, 4e-3]
 # arm 4 candidates, chosen on dev, each at the step budget that keeps it within arm 2's wall time. First grid:
 # augmented copies (0 = the plain cache) x hard-label weight, the rest of the recipe arm 3's (T = 4, hidden matches).
 BEST_CANDIDATES = [{"copies": k, "hard_label_weight": h} for k in (0, 1, 4) for h in (1.0, 0.0)]
@@ -74,15 +75,66 @@ PRUNED_CANDIDATES = {"rotten_tomatoes": [{"copies": 0, "hard_label_weight": 1.0}
 # beat T = 4 with hidden MSE there), chosen here on dev like the rest.
 RECIPE_CANDIDATES = [{"copies": 1, "hard_label_weight": 1.0, "temperature": t, "matches": m}
                      for t in (1, 2, 4) for m in ("hidden", "none") if (t, m) != (4, "hidden")]
+# Third grid, every task, at the second grid's winner everywhere (K = 1, hard + soft, T = 1, hidden MSE at
+# teacher layers 3, 6 -> student 1, 2): what else to match. TextBrewer's own T3 recipe also matches the embedding
+# output (layer 0 -> 0) and adds NST/MMD on the layers' similarity matrices; TinyBERT matches attention maps.
+MATCH_CANDIDATES = [{"copies": 1, "hard_label_weight": 1.0, "temperature": 1, "matches": m}
+                    for m in ("hidden0", "hidden+mmd", "hidden0+mmd0", "hidden+att")]
+# Refinements tried at each task's choice of the grids above, group by group (the best of a group's changes is
+# kept if it beats the choice on dev): logits matched by MSE instead of soft cross-entropy (Kim et al. 2021 find
+# MSE on logits distils better than KL); then the intermediate matches weighted 4x or 16x against the KD and
+# hard-label terms.
+def _weigh_matches(factor: float):
+    return lambda r: {**r, "intermediate_matches": [{**m, "weight": factor * m["weight"]}
+                                                    for m in r["intermediate_matches"]]}
+
+
+REFINEMENTS = [{"kdmse": lambda r: {**r, "kd_loss_type": "mse"}},
+               {"im4": _weigh_matches(4), "im16": _weigh_matches(16)}]
+LAYER_PAIRS = [(3, 1), (6, 2)]  # teacher layer -> student layer, the student's two layers
+
+
+def candidate_matches(matches: str) -> list[dict]:
+    """The intermediate matches a candidate names: '+'-joined parts; a trailing 0 adds the embedding output."""
+    out = []
+    for part in matches.split("+"):
+        kind, with_emb = part.rstrip("0"), part.endswith("0")
+        pairs = [(0, 0)] * with_emb + LAYER_PAIRS
+        if kind == "hidden":
+            out += [{"layer_T": t, "layer_S": s, "feature": "hidden", "loss": "hidden_mse", "weight": 1} for t, s in pairs]
+        elif kind == "mmd":  # NST: a layer's (len x len) similarity matrix with itself, as TextBrewer's L3_hidden_smmd
+            out += [{"layer_T": [t, t], "layer_S": [s, s], "feature": "hidden", "loss": "mmd", "weight": 1}
+                    for t, s in pairs]
+        elif kind == "att":  # attention maps are numbered from the first layer: layer i's is attentions[i - 1]
+            out += [{"layer_T": t - 1, "layer_S": s - 1, "feature": "attention", "loss": "attention_mse", "weight": 1}
+                    for t, s in LAYER_PAIRS]
+        elif kind != "none":
+            raise ValueError(f"unknown match kind {kind!r} in {matches!r}")
+    return out
 
 
 def candidate_recipe(c: dict) -> dict:
     """Arm 3's recipe with a candidate's changes."""
     recipe = {**SAME_RECIPE, "hard_label_weight": c["hard_label_weight"],
               "temperature": c.get("temperature", SAME_RECIPE["temperature"])}
-    if c.get("matches", "hidden") == "none":
-        recipe["intermediate_matches"] = []
+    if "matches" in c:
+        recipe["intermediate_matches"] = candidate_matches(c["matches"])
     return recipe
+
+
+def candidate_cache(c: dict) -> str:
+    """The cache a candidate reads: plain or aug<K>, '-h0' when it matches the embedding output, '-att' when it
+    matches attention (so a candidate's export share is the export of only what it reads)."""
+    m = c.get("matches", "hidden")
+    return (f"aug{c['copies']}" if c["copies"] else "plain") + ("-h0" if "0" in m else "") + ("-att" if "att" in m else "")
+
+
+def cache_outputs(cache: str) -> dict:
+    """The teacher outputs an exported cache holds, from its name (see candidate_cache)."""
+    if cache == "dev":
+        return {}
+    hidden = [0] * ("-h0" in cache) + [t for t, _ in LAYER_PAIRS]
+    return {"hidden_layers": hidden, **({"attention_layers": [t - 1 for t, _ in LAYER_PAIRS]} if "-att" in cache else {})}
 
 
 def candidate_name(c: dict) -> str:
@@ -133,7 +185,7 @@ class Task:
             self.student["model_class"] = "AutoModelForTokenClassification"
         self.L, self.bs = spec["max_length"], spec["batch_size"]
         first = BEST_CANDIDATES if smoke else PRUNED_CANDIDATES.get(name, BEST_CANDIDATES)
-        self.candidates = first + RECIPE_CANDIDATES[:1 if smoke else None]
+        self.candidates = first + RECIPE_CANDIDATES[:1 if smoke else None] + MATCH_CANDIDATES[-1 if smoke else 0:]
 
     # -- teacher and caches (once per task) ---------------------------------------------------------------
     def prepare(self) -> dict:
@@ -170,8 +222,9 @@ class Task:
                 self.info = {"teacher_test": test, "finetune_seconds": finetune_s, "weights_sha256": weights}
             self._write(record, self.info)
         self.export_seconds = {"plain": self.export("plain", 0, self.train), "dev": self.export("dev", 0, self.dev)}
-        for k in sorted({c["copies"] for c in self.candidates if c["copies"]}):
-            self.export_seconds[f"aug{k}"] = self.export(f"aug{k}", k, self.train)
+        for cache in sorted({candidate_cache(c) for c in self.candidates} - {"plain"}):
+            copies = int(cache.split("-")[0].removeprefix("aug").removeprefix("plain") or 0)
+            self.export_seconds[cache] = self.export(cache, copies, self.train)
         self.info["export_seconds"] = self.export_seconds
         return self.info
 
@@ -187,8 +240,7 @@ class Task:
                "teachers": [{"name": "minilm", "path": str(self.work / "teacher" / "best"),
                              **({"model_class": "AutoModelForTokenClassification"} if self.token_level else {})}],
                "data": dict(vars(data)), "batch_size": 64, "progress_bar": False,
-               "outputs": {"hidden_layers": [3, 6]} if cache != "dev" else {},
-               "dtypes": {"logits": "fp32", "hidden": "fp32"}}
+               "outputs": cache_outputs(cache), "dtypes": {"logits": "fp32", "hidden": "fp32"}}
         if copies:
             cfg["augment"] = {"copies": copies, "seed": 0, "mode": "choice",
                               "ops": TOKEN_AUGMENT_OPS if self.token_level else AUGMENT_OPS}
@@ -240,7 +292,7 @@ class Task:
             return train_textbrewer_online(self.distill_config(out, seed, "plain", recipe, lr),
                                            str(self.work / "teacher" / "best"))
 
-        return self._run("textbrewer", "same", seed, train, {"recipe": recipe, "lr": lr})
+        return self._run("textbrewer", f"same-lr{lr:g}", seed, train, {"recipe": recipe, "lr": lr})
 
     def _run(self, arm: str, variant: str, seed: int, train, params: dict) -> dict:
         """Train (unless recorded), score best/ on dev (as selected) and test; refuse collapsed models.
@@ -250,7 +302,11 @@ class Task:
 
         record = self.runs / arm / variant / f"seed-{seed}.json"
         if record.exists():
-            return json.loads(record.read_text())
+            rec = json.loads(record.read_text())
+            if rec["params"] != json.loads(json.dumps(params)):
+                raise SystemExit(f"{record}: recorded with other settings than this run's ({rec['params']} vs "
+                                 f"{params}); move it away to train this run again")
+            return rec
         out = self.work / arm / variant / f"seed-{seed}"
         if out.exists():
             import shutil
@@ -370,10 +426,10 @@ def pick(candidates: list[dict]) -> dict:
 def run_task(task: Task, seeds: list[int]) -> dict:
     info = task.prepare()
     # -- tuning on dev, seed 0 -------------------------------------------------------------------------------
-    tune = {"no_kd": [task.run_no_kd(TUNE_SEED, lr) for lr in BASELINE_LRS]}
-    while pick(tune["no_kd"])["params"]["lr"] == max(r["params"]["lr"] for r in tune["no_kd"]) < MAX_LR:
-        # the best rate is the largest tried: the grid goes on upwards (x2) until it turns
-        tune["no_kd"].append(task.run_no_kd(TUNE_SEED, min(2 * pick(tune["no_kd"])["params"]["lr"], MAX_LR)))
+    tune = {"no_kd": [task.run_no_kd(TUNE_SEED, lr) for lr in LR_LADDER[:2]]}
+    while len(tune["no_kd"]) < len(LR_LADDER) and pick(tune["no_kd"])["params"]["lr"] == LR_LADDER[len(tune["no_kd"]) - 1]:
+        # the best rate is the largest tried: the grid goes on up the ladder until it turns
+        tune["no_kd"].append(task.run_no_kd(TUNE_SEED, LR_LADDER[len(tune["no_kd"])]))
     lr = pick(tune["no_kd"])["params"]["lr"]
     # -- arms 1-3 on the tuning seed and the reported seeds -------------------------------------------------
     runs = {arm: [] for arm in ("no_kd", "textbrewer", "cache_same", "cache_best")}
@@ -382,7 +438,8 @@ def run_task(task: Task, seeds: list[int]) -> dict:
         if seed != TUNE_SEED:
             runs["no_kd"].append(task.run_no_kd(seed, lr))
         for arm, run in (("textbrewer", lambda: task.run_textbrewer(seed, SAME_RECIPE, lr)),
-                         ("cache_same", lambda: task.run_cache("cache_same", "same", seed, "plain", SAME_RECIPE, lr))):
+                         ("cache_same", lambda: task.run_cache("cache_same", f"same-lr{lr:g}", seed, "plain",
+                                                               SAME_RECIPE, lr))):
             rec = run()
             timing[arm].append(rec)
             if seed != TUNE_SEED:
@@ -392,16 +449,32 @@ def run_task(task: Task, seeds: list[int]) -> dict:
     # export), at arm 3's mean seconds per step: arm 4 never takes longer than TextBrewer online
     online = statistics.mean(r["train_seconds"] for r in timing["textbrewer"])
     per_step = statistics.mean(r["train_seconds"] / r["steps"] for r in timing["cache_same"])
-    cache_of = lambda k: f"aug{k}" if k else "plain"
-    candidates = task.candidates
-    budget = {k: max(int((online - info["export_seconds"][cache_of(k)] / len(seeds)) / per_step), 1)
-              for k in {c["copies"] for c in candidates}}
-    tune["cache_best"] = [task.run_cache("cache_best", candidate_name(c), TUNE_SEED, cache_of(c["copies"]),
-                                         candidate_recipe(c), lr, steps=budget[c["copies"]]) for c in candidates]
+    budget = {cache: max(int((online - info["export_seconds"][cache] / len(seeds)) / per_step), 1)
+              for cache in {candidate_cache(c) for c in task.candidates}}
+    tune["cache_best"] = [task.run_cache("cache_best", candidate_name(c), TUNE_SEED, candidate_cache(c),
+                                         candidate_recipe(c), lr, steps=budget[candidate_cache(c)])
+                          for c in task.candidates]
+    chosen = pick(tune["cache_best"])
+    # then refinements of each task's choice, group by group (REFINEMENTS; same cache and steps)
+    for group in REFINEMENTS:
+        base = chosen
+        for suffix, change in group.items():
+            if change(base["params"]["recipe"]) != base["params"]["recipe"]:  # else nothing to change (no matches)
+                tune["cache_best"].append(task.run_cache(
+                    "cache_best", f"{base['variant']}-{suffix}", TUNE_SEED, base["params"]["cache"],
+                    change(base["params"]["recipe"]), lr, steps=base["params"]["steps"]))
+        chosen = pick(tune["cache_best"])
+    # last grid: the chosen recipe at each other learning rate arm 1's grid tried. Arms 1-3 train at arm 1's
+    # tuned rate; arm 4 may choose another, but only within the range the baseline was tuned over.
+    tune["cache_best"] += [task.run_cache("cache_best", f"{chosen['variant']}-lr{x:g}", TUNE_SEED,
+                                          chosen["params"]["cache"], chosen["params"]["recipe"], x,
+                                          steps=chosen["params"]["steps"])
+                           for x in sorted({r["params"]["lr"] for r in tune["no_kd"]} - {lr})]
     chosen = pick(tune["cache_best"])
     best_recipe, best_variant, best_cache = chosen["params"]["recipe"], chosen["variant"], chosen["params"]["cache"]
+    best_lr = chosen["params"]["lr"]
     for seed in seeds:
-        runs["cache_best"].append(task.run_cache("cache_best", best_variant, seed, best_cache, best_recipe, lr,
+        runs["cache_best"].append(task.run_cache("cache_best", best_variant, seed, best_cache, best_recipe, best_lr,
                                                  steps=chosen["params"]["steps"]))
     teacher = main_score(info["teacher_test"])
     no_kd = statistics.mean(r["test"] for r in runs["no_kd"])
@@ -418,7 +491,7 @@ def run_task(task: Task, seeds: list[int]) -> dict:
         arms[arm]["wall_seconds"] = arms[arm]["fastest_train_seconds"] + share
         arms[arm]["median_wall_seconds"] = arms[arm]["train_seconds"] + share
     summary = {"task": task.name, "metric": "f1" if task.token_level else "accuracy", "teacher": teacher,
-               "seeds": seeds, "tuning_seed": TUNE_SEED, "chosen_lr": lr, "chosen_best": best_variant,
+               "seeds": seeds, "tuning_seed": TUNE_SEED, "chosen_lr": lr, "best_lr": best_lr, "chosen_best": best_variant,
                "best_recipe": best_recipe, "best_cache": best_cache, "best_steps": chosen["params"]["steps"], "arms": arms,
                "tuning": {k: [{"variant": r["variant"], "dev": r["dev"]} for r in v] for k, v in tune.items()},
                "spec": task.spec, "teacher_info": info, "teacher_parameters": info["teacher_test"]["parameters"],
@@ -445,7 +518,7 @@ def side_by_side_timing(task: Task, seeds: list[int]) -> list[dict]:
                 train_textbrewer_online(task.distill_config(out, seed, "plain", SAME_RECIPE, s["chosen_lr"]),
                                         str(task.work / "teacher" / "best"))
             else:
-                run_distill(task.distill_config(out, seed, s["best_cache"], s["best_recipe"], s["chosen_lr"],
+                run_distill(task.distill_config(out, seed, s["best_cache"], s["best_recipe"], s["best_lr"],
                                                 s["best_steps"]))
             rows.append({"arm": arm, "seed": seed, "train_seconds": time.perf_counter() - t})
             print(f"{task.name} timing {arm:11s} seed {seed}: {rows[-1]['train_seconds']:.0f}s", flush=True)

