@@ -525,6 +525,27 @@ def side_by_side_timing(task: Task, seeds: list[int]) -> list[dict]:
     return rows
 
 
+def confirm(task: Task, seeds: list[int]) -> dict:
+    """Arms 1, 3 and 4 of a finished task, exactly as chosen and run there, on seeds no choice ever saw: does the
+    gap closed hold on fresh seeds? (Arm 2 is left out: it trained the same weights as arm 3 on every seed.)"""
+    s = json.loads((task.runs.parent.parent / f"{task.name}.json").read_text())
+    task.prepare()
+    lr = s["chosen_lr"]
+    runs = {"no_kd": [], "cache_same": [], "cache_best": []}
+    for seed in seeds:
+        runs["no_kd"].append(task.run_no_kd(seed, lr))
+        runs["cache_same"].append(task.run_cache("cache_same", f"same-lr{lr:g}", seed, "plain", SAME_RECIPE, lr))
+        runs["cache_best"].append(task.run_cache("cache_best", s["chosen_best"], seed, s["best_cache"],
+                                                 s["best_recipe"], s["best_lr"], steps=s["best_steps"]))
+    no_kd = statistics.mean(r["test"] for r in runs["no_kd"])
+    arms = {}
+    for arm, recs in runs.items():
+        m, sd = mean_sd([r["test"] for r in recs])
+        arms[arm] = {"mean": m, "sd": sd, "per_seed": {r["seed"]: r["test"] for r in recs},
+                     "gap_closed": gap_closed(m, no_kd, s["teacher"]) if arm != "no_kd" else None}
+    return {"task": task.name, "seeds": seeds, "teacher": s["teacher"], "chosen_best": s["chosen_best"], "arms": arms}
+
+
 LABELS = {"no_kd": "no KD (tuned lr)", "textbrewer": "TextBrewer 0.2.1 online", "cache_same": "cachebrew, same recipe",
           "cache_best": "cachebrew, best recipe"}
 
@@ -561,6 +582,8 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="toy sizes, one epoch: checks the protocol runs (CI)")
     ap.add_argument("--report", action="store_true", help="only rewrite table.md from every <task>.json summary in --out")
     ap.add_argument("--timing", choices=list(TASKS), help="time arms 2 and 4 of a finished task side by side, today")
+    ap.add_argument("--confirm", nargs="+", type=int, metavar="SEED",
+                    help="arms 1, 3, 4 of finished tasks on fresh seeds (never used for a choice): confirm-<task>.json")
     args = ap.parse_args(argv)
 
     def every_summary():  # table.md covers every task run so far, not only those of this invocation
@@ -583,6 +606,15 @@ def main(argv=None):
         rows = side_by_side_timing(task, args.seeds[:2])  # two seeds: two alternations of the pair
         Task._write(Path(args.out) / f"timing-{args.timing}.json", {"date": time.strftime("%Y-%m-%d"), "runs": rows})
         return rows
+    if args.confirm:
+        if set(args.confirm) & {TUNE_SEED, *args.seeds}:
+            ap.error(f"--confirm: seeds other than the tuning seed {TUNE_SEED} and the reported seeds {args.seeds}")
+        results = [confirm(Task(name, {**TASKS[name], **SMOKE} if args.smoke else TASKS[name], Path(args.out),
+                                smoke=args.smoke, allow_collapse=args.smoke), args.confirm) for name in args.tasks]
+        for r in results:
+            Task._write(Path(args.out) / f"confirm-{r['task']}.json", r)
+            print(r["task"], {arm: (round(100 * a["mean"], 2), a["gap_closed"]) for arm, a in r["arms"].items()})
+        return results
     if TUNE_SEED in args.seeds:
         ap.error(f"--seeds: seed {TUNE_SEED} is the tuning seed; report on others")
     out = Path(args.out)

@@ -131,6 +131,20 @@ def test_study_smoke_runs_every_arm(textbrewer, tmp_path):
             assert rec["steps"] > 0 and rec["seed"] == 1
         # arm 2 and arm 3 on the real MiniLM: the same weights, so the same test score
         assert summary["arms"]["textbrewer"]["mean"] == summary["arms"]["cache_same"]["mean"]
+    # fresh seeds: arms 1, 3 and 4 exactly as chosen, a seed the study never used
+    res = subprocess.run([sys.executable, str(ROOT / "pipelines" / "study.py"), "--smoke", "--seeds", "1",
+                          "--tasks", "trec", "--confirm", "2", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    confirmed = json.loads((tmp_path / "confirm-trec.json").read_text())
+    summary = json.loads((tmp_path / "trec.json").read_text())
+    assert confirmed["chosen_best"] == summary["chosen_best"]
+    assert set(confirmed["arms"]) == {"no_kd", "cache_same", "cache_best"}
+    best = json.loads((tmp_path / "runs" / "trec" / "cache_best" / summary["chosen_best"] / "seed-2.json").read_text())
+    assert best["steps"] == summary["best_steps"] and confirmed["arms"]["cache_best"]["per_seed"]["2"] == best["test"]
+    bad = subprocess.run([sys.executable, str(ROOT / "pipelines" / "study.py"), "--smoke", "--seeds", "1",
+                          "--tasks", "trec", "--confirm", "1", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--confirm" in bad.stderr
 
 
 @pytest.mark.slow
