@@ -609,11 +609,13 @@ def main(argv=None):
     if args.confirm:
         if set(args.confirm) & {TUNE_SEED, *args.seeds}:
             ap.error(f"--confirm: seeds other than the tuning seed {TUNE_SEED} and the reported seeds {args.seeds}")
-        results = [confirm(Task(name, {**TASKS[name], **SMOKE} if args.smoke else TASKS[name], Path(args.out),
-                                smoke=args.smoke, allow_collapse=args.smoke), args.confirm) for name in args.tasks]
-        for r in results:
-            Task._write(Path(args.out) / f"confirm-{r['task']}.json", r)
-            print(r["task"], {arm: (round(100 * a["mean"], 2), a["gap_closed"]) for arm, a in r["arms"].items()})
+        results = []
+        for name in args.tasks:  # each task's file as soon as it is done
+            r = confirm(Task(name, {**TASKS[name], **SMOKE} if args.smoke else TASKS[name], Path(args.out),
+                             smoke=args.smoke, allow_collapse=args.smoke), args.confirm)
+            Task._write(Path(args.out) / f"confirm-{name}.json", r)
+            print(name, {arm: (round(100 * a["mean"], 2), a["gap_closed"]) for arm, a in r["arms"].items()}, flush=True)
+            results.append(r)
         return results
     if TUNE_SEED in args.seeds:
         ap.error(f"--seeds: seed {TUNE_SEED} is the tuning seed; report on others")
