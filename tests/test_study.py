@@ -145,6 +145,9 @@ def test_study_smoke_runs_every_arm(textbrewer, tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "pipelines" / "study.py"), "--smoke", "--seeds", "1",
                           "--tasks", "trec", "--confirm", "1", "--out", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "--confirm" in bad.stderr
+    reported = subprocess.run([sys.executable, str(ROOT / "pipelines" / "study.py"), "--smoke", "--seeds", "2",
+                               "--tasks", "trec", "--confirm", "1", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert reported.returncode == 1 and "fresh seeds only" in reported.stderr  # seed 1 is trec.json's reported seed
 
 
 @pytest.mark.slow
