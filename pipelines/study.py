@@ -223,9 +223,9 @@ class Task:
                 self.info = {"teacher_test": test, "finetune_seconds": finetune_s, "weights_sha256": weights}
             self._write(record, self.info)
         self.export_seconds = {"plain": self.export("plain", 0, self.train), "dev": self.export("dev", 0, self.dev)}
-        for cache in sorted({candidate_cache(c) for c in self.candidates} - {"plain"}):
-            copies = int(cache.split("-")[0].removeprefix("aug").removeprefix("plain") or 0)
-            self.export_seconds[cache] = self.export(cache, copies, self.train)
+        copies_of = {candidate_cache(c): c["copies"] for c in self.candidates}
+        for cache in sorted(copies_of.keys() - {"plain"}):
+            self.export_seconds[cache] = self.export(cache, copies_of[cache], self.train)
         self.info["export_seconds"] = self.export_seconds
         return self.info
 
@@ -294,6 +294,10 @@ class Task:
                                            str(self.work / "teacher" / "best"))
 
         return self._run("textbrewer", f"same-lr{lr:g}", seed, train, {"recipe": recipe, "lr": lr})
+
+    def run_same(self, seed: int, lr: float) -> dict:
+        """Arm 3: `cachebrew distill` from the plain cache with arm 2's recipe and rate."""
+        return self.run_cache("cache_same", f"same-lr{lr:g}", seed, "plain", SAME_RECIPE, lr)
 
     def _run(self, arm: str, variant: str, seed: int, train, params: dict) -> dict:
         """Train (unless recorded), score best/ on dev (as selected) and test; refuse collapsed models.
@@ -439,8 +443,7 @@ def run_task(task: Task, seeds: list[int]) -> dict:
         if seed != TUNE_SEED:
             runs["no_kd"].append(task.run_no_kd(seed, lr))
         for arm, run in (("textbrewer", lambda: task.run_textbrewer(seed, SAME_RECIPE, lr)),
-                         ("cache_same", lambda: task.run_cache("cache_same", f"same-lr{lr:g}", seed, "plain",
-                                                               SAME_RECIPE, lr))):
+                         ("cache_same", lambda: task.run_same(seed, lr))):
             rec = run()
             timing[arm].append(rec)
             if seed != TUNE_SEED:
@@ -461,10 +464,11 @@ def run_task(task: Task, seeds: list[int]) -> dict:
     for group in REFINEMENTS:
         base = chosen
         for suffix, change in group.items():
-            if change(base["params"]["recipe"]) != base["params"]["recipe"]:  # else nothing to change (no matches)
-                tune["cache_best"].append(task.run_cache(
-                    "cache_best", f"{base['variant']}-{suffix}", TUNE_SEED, base["params"]["cache"],
-                    change(base["params"]["recipe"]), lr, steps=base["params"]["steps"]))
+            recipe = change(base["params"]["recipe"])
+            if recipe != base["params"]["recipe"]:  # else nothing to change (no matches to weight)
+                tune["cache_best"].append(task.run_cache("cache_best", f"{base['variant']}-{suffix}", TUNE_SEED,
+                                                         base["params"]["cache"], recipe, lr,
+                                                         steps=base["params"]["steps"]))
         chosen = pick(tune["cache_best"])
     # last grid: the chosen recipe at each other learning rate arm 1's grid tried. Arms 1-3 train at arm 1's
     # tuned rate; arm 4 may choose another, but only within the range the baseline was tuned over.
@@ -539,7 +543,7 @@ def confirm(task: Task, seeds: list[int]) -> dict:
     runs = {"no_kd": [], "cache_same": [], "cache_best": []}
     for seed in seeds:
         runs["no_kd"].append(task.run_no_kd(seed, lr))
-        runs["cache_same"].append(task.run_cache("cache_same", f"same-lr{lr:g}", seed, "plain", SAME_RECIPE, lr))
+        runs["cache_same"].append(task.run_same(seed, lr))
         runs["cache_best"].append(task.run_cache("cache_best", s["chosen_best"], seed, s["best_cache"],
                                                  s["best_recipe"], s["best_lr"], steps=s["best_steps"]))
     no_kd = statistics.mean(r["test"] for r in runs["no_kd"])
