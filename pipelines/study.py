@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import statistics
 import sys
 import time
@@ -92,6 +93,9 @@ def _weigh_matches(factor: float):
 
 REFINEMENTS = [{"kdmse": lambda r: {**r, "kd_loss_type": "mse"}},
                {"im4": _weigh_matches(4), "im16": _weigh_matches(16)}]
+# Last, at each task's final recipe and rate: how many augmented copies pay off there (the first grid asked it at
+# arm 3's recipe, T = 4). Each at its own step budget: a larger export leaves fewer steps.
+COPIES_REFINEMENT = (2, 4)
 LAYER_PAIRS = [(3, 1), (6, 2)]  # teacher layer -> student layer, the student's two layers
 
 
@@ -128,6 +132,11 @@ def candidate_cache(c: dict) -> str:
     matches attention (so a candidate's export share is the export of only what it reads)."""
     m = c.get("matches", "hidden")
     return (f"aug{c['copies']}" if c["copies"] else "plain") + ("-h0" if "0" in m else "") + ("-att" if "att" in m else "")
+
+
+def with_copies(cache: str, copies: int) -> str:
+    """The cache holding the same teacher outputs as `cache` over `copies` augmented copies."""
+    return re.sub(r"^(plain|aug\d+)", f"aug{copies}", cache)
 
 
 def cache_outputs(cache: str) -> dict:
@@ -189,7 +198,9 @@ class Task:
         self.candidates = first + RECIPE_CANDIDATES[:1 if smoke else None] + MATCH_CANDIDATES[-1 if smoke else 0:]
 
     # -- teacher and caches (once per task) ---------------------------------------------------------------
-    def prepare(self) -> dict:
+    def prepare(self, extra_caches: dict | None = None) -> dict:
+        """Fine-tune the teacher and export every candidate's cache (and `extra_caches`, {cache: copies}) unless
+        recorded; the teacher record with each cache's export seconds."""
         from cachebrew.components.students import StudentConfig
         from cachebrew.core.files import sha256_file
         from cachebrew.recipes.finetune import FinetuneConfig, FinetuneTrain, run_evaluate, run_finetune
@@ -223,7 +234,8 @@ class Task:
                 self.info = {"teacher_test": test, "finetune_seconds": finetune_s, "weights_sha256": weights}
             self._write(record, self.info)
         self.export_seconds = {"plain": self.export("plain", 0, self.train), "dev": self.export("dev", 0, self.dev)}
-        copies_of = {candidate_cache(c): c["copies"] for c in self.candidates}
+        copies_of = {**{candidate_cache(c): c["copies"] for c in self.candidates}, **(extra_caches or {})}
+        self.copies_of = copies_of
         for cache in sorted(copies_of.keys() - {"plain"}):
             self.export_seconds[cache] = self.export(cache, copies_of[cache], self.train)
         self.info["export_seconds"] = self.export_seconds
@@ -454,8 +466,11 @@ def run_task(task: Task, seeds: list[int]) -> dict:
     # matches add per step (attention maps, weights: not budgeted separately; --timing measures the chosen one)
     online = statistics.mean(r["train_seconds"] for r in timing["textbrewer"])
     per_step = statistics.mean(r["train_seconds"] / r["steps"] for r in timing["cache_same"])
-    budget = {cache: max(int((online - info["export_seconds"][cache] / len(seeds)) / per_step), 1)
-              for cache in {candidate_cache(c) for c in task.candidates}}
+
+    def steps_within(cache):
+        return max(int((online - info["export_seconds"][cache] / len(seeds)) / per_step), 1)
+
+    budget = {cache: steps_within(cache) for cache in {candidate_cache(c) for c in task.candidates}}
     tune["cache_best"] = [task.run_cache("cache_best", candidate_name(c), TUNE_SEED, candidate_cache(c),
                                          candidate_recipe(c), lr, steps=budget[candidate_cache(c)])
                           for c in task.candidates]
@@ -476,6 +491,19 @@ def run_task(task: Task, seeds: list[int]) -> dict:
                                           chosen["params"]["cache"], chosen["params"]["recipe"], x,
                                           steps=chosen["params"]["steps"])
                            for x in sorted({r["params"]["lr"] for r in tune["no_kd"]} - {lr})]
+    chosen = pick(tune["cache_best"])
+    # last: more augmented copies at the final recipe and rate, each cache exported once, at its own budget
+    base = chosen
+    for k in COPIES_REFINEMENT:
+        cache = with_copies(base["params"]["cache"], k)
+        if cache == base["params"]["cache"]:
+            continue
+        if cache not in task.copies_of:
+            info["export_seconds"][cache] = task.export(cache, k, task.train)
+            task.copies_of[cache] = k
+        tune["cache_best"].append(task.run_cache("cache_best", re.sub(r"^k\d+", f"k{k}", base["variant"]), TUNE_SEED,
+                                                 cache, base["params"]["recipe"], base["params"]["lr"],
+                                                 steps=steps_within(cache)))
     chosen = pick(tune["cache_best"])
     best_recipe, best_variant, best_cache = chosen["params"]["recipe"], chosen["variant"], chosen["params"]["cache"]
     best_lr = chosen["params"]["lr"]
@@ -498,7 +526,8 @@ def run_task(task: Task, seeds: list[int]) -> dict:
         arms[arm]["median_wall_seconds"] = arms[arm]["train_seconds"] + share
     summary = {"task": task.name, "metric": "f1" if task.token_level else "accuracy", "teacher": teacher,
                "seeds": seeds, "tuning_seed": TUNE_SEED, "chosen_lr": lr, "best_lr": best_lr, "chosen_best": best_variant,
-               "best_recipe": best_recipe, "best_cache": best_cache, "best_steps": chosen["params"]["steps"], "arms": arms,
+               "best_recipe": best_recipe, "best_cache": best_cache, "best_copies": task.copies_of[best_cache],
+               "best_steps": chosen["params"]["steps"], "arms": arms,
                "tuning": {k: [{"variant": r["variant"], "dev": r["dev"]} for r in v] for k, v in tune.items()},
                "spec": task.spec, "teacher_info": info, "teacher_parameters": info["teacher_test"]["parameters"],
                "student_parameters": runs["no_kd"][0]["test_metrics"]["parameters"]}
@@ -511,7 +540,7 @@ def side_by_side_timing(task: Task, seeds: list[int]) -> list[dict]:
     from cachebrew.recipes.distill import run_distill
 
     s = json.loads((task.runs.parent.parent / f"{task.name}.json").read_text())
-    task.prepare()
+    task.prepare({s["best_cache"]: s["best_copies"]} if "best_copies" in s else None)
     rows = []
     for seed in seeds:
         for arm in ("textbrewer", "cache_best"):
@@ -538,7 +567,7 @@ def confirm(task: Task, seeds: list[int]) -> dict:
     if set(seeds) & {TUNE_SEED, *s["seeds"]}:
         raise SystemExit(f"--confirm {seeds}: {task.name} was tuned on seed {TUNE_SEED} and reported seeds {s['seeds']}; "
                          f"fresh seeds only")
-    task.prepare()
+    task.prepare({s["best_cache"]: s["best_copies"]} if "best_copies" in s else None)
     lr = s["chosen_lr"]
     runs = {"no_kd": [], "cache_same": [], "cache_best": []}
     for seed in seeds:

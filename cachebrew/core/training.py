@@ -66,7 +66,17 @@ def save_student(model, path: Path, tokenizer_source: str | None):
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        # the saved config is for users of the model: without the outputs only distillation needed (every layer's
+        # hidden states and attention maps on each forward pass)
+        config = getattr(model, "config", None)
+        flags = {k: getattr(config, k) for k in ("output_hidden_states", "output_attentions") if hasattr(config, k)}
+        try:
+            for k in flags:
+                setattr(config, k, False)
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        finally:
+            for k, v in flags.items():
+                setattr(config, k, v)
     else:
         from safetensors.torch import save_model
 

@@ -104,6 +104,8 @@ def test_results_checkpoints_and_reload(world, tmp_path):
     assert [h["step"] for h in results["history"]] == [8, 16]
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    saved = json.loads((out / "best" / "config.json").read_text())  # trained with every layer's hidden states
+    assert not saved.get("output_hidden_states") and not saved.get("output_attentions")  # saved for users: none
     model = AutoModelForSequenceClassification.from_pretrained(str(out / "best")).eval()
     tok = AutoTokenizer.from_pretrained(str(out / "best"))
     assert model(**tok(["good film"], return_tensors="pt")).logits.shape == (1, 2)
@@ -124,6 +126,30 @@ def test_results_checkpoints_and_reload(world, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000008", "step-000016"]
     with pytest.raises(CachebrewError, match="pass --resume"):
         run_distill(DistillRunConfig.from_dict(distill_cfg(world, out)))
+
+
+def test_evaluation_runs_an_attention_matching_student_without_its_training_outputs():
+    """eval_mode: SDPA and no hidden states/maps while evaluating (same logits), training settings back after."""
+    from cachebrew.components.students import StudentConfig
+    from cachebrew.recipes.distill.recipe import eval_mode
+
+    torch.manual_seed(0)
+    model = build_student(StudentConfig(config=dict(STUDENT, num_hidden_layers=2)), False, 3, True)
+    x = {"input_ids": torch.randint(1, 88, (4, 9)), "attention_mask": torch.ones(4, 9, dtype=torch.long)}
+    x["attention_mask"][0, 5:] = 0
+    model.eval()
+    with torch.no_grad():
+        trained = model(**x)
+    assert len(trained.attentions) == 2 and model.config._attn_implementation == "eager"
+    model.train()
+    with eval_mode(model) as m, torch.no_grad():
+        assert not m.training and m.config._attn_implementation == "sdpa"
+        evaluated = m(**x)
+    assert evaluated.attentions is None and evaluated.hidden_states is None
+    torch.testing.assert_close(evaluated.logits, trained.logits, rtol=1e-5, atol=1e-6)
+    assert model.training and model.config._attn_implementation == "eager"
+    assert model.config.output_attentions and model.config.output_hidden_states
+    assert len(model(**x).attentions) == 2
 
 
 @pytest.mark.slow
