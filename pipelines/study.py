@@ -17,8 +17,8 @@ Per task (a fixed training subset, the same for every arm; the full test split):
    - ``cache_same``  ``cachebrew distill`` from the plain cache, the same recipe and batches (arm 3);
 3. arm 4, ``cache_best``: ``cachebrew distill`` with a step budget that keeps its wall time (its export's share
    included) at most arm 2's mean, its recipe chosen on dev with seed 0 (grids of augmented copies, hard-label
-   weight, temperature, what to match; refinements of the choice; then the learning rate, within arm 1's grid),
-   then run on the reported seeds.
+   weight, temperature, what to match; refinements of the choice; then the learning rate, within arm 1's grid;
+   last, 2 or 4 augmented copies at the final recipe), then run on the reported seeds.
 
 Every run keeps its best dev checkpoint and is scored on the test split. The script stops with an error if a
 model predicts a single class (or no entity), so no table can rest on a collapsed baseline. Each run writes
@@ -435,7 +435,8 @@ def mean_sd(xs: list[float]) -> tuple[float, float]:
 
 
 def pick(candidates: list[dict]) -> dict:
-    """The best dev score among the candidates that did not collapse."""
+    """The best dev score among the candidates that did not collapse; a tie keeps the one tried first (the
+    choice it would replace: a change must win on dev to be kept)."""
     ok = [r for r in candidates if not r["collapsed"]] or candidates
     return max(ok, key=lambda r: r["dev"])
 

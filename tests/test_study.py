@@ -2,6 +2,7 @@
 batches, the collapse guard and the gap arithmetic, and a smoke run of the whole protocol (every arm)."""
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,10 +123,14 @@ def test_study_smoke_runs_every_arm(textbrewer, tmp_path):
         base = summary["chosen_best"].split("-lr")[0]
         for suffix in (name for group in study.REFINEMENTS for name in group):
             base = base.replace(f"-{suffix}", "")
-        assert base in {study.candidate_name(c) for c in smoke_candidates}
+        without_copies = lambda name: re.sub(r"^k\d+-", "", name)  # noqa: E731  the copies grid renames k<n>
+        assert without_copies(base) in {without_copies(study.candidate_name(c)) for c in smoke_candidates}
         tuned = {t["variant"] for t in summary["tuning"]["cache_best"]}
         assert "k1-h1-T1-hidden+att" in tuned  # attention maps exported, read back and matched
         assert any("-lr" in v for v in tuned) and any("-kdmse" in v for v in tuned)  # refinements, rate grid ran
+        assert any(v.startswith("k2-") for v in tuned)  # the copies grid ran at the final recipe
+        assert summary["best_copies"] == int(summary["chosen_best"].split("-")[0][1:])
+        assert (tmp_path / "work" / task / f"cache_{summary['best_cache']}" / "manifest.json").exists()
         for arm in summary["arms"]:
             rec = json.loads(next((tmp_path / "runs" / task / arm).glob("*/seed-1.json")).read_text())
             assert rec["steps"] > 0 and rec["seed"] == 1
