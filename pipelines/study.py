@@ -96,6 +96,10 @@ REFINEMENTS = [{"kdmse": lambda r: {**r, "kd_loss_type": "mse"}},
 # Last, at each task's final recipe and rate: how many augmented copies pay off there (the first grid asked it at
 # arm 3's recipe, T = 4). Each at its own step budget: a larger export leaves fewer steps.
 COPIES_REFINEMENT = (2, 4)
+# And two teachers: the same MiniLM fine-tuned again with another seed, its logits exported over the same rows
+# (`<cache>-t2`); the student learns the mean of both teachers' logits, the matched hidden states and maps stay
+# the first teacher's. Its export counts in the run's export share like the first's.
+SECOND_TEACHER_SEED = 43
 LAYER_PAIRS = [(3, 1), (6, 2)]  # teacher layer -> student layer, the student's two layers
 
 
@@ -140,8 +144,9 @@ def with_copies(cache: str, copies: int) -> str:
 
 
 def cache_outputs(cache: str) -> dict:
-    """The teacher outputs an exported cache holds, from its name (see candidate_cache)."""
-    if cache == "dev":
+    """The teacher outputs an exported cache holds, from its name (see candidate_cache): logits only for the dev
+    cache and the second teacher's (`-t2`)."""
+    if cache == "dev" or cache.endswith("-t2"):
         return {}
     hidden = [0] * ("-h0" in cache) + [t for t, _ in LAYER_PAIRS]
     return {"hidden_layers": hidden, **({"attention_layers": [t - 1 for t, _ in LAYER_PAIRS]} if "-att" in cache else {})}
@@ -201,38 +206,7 @@ class Task:
     def prepare(self, extra_caches: dict | None = None) -> dict:
         """Fine-tune the teacher and export every candidate's cache (and `extra_caches`, {cache: copies}) unless
         recorded; the teacher record with each cache's export seconds."""
-        from cachebrew.components.students import StudentConfig
-        from cachebrew.core.files import sha256_file
-        from cachebrew.recipes.finetune import FinetuneConfig, FinetuneTrain, run_evaluate, run_finetune
-
-        record = self.runs / "teacher.json"
-        recorded = json.loads(record.read_text()) if record.exists() else None
-        if recorded and (self.work / "teacher" / "best").exists():
-            self.info = recorded
-        else:  # first run, or a checkout that kept the records but not the (untracked) checkpoints
-            t0 = time.perf_counter()
-            teacher = {"path": MINILM, **({"model_class": "AutoModelForTokenClassification"} if self.token_level else {})}
-            data = replace(self.train, limit=self.spec.get("teacher_train_size", self.spec["train_size"]))
-            run_finetune(FinetuneConfig(output_dir=str(self.work / "teacher"), model=StudentConfig(**teacher),
-                                        data=data, eval_path=self.dev.path, max_length=self.L, seed=42,
-                                        train=FinetuneTrain(batch_size=self.bs, progress_bar=False,
-                                                            **self.spec["teacher"])))
-            finetune_s = time.perf_counter() - t0
-            test = run_evaluate(str(self.work / "teacher" / "best"), self.test, self.L)
-            weights = sha256_file(self.work / "teacher" / "best" / "model.safetensors")
-            if recorded:  # the recorded runs were distilled from that teacher: it must come back the same
-                same = recorded["weights_sha256"] == weights if "weights_sha256" in recorded else \
-                    main_score(test) == main_score(recorded["teacher_test"])  # early records: no weights hash
-                if not same:
-                    raise SystemExit(f"{self.name}: the rebuilt teacher differs from the one the records in {self.runs} "
-                                     f"were distilled from (test {main_score(test):.4f} vs "
-                                     f"{main_score(recorded['teacher_test']):.4f}; training is not bit-identical "
-                                     f"across machines, thread counts or library versions). Move {self.runs} and "
-                                     f"{self.work} away to start this task over.")
-                self.info = {**recorded, "weights_sha256": weights}
-            else:
-                self.info = {"teacher_test": test, "finetune_seconds": finetune_s, "weights_sha256": weights}
-            self._write(record, self.info)
+        self.info = self.fine_tune_teacher("teacher", 42)
         self.export_seconds = {"plain": self.export("plain", 0, self.train), "dev": self.export("dev", 0, self.dev)}
         copies_of = {**{candidate_cache(c): c["copies"] for c in self.candidates}, **(extra_caches or {})}
         self.copies_of = copies_of
@@ -241,16 +215,56 @@ class Task:
         self.info["export_seconds"] = self.export_seconds
         return self.info
 
+    def fine_tune_teacher(self, name: str, seed: int) -> dict:
+        """Fine-tune a MiniLM teacher into work/<name> unless it is there, recorded in runs/<name>.json: its test
+        metrics, seconds and weights hash. A rebuilt teacher must reproduce the recorded weights."""
+        from cachebrew.components.students import StudentConfig
+        from cachebrew.core.files import sha256_file
+        from cachebrew.recipes.finetune import FinetuneConfig, FinetuneTrain, run_evaluate, run_finetune
+
+        record = self.runs / f"{name}.json"
+        recorded = json.loads(record.read_text()) if record.exists() else None
+        if recorded and (self.work / name / "best").exists():
+            return recorded
+        # first run, or a checkout that kept the records but not the (untracked) checkpoints
+        t0 = time.perf_counter()
+        teacher = {"path": MINILM, **({"model_class": "AutoModelForTokenClassification"} if self.token_level else {})}
+        data = replace(self.train, limit=self.spec.get("teacher_train_size", self.spec["train_size"]))
+        run_finetune(FinetuneConfig(output_dir=str(self.work / name), model=StudentConfig(**teacher),
+                                    data=data, eval_path=self.dev.path, max_length=self.L, seed=seed,
+                                    train=FinetuneTrain(batch_size=self.bs, progress_bar=False, **self.spec["teacher"])))
+        finetune_s = time.perf_counter() - t0
+        test = run_evaluate(str(self.work / name / "best"), self.test, self.L)
+        weights = sha256_file(self.work / name / "best" / "model.safetensors")
+        if recorded:  # the recorded runs were distilled from that teacher: it must come back the same
+            same = recorded["weights_sha256"] == weights if "weights_sha256" in recorded else \
+                main_score(test) == main_score(recorded["teacher_test"])  # early records: no weights hash
+            if not same:
+                raise SystemExit(f"{self.name}: the rebuilt {name} differs from the one the records in {self.runs} "
+                                 f"were distilled from (test {main_score(test):.4f} vs "
+                                 f"{main_score(recorded['teacher_test']):.4f}; training is not bit-identical "
+                                 f"across machines, thread counts or library versions). Move {self.runs} and "
+                                 f"{self.work} away to start this task over.")
+            info = {**recorded, "weights_sha256": weights}
+        else:
+            info = {"teacher_test": test, "finetune_seconds": finetune_s, "weights_sha256": weights, "seed": seed}
+        self._write(record, info)
+        return info
+
     def export(self, cache: str, copies: int, data) -> float:
         """Export one cache (unless recorded); its seconds, which the runs that read it share."""
         from cachebrew.recipes.export import ExportConfig, run_export
+
+        if cache.endswith("-t2"):
+            self.fine_tune_teacher("teacher2", SECOND_TEACHER_SEED)
 
         record = self.runs / f"export-{cache}.json"
         if record.exists() and (self.work / f"cache_{cache}" / "manifest.json").exists():
             return json.loads(record.read_text())["seconds"]
         t = time.perf_counter()
         cfg = {"output": str(self.work / f"cache_{cache}"), "task": self.name, "max_length": self.L,
-               "teachers": [{"name": "minilm", "path": str(self.work / "teacher" / "best"),
+               "teachers": [{"name": "minilm2" if cache.endswith("-t2") else "minilm",
+                             "path": str(self.work / ("teacher2" if cache.endswith("-t2") else "teacher") / "best"),
                              **({"model_class": "AutoModelForTokenClassification"} if self.token_level else {})}],
                "data": dict(vars(data)), "batch_size": 64, "progress_bar": False,
                "outputs": cache_outputs(cache), "dtypes": {"logits": "fp32", "hidden": "fp32"}}
@@ -287,7 +301,7 @@ class Task:
         train.update({"steps": steps, "eval_every": max(steps // self.spec["epochs"], 1)} if steps
                      else {"epochs": self.spec["epochs"]})
         return DistillRunConfig.from_dict({
-            "output_dir": str(out), "seed": seed, "caches": [str(self.work / f"cache_{cache}")],
+            "output_dir": str(out), "seed": seed, "caches": [str(self.work / f"cache_{c}") for c in cache.split("+")],
             "eval_cache": str(self.work / "cache_dev"), "student": copy.deepcopy(self.student),
             "distill": copy.deepcopy(recipe), "train": train})
 
@@ -468,8 +482,11 @@ def run_task(task: Task, seeds: list[int]) -> dict:
     online = statistics.mean(r["train_seconds"] for r in timing["textbrewer"])
     per_step = statistics.mean(r["train_seconds"] / r["steps"] for r in timing["cache_same"])
 
+    def exported(cache):  # seconds of the export(s) a run reads: "a+b" reads two caches
+        return sum(info["export_seconds"][c] for c in cache.split("+"))
+
     def steps_within(cache):
-        return max(int((online - info["export_seconds"][cache] / len(seeds)) / per_step), 1)
+        return max(int((online - exported(cache) / len(seeds)) / per_step), 1)
 
     budget = {cache: steps_within(cache) for cache in {candidate_cache(c) for c in task.candidates}}
     tune["cache_best"] = [task.run_cache("cache_best", candidate_name(c), TUNE_SEED, candidate_cache(c),
@@ -506,6 +523,15 @@ def run_task(task: Task, seeds: list[int]) -> dict:
                                                  cache, base["params"]["recipe"], base["params"]["lr"],
                                                  steps=steps_within(cache)))
     chosen = pick(tune["cache_best"])
+    # then two teachers: the second's logits over the same rows, averaged with the first's by the loader
+    base, cache = chosen, chosen["params"]["cache"]
+    second = re.match(r"^(plain|aug\d+)", cache).group(1) + "-t2"
+    info["export_seconds"][second] = task.export(second, task.copies_of[cache], task.train)
+    task.copies_of[second] = task.copies_of[cache]
+    tune["cache_best"].append(task.run_cache("cache_best", f"{base['variant']}-2t", TUNE_SEED, f"{cache}+{second}",
+                                             base["params"]["recipe"], base["params"]["lr"],
+                                             steps=steps_within(f"{cache}+{second}")))
+    chosen = pick(tune["cache_best"])
     best_recipe, best_variant, best_cache = chosen["params"]["recipe"], chosen["variant"], chosen["params"]["cache"]
     best_lr = chosen["params"]["lr"]
     for seed in seeds:
@@ -516,7 +542,7 @@ def run_task(task: Task, seeds: list[int]) -> dict:
     arms = {}
     for arm, recs in runs.items():
         m, sd = mean_sd([r["test"] for r in recs])
-        share = info["export_seconds"][best_cache if arm == "cache_best" else "plain"] / len(seeds) \
+        share = exported(best_cache if arm == "cache_best" else "plain") / len(seeds) \
             if arm.startswith("cache") else 0.0
         arms[arm] = {"mean": m, "sd": sd, "per_seed": {r["seed"]: r["test"] for r in recs},
                      "gap_closed": gap_closed(m, no_kd, teacher) if arm != "no_kd" else None,
@@ -527,9 +553,10 @@ def run_task(task: Task, seeds: list[int]) -> dict:
         arms[arm]["median_wall_seconds"] = arms[arm]["train_seconds"] + share
     summary = {"task": task.name, "metric": "f1" if task.token_level else "accuracy", "teacher": teacher,
                "seeds": seeds, "tuning_seed": TUNE_SEED, "chosen_lr": lr, "best_lr": best_lr, "chosen_best": best_variant,
-               "best_recipe": best_recipe, "best_cache": best_cache, "best_copies": task.copies_of[best_cache],
+               "best_recipe": best_recipe, "best_cache": best_cache, "best_copies": task.copies_of[best_cache.split("+")[0]],
                "best_steps": chosen["params"]["steps"], "arms": arms,
                "tuning": {k: [{"variant": r["variant"], "dev": r["dev"]} for r in v] for k, v in tune.items()},
+               "second_teacher": main_score(task.fine_tune_teacher("teacher2", SECOND_TEACHER_SEED)["teacher_test"]),
                "spec": task.spec, "teacher_info": info, "teacher_parameters": info["teacher_test"]["parameters"],
                "student_parameters": runs["no_kd"][0]["test_metrics"]["parameters"]}
     return summary
@@ -541,7 +568,7 @@ def side_by_side_timing(task: Task, seeds: list[int]) -> list[dict]:
     from cachebrew.recipes.distill import run_distill
 
     s = json.loads((task.runs.parent.parent / f"{task.name}.json").read_text())
-    task.prepare({s["best_cache"]: s["best_copies"]} if "best_copies" in s else None)
+    task.prepare({c: s["best_copies"] for c in s["best_cache"].split("+")} if "best_copies" in s else None)
     rows = []
     for seed in seeds:
         for arm in ("textbrewer", "cache_best"):
@@ -568,7 +595,7 @@ def confirm(task: Task, seeds: list[int]) -> dict:
     if set(seeds) & {TUNE_SEED, *s["seeds"]}:
         raise SystemExit(f"--confirm {seeds}: {task.name} was tuned on seed {TUNE_SEED} and reported seeds {s['seeds']}; "
                          f"fresh seeds only")
-    task.prepare({s["best_cache"]: s["best_copies"]} if "best_copies" in s else None)
+    task.prepare({c: s["best_copies"] for c in s["best_cache"].split("+")} if "best_copies" in s else None)
     lr = s["chosen_lr"]
     runs = {"no_kd": [], "cache_same": [], "cache_best": []}
     for seed in seeds:

@@ -129,6 +129,9 @@ def test_study_smoke_runs_every_arm(textbrewer, tmp_path):
         assert "k1-h1-T1-hidden+att" in tuned  # attention maps exported, read back and matched
         assert any("-lr" in v for v in tuned) and any("-kdmse" in v for v in tuned)  # refinements, rate grid ran
         assert any(v.startswith("k2-") for v in tuned)  # the copies grid ran at the final recipe
+        assert any(v.endswith("-2t") for v in tuned) and 0 < summary["second_teacher"] <= 1  # and two teachers
+        two = json.loads(next((tmp_path / "runs" / task / "cache_best").glob("*-2t/seed-0.json")).read_text())
+        assert two["params"]["cache"].endswith("-t2") and "+" in two["params"]["cache"]
         assert summary["best_copies"] == int(summary["chosen_best"].split("-")[0][1:])
         assert (tmp_path / "work" / task / f"cache_{summary['best_cache']}" / "manifest.json").exists()
         for arm in summary["arms"]:
