@@ -139,6 +139,14 @@ def test_study_smoke_runs_every_arm(textbrewer, tmp_path):
             assert rec["steps"] > 0 and rec["seed"] == 1
         # arm 2 and arm 3 on the real MiniLM: the same weights, so the same test score
         assert summary["arms"]["textbrewer"]["mean"] == summary["arms"]["cache_same"]["mean"]
+    # the two teachers' mean on test (the reference of a two-teacher arm 4), by hand from the pair's cache rows
+    task = study.Task("trec", {**study.TASKS["trec"], **study.SMOKE}, tmp_path, smoke=True, allow_collapse=True)
+    mean = task.teachers_mean_test()
+    from cachebrew.cache import CacheReader
+
+    rows = list(CacheReader(tmp_path / "work" / "trec" / "cache_test-pair").iter_rows())
+    hits = [int((r["minilm.logits"] + r["minilm2.logits"]).argmax()) == int(r["labels"]) for r in rows]
+    assert len(rows) == study.SMOKE["test_size"] and mean["accuracy"] == sum(hits) / len(rows)
     # fresh seeds: arms 1, 3 and 4 exactly as chosen, a seed the study never used
     res = subprocess.run([sys.executable, str(ROOT / "pipelines" / "study.py"), "--smoke", "--seeds", "1",
                           "--tasks", "trec", "--confirm", "2", "--out", str(tmp_path)],
