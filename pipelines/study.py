@@ -18,7 +18,8 @@ Per task (a fixed training subset, the same for every arm; the full test split):
 3. arm 4, ``cache_best``: ``cachebrew distill`` with a step budget that keeps its wall time (its export's share
    included) at most arm 2's mean, its recipe chosen on dev with seed 0 (grids of augmented copies, hard-label
    weight, temperature, what to match; refinements of the choice; then the learning rate, within arm 1's grid;
-   last, 2 or 4 augmented copies at the final recipe), then run on the reported seeds.
+   then 2 or 4 augmented copies at the final recipe; last, a second teacher averaged with the first), then run on
+   the reported seeds. A two-teacher arm 4's gap closed is to the teachers' mean logits on test, when higher.
 
 Every run keeps its best dev checkpoint and is scored on the test split. The script stops with an error if a
 model predicts a single class (or no entity), so no table can rest on a collapsed baseline. Each run writes
