@@ -139,9 +139,17 @@ def candidate_cache(c: dict) -> str:
     return (f"aug{c['copies']}" if c["copies"] else "plain") + ("-h0" if "0" in m else "") + ("-att" if "att" in m else "")
 
 
+CACHE_ROWS = re.compile(r"^(plain|aug\d+)")  # the rows part of a cache name (see candidate_cache)
+
+
 def with_copies(cache: str, copies: int) -> str:
     """The cache holding the same teacher outputs as `cache` over `copies` augmented copies."""
-    return re.sub(r"^(plain|aug\d+)", f"aug{copies}", cache)
+    return CACHE_ROWS.sub(f"aug{copies}", cache)
+
+
+def second_teacher_cache(cache: str) -> str:
+    """The second teacher's logits over the rows of `cache`."""
+    return CACHE_ROWS.match(cache).group(1) + "-t2"
 
 
 def cache_outputs(cache: str) -> dict:
@@ -175,6 +183,12 @@ def check_not_collapsed(metrics: dict, what: str) -> None:
 
 def main_score(metrics: dict) -> float:
     return metrics["f1"] if "f1" in metrics else metrics["accuracy"]
+
+
+def gap_reference(arm: str, teacher: float, teachers_mean: float | None) -> float:
+    """The score an arm's gap is measured to: the teacher's, or for a two-teacher arm 4 the teachers' mean logits'
+    when that is higher (what the student imitates)."""
+    return max(teacher, teachers_mean or 0.0) if arm == "cache_best" else teacher
 
 
 def gap_closed(student: float, no_kd: float, teacher: float) -> float | None:
@@ -229,7 +243,7 @@ class Task:
             return recorded
         # first run, or a checkout that kept the records but not the (untracked) checkpoints
         t0 = time.perf_counter()
-        teacher = {"path": MINILM, **({"model_class": "AutoModelForTokenClassification"} if self.token_level else {})}
+        teacher = {"path": MINILM, **self.model_class}
         data = replace(self.train, limit=self.spec.get("teacher_train_size", self.spec["train_size"]))
         run_finetune(FinetuneConfig(output_dir=str(self.work / name), model=StudentConfig(**teacher),
                                     data=data, eval_path=self.dev.path, max_length=self.L, seed=seed,
@@ -263,11 +277,9 @@ class Task:
         if record.exists():
             return json.loads(record.read_text())
         self.fine_tune_teacher("teacher2", SECOND_TEACHER_SEED)
-        cls = {"model_class": "AutoModelForTokenClassification"} if self.token_level else {}
         run_export(ExportConfig.from_dict({
             "output": str(self.work / "cache_test-pair"), "task": self.name, "max_length": self.L,
-            "teachers": [{"name": n, "path": str(self.work / d / "best"), **cls}
-                         for n, d in (("minilm", "teacher"), ("minilm2", "teacher2"))],
+            "teachers": [self.exported_teacher(second=False), self.exported_teacher(second=True)],
             "data": dict(vars(self.test)), "batch_size": 64, "progress_bar": False, "outputs": {},
             "dtypes": {"logits": "fp32"}}))
         ds = CacheBatches(str(self.work / "cache_test-pair"), 64, shuffle=False, features={("logits", None)})
@@ -278,6 +290,23 @@ class Task:
         metrics = score(preds, golds, ds.joined.manifest.label_names)
         self._write(record, metrics)
         return metrics
+
+    @property
+    def model_class(self) -> dict:
+        return {"model_class": "AutoModelForTokenClassification"} if self.token_level else {}
+
+    def exported_teacher(self, second: bool) -> dict:
+        """An export's teacher entry: the first fine-tuned MiniLM, or the second (SECOND_TEACHER_SEED)."""
+        name, folder = ("minilm2", "teacher2") if second else ("minilm", "teacher")
+        return {"name": name, "path": str(self.work / folder / "best"), **self.model_class}
+
+    def summary(self) -> dict:
+        """The summary a finished run of this task wrote."""
+        return json.loads((self.runs.parent.parent / f"{self.name}.json").read_text())
+
+    def prepare_chosen(self, s: dict) -> dict:
+        """prepare(), and every cache the summary's chosen recipe reads exported."""
+        return self.prepare({c: s["best_copies"] for c in s["best_cache"].split("+")} if "best_copies" in s else None)
 
     def export(self, cache: str, copies: int, data) -> float:
         """Export one cache (unless recorded); its seconds, which the runs that read it share."""
@@ -291,9 +320,7 @@ class Task:
             return json.loads(record.read_text())["seconds"]
         t = time.perf_counter()
         cfg = {"output": str(self.work / f"cache_{cache}"), "task": self.name, "max_length": self.L,
-               "teachers": [{"name": "minilm2" if cache.endswith("-t2") else "minilm",
-                             "path": str(self.work / ("teacher2" if cache.endswith("-t2") else "teacher") / "best"),
-                             **({"model_class": "AutoModelForTokenClassification"} if self.token_level else {})}],
+               "teachers": [self.exported_teacher(second=cache.endswith("-t2"))],
                "data": dict(vars(data)), "batch_size": 64, "progress_bar": False,
                "outputs": cache_outputs(cache), "dtypes": {"logits": "fp32", "hidden": "fp32"}}
         if copies:
@@ -531,14 +558,14 @@ def run_task(task: Task, seeds: list[int]) -> dict:
                                                          base["params"]["cache"], recipe, lr,
                                                          steps=base["params"]["steps"]))
         chosen = pick(tune["cache_best"])
-    # last grid: the chosen recipe at each other learning rate arm 1's grid tried. Arms 1-3 train at arm 1's
+    # then the chosen recipe at each other learning rate arm 1's grid tried. Arms 1-3 train at arm 1's
     # tuned rate; arm 4 may choose another, but only within the range the baseline was tuned over.
     tune["cache_best"] += [task.run_cache("cache_best", f"{chosen['variant']}-lr{x:g}", TUNE_SEED,
                                           chosen["params"]["cache"], chosen["params"]["recipe"], x,
                                           steps=chosen["params"]["steps"])
                            for x in sorted({r["params"]["lr"] for r in tune["no_kd"]} - {lr})]
     chosen = pick(tune["cache_best"])
-    # last: more augmented copies at the final recipe and rate, each cache exported once, at its own budget
+    # then more augmented copies at the final recipe and rate, each cache exported once, at its own budget
     base = chosen
     for k in COPIES_REFINEMENT:
         cache = with_copies(base["params"]["cache"], k)
@@ -553,7 +580,7 @@ def run_task(task: Task, seeds: list[int]) -> dict:
     chosen = pick(tune["cache_best"])
     # then two teachers: the second's logits over the same rows, averaged with the first's by the loader
     base, cache = chosen, chosen["params"]["cache"]
-    second = re.match(r"^(plain|aug\d+)", cache).group(1) + "-t2"
+    second = second_teacher_cache(cache)
     info["export_seconds"][second] = task.export(second, task.copies_of[cache], task.train)
     task.copies_of[second] = task.copies_of[cache]
     tune["cache_best"].append(task.run_cache("cache_best", f"{base['variant']}-2t", TUNE_SEED, f"{cache}+{second}",
@@ -572,7 +599,7 @@ def run_task(task: Task, seeds: list[int]) -> dict:
     arms = {}
     for arm, recs in runs.items():
         m, sd = mean_sd([r["test"] for r in recs])
-        reference = max(teacher, pair) if arm == "cache_best" and pair is not None else teacher
+        reference = gap_reference(arm, teacher, pair)
         share = exported(best_cache if arm == "cache_best" else "plain") / len(seeds) \
             if arm.startswith("cache") else 0.0
         arms[arm] = {"mean": m, "sd": sd, "per_seed": {r["seed"]: r["test"] for r in recs},
@@ -600,8 +627,8 @@ def side_by_side_timing(task: Task, seeds: list[int]) -> list[dict]:
     seed: wall time compared within one run, as the benchmarks do. Needs the task's summary and work dir."""
     from cachebrew.recipes.distill import run_distill
 
-    s = json.loads((task.runs.parent.parent / f"{task.name}.json").read_text())
-    task.prepare({c: s["best_copies"] for c in s["best_cache"].split("+")} if "best_copies" in s else None)
+    s = task.summary()
+    task.prepare_chosen(s)
     rows = []
     for seed in seeds:
         for arm in ("textbrewer", "cache_best"):
@@ -624,11 +651,11 @@ def side_by_side_timing(task: Task, seeds: list[int]) -> list[dict]:
 def confirm(task: Task, seeds: list[int]) -> dict:
     """Arms 1, 3 and 4 of a finished task, exactly as chosen and run there, on seeds no choice ever saw: does the
     gap closed hold on fresh seeds? (Arm 2 is left out: it trained the same weights as arm 3 on every seed.)"""
-    s = json.loads((task.runs.parent.parent / f"{task.name}.json").read_text())
+    s = task.summary()
     if set(seeds) & {TUNE_SEED, *s["seeds"]}:
         raise SystemExit(f"--confirm {seeds}: {task.name} was tuned on seed {TUNE_SEED} and reported seeds {s['seeds']}; "
                          f"fresh seeds only")
-    task.prepare({c: s["best_copies"] for c in s["best_cache"].split("+")} if "best_copies" in s else None)
+    task.prepare_chosen(s)
     lr = s["chosen_lr"]
     runs = {"no_kd": [], "cache_same": [], "cache_best": []}
     for seed in seeds:
@@ -640,7 +667,7 @@ def confirm(task: Task, seeds: list[int]) -> dict:
     arms = {}
     for arm, recs in runs.items():
         m, sd = mean_sd([r["test"] for r in recs])
-        reference = max(s["teacher"], s.get("teachers_mean") or 0) if arm == "cache_best" else s["teacher"]
+        reference = gap_reference(arm, s["teacher"], s.get("teachers_mean"))
         arms[arm] = {"mean": m, "sd": sd, "per_seed": {r["seed"]: r["test"] for r in recs},
                      "gap_closed": gap_closed(m, no_kd, reference) if arm != "no_kd" else None}
     return {"task": task.name, "seeds": seeds, "teacher": s["teacher"], "chosen_best": s["chosen_best"], "arms": arms}

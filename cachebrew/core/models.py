@@ -5,6 +5,7 @@ Teachers (export), students (distill, train) and the Trainer front end are Huggi
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 
@@ -12,6 +13,23 @@ from ..errors import CachebrewError
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "merges.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json")
+
+
+@contextlib.contextmanager
+def without_training_outputs(model):
+    """A Hugging Face model's config with `output_hidden_states` / `output_attentions` off, restored after.
+
+    Distillation builds students that return every layer's hidden states and attention maps; evaluation reads
+    logits only, and a saved model's users should not pay for those outputs on each forward pass."""
+    config = getattr(model, "config", None)
+    flags = {k: getattr(config, k) for k in ("output_hidden_states", "output_attentions") if hasattr(config, k)}
+    try:
+        for k in flags:
+            setattr(config, k, False)
+        yield model
+    finally:
+        for k, v in flags.items():
+            setattr(config, k, v)
 
 
 def call_entry_point(spec: str, where: str):

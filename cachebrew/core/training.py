@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .files import publish_dir, unwrap
-from .models import TOKENIZER_FILES
+from .models import TOKENIZER_FILES, without_training_outputs
 
 FUSED_ADAMW = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 4)
 
@@ -66,17 +66,8 @@ def save_student(model, path: Path, tokenizer_source: str | None):
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if hasattr(model, "save_pretrained"):
-        # the saved config is for users of the model: without the outputs only distillation needed (every layer's
-        # hidden states and attention maps on each forward pass)
-        config = getattr(model, "config", None)
-        flags = {k: getattr(config, k) for k in ("output_hidden_states", "output_attentions") if hasattr(config, k)}
-        try:
-            for k in flags:
-                setattr(config, k, False)
+        with without_training_outputs(model):  # the saved config is for the model's users
             model.save_pretrained(str(tmp), safe_serialization=True)
-        finally:
-            for k, v in flags.items():
-                setattr(config, k, v)
     else:
         from safetensors.torch import save_model
 

@@ -24,7 +24,7 @@ from ...components.loader import CacheBatches, CacheLoader
 from ...configurations import TrainingConfig
 from ...core.files import atomic_write_text
 from ...core.files import unwrap
-from ...core.models import hf_adaptor
+from ...core.models import hf_adaptor, without_training_outputs
 from ...core.training import make_optimizer, resolve_amp, save_student, seed_everything, warmup_linear
 from ...distillers import GeneralDistiller, MultiTaskDistiller
 from ...distillers.batches import move_to_device
@@ -87,21 +87,18 @@ def eval_mode(model):
     model = unwrap(model)
     was_training = model.training
     model.eval()
-    config = getattr(model, "config", None)
-    flags = {k: getattr(config, k) for k in ("output_hidden_states", "output_attentions") if hasattr(config, k)}
-    eager = getattr(config, "_attn_implementation", None) == "eager" and getattr(type(model), "_supports_sdpa", False) \
-        and hasattr(model, "set_attn_implementation")
-    for k in flags:
-        setattr(config, k, False)
-    if eager:
-        model.set_attn_implementation("sdpa")
+    eager = getattr(getattr(model, "config", None), "_attn_implementation", None) == "eager" \
+        and getattr(type(model), "_supports_sdpa", False) and hasattr(model, "set_attn_implementation")
     try:
-        yield model
+        with without_training_outputs(model):  # attention maps off before SDPA, back on after eager again
+            if eager:
+                model.set_attn_implementation("sdpa")
+            try:
+                yield model
+            finally:
+                if eager:
+                    model.set_attn_implementation("eager")
     finally:
-        if eager:
-            model.set_attn_implementation("eager")
-        for k, v in flags.items():
-            setattr(config, k, v)
         model.train(was_training)
 
 
