@@ -73,6 +73,26 @@ def test_collapse_guard_and_gap_arithmetic():
     assert picked["dev"] == 0.7
 
 
+def test_the_final_choice_is_the_best_mean_dev_of_the_finalists():
+    """Screened on seed 0, the 3 best rerun on the other tuning seeds; a finalist ahead on seed 0 can lose."""
+    screened = [{"variant": v, "dev": d, "collapsed": c} for v, d, c in
+                (("a", 0.80, False), ("b", 0.83, False), ("c", 0.82, False), ("d", 0.90, True), ("e", 0.81, False))]
+    later = {"b": (0.78, 0.79), "c": (0.84, 0.83), "e": (0.85, 0.86), "a": (0.99, 0.99)}
+    reruns = []
+
+    def rerun(r, seed):
+        reruns.append((r["variant"], seed))
+        return {"dev": later[r["variant"]][study.TUNE_SEEDS.index(seed) - 1]}
+
+    chosen, rounds = study.choose_among_finalists(screened, rerun)
+    assert [r["variant"] for r in rounds] == ["b", "c", "e"]  # the collapsed one and the 4th best are not finalists
+    assert sorted(reruns) == sorted((v, s) for v in "bce" for s in study.TUNE_SEEDS[1:])
+    assert chosen["variant"] == "e" and rounds[2]["mean_dev"] == pytest.approx((0.81 + 0.85 + 0.86) / 3)
+    assert set(study.TUNE_SEEDS) & {1, 2, 3, 4, 5} == set()  # never a reported or confirming seed
+    tie = [{"variant": v, "dev": 0.8, "collapsed": False} for v in "xy"]
+    assert study.choose_among_finalists(tie, lambda r, seed: {"dev": 0.8})[0]["variant"] == "x"  # the earlier tried
+
+
 def test_candidate_matches_and_their_caches():
     """Layer numbering: hidden states count the embedding output as 0, attention maps start at the first layer."""
     att = study.candidate_matches("hidden+att")
@@ -134,6 +154,15 @@ def test_study_smoke_runs_every_arm(textbrewer, tmp_path):
         assert two["params"]["cache"].endswith("-t2") and "+" in two["params"]["cache"]
         assert summary["best_copies"] == int(summary["chosen_best"].split("-")[0][1:])
         assert (tmp_path / "work" / task / f"cache_{summary['best_cache']}" / "manifest.json").exists()
+        for arm in ("no_kd", "cache_best"):  # the final choice: 3 finalists, rerun on the other tuning seeds
+            rounds = summary["finalists"][arm]
+            assert len(rounds) == 3 and summary["tuning_seeds"] == list(study.TUNE_SEEDS)
+            chosen = summary["chosen_best"] if arm == "cache_best" else f"lr{summary['chosen_lr']:g}"
+            assert max(rounds, key=lambda r: r["mean_dev"])["variant"] == chosen
+            for r in rounds:
+                recs = [json.loads((tmp_path / "runs" / task / arm / r["variant"] / f"seed-{x}.json").read_text())
+                        for x in study.TUNE_SEEDS]
+                assert [x["dev"] for x in recs] == list(r["dev"].values())
         for arm in summary["arms"]:
             rec = json.loads(next((tmp_path / "runs" / task / arm).glob("*/seed-1.json")).read_text())
             assert rec["steps"] > 0 and rec["seed"] == 1
