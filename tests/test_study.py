@@ -156,7 +156,7 @@ def test_study_smoke_runs_every_arm(textbrewer, tmp_path):
         assert (tmp_path / "work" / task / f"cache_{summary['best_cache']}" / "manifest.json").exists()
         for arm in ("no_kd", "cache_best"):  # the final choice: 3 finalists, rerun on the other tuning seeds
             rounds = summary["finalists"][arm]
-            assert len(rounds) == 3 and summary["tuning_seeds"] == list(study.TUNE_SEEDS)
+            assert len(rounds) == min(3, len(summary["tuning"][arm])) and summary["tuning_seeds"] == list(study.TUNE_SEEDS)
             chosen = summary["chosen_best"] if arm == "cache_best" else f"lr{summary['chosen_lr']:g}"
             assert max(rounds, key=lambda r: r["mean_dev"])["variant"] == chosen
             for r in rounds:
