@@ -517,16 +517,17 @@ def pick(candidates: list[dict]) -> dict:
     return max(ok, key=lambda r: r["dev"])
 
 
-def choose_among_finalists(screened: list[dict], rerun) -> tuple[dict, list[dict]]:
-    """The FINALISTS best of `screened` (runs on TUNE_SEED), each rerun on the other TUNE_SEEDS by
+def choose_among_finalists(screened: list[dict], rerun, size: int = FINALISTS,
+                           seeds: tuple[int, ...] = TUNE_SEEDS) -> tuple[dict, list[dict]]:
+    """The `size` best of `screened` (runs on seeds[0], TUNE_SEED), each rerun on the other `seeds` by
     `rerun(record, seed)`; the one with the best mean dev score, and the round's scores. A tie keeps the finalist
     better on TUNE_SEED (the earlier tried, on a tie there too), as `pick` does."""
     ok = [r for r in screened if not r["collapsed"]] or screened
-    finalists = sorted(ok, key=lambda r: -r["dev"])[:FINALISTS]  # stable: equal dev keeps the order tried
+    finalists = sorted(ok, key=lambda r: -r["dev"])[:size]  # stable: equal dev keeps the order tried
     rounds = []
     for r in finalists:
-        devs = [r["dev"]] + [rerun(r, seed)["dev"] for seed in TUNE_SEEDS[1:]]
-        rounds.append({"variant": r["variant"], "dev": dict(zip(map(str, TUNE_SEEDS), devs)),
+        devs = [r["dev"]] + [rerun(r, seed)["dev"] for seed in seeds[1:]]
+        rounds.append({"variant": r["variant"], "dev": dict(zip(map(str, seeds), devs)),
                        "mean_dev": statistics.mean(devs)})
     best = max(range(len(rounds)), key=lambda i: rounds[i]["mean_dev"])  # max keeps the first of equals
     return finalists[best], rounds
@@ -539,9 +540,11 @@ def run_task(task: Task, seeds: list[int]) -> dict:
     while len(tune["no_kd"]) < len(LR_LADDER) and pick(tune["no_kd"])["params"]["lr"] == LR_LADDER[len(tune["no_kd"]) - 1]:
         # the best rate is the largest tried: the grid goes on up the ladder until it turns
         tune["no_kd"].append(task.run_no_kd(TUNE_SEED, LR_LADDER[len(tune["no_kd"])]))
-    # the rate: the finalists of the ladder on the tuning seeds (the same round as arm 4's recipe)
-    chosen_no_kd, no_kd_round = choose_among_finalists(tune["no_kd"],
-                                                       lambda r, seed: task.run_no_kd(seed, r["params"]["lr"]))
+    # the rate: the finalists of the ladder on the tuning seeds (the same round as arm 4's recipe); at smoke size
+    # a round of 2 finalists on 2 seeds, which runs the same code in a third of the time
+    round_size = {"size": 2, "seeds": TUNE_SEEDS[:2]} if task.smoke else {}
+    chosen_no_kd, no_kd_round = choose_among_finalists(
+        tune["no_kd"], lambda r, seed: task.run_no_kd(seed, r["params"]["lr"]), **round_size)
     finalists = {"no_kd": no_kd_round}
     lr = chosen_no_kd["params"]["lr"]
     # -- arms 1-3 on the tuning seed and the reported seeds -------------------------------------------------
@@ -615,7 +618,7 @@ def run_task(task: Task, seeds: list[int]) -> dict:
     # last, the final choice: the finalists of every candidate above on the tuning seeds
     chosen, finalists["cache_best"] = choose_among_finalists(tune["cache_best"], lambda r, seed: task.run_cache(
         "cache_best", r["variant"], seed, r["params"]["cache"], r["params"]["recipe"], r["params"]["lr"],
-        steps=r["params"]["steps"]))
+        steps=r["params"]["steps"]), **round_size)
     best_recipe, best_variant, best_cache = chosen["params"]["recipe"], chosen["variant"], chosen["params"]["cache"]
     best_lr = chosen["params"]["lr"]
     for seed in seeds:
@@ -645,7 +648,7 @@ def run_task(task: Task, seeds: list[int]) -> dict:
                "best_recipe": best_recipe, "best_cache": best_cache, "best_copies": task.copies_of[best_cache.split("+")[0]],
                "best_steps": chosen["params"]["steps"], "arms": arms,
                "tuning": {k: [{"variant": r["variant"], "dev": r["dev"]} for r in v] for k, v in tune.items()},
-               "tuning_seeds": list(TUNE_SEEDS), "finalists": finalists,
+               "tuning_seeds": list(round_size.get("seeds", TUNE_SEEDS)), "finalists": finalists,
                "second_teacher": main_score(task.fine_tune_teacher("teacher2", SECOND_TEACHER_SEED)["teacher_test"]),
                "spec": task.spec, "teacher_info": info, "teacher_parameters": info["teacher_test"]["parameters"],
                "student_parameters": runs["no_kd"][0]["test_metrics"]["parameters"]}
