@@ -93,6 +93,36 @@ def test_the_final_choice_is_the_best_mean_dev_of_the_finalists():
     assert study.choose_among_finalists(tie, lambda r, seed: {"dev": 0.8})[0]["variant"] == "x"  # the earlier tried
 
 
+def test_a_rebuilt_teacher_must_match_the_record(tmp_path, monkeypatch):
+    """Other weights stop the study, unless accepted with the recorded test score; a teacher left in work/ is
+    checked on every run, so an unaccepted one cannot slip through the next time."""
+    import cachebrew.recipes.finetune as finetune
+    from cachebrew.core.files import sha256_file
+
+    best = tmp_path / "work" / "trec" / "teacher" / "best"
+    best.mkdir(parents=True)
+    (best / "model.safetensors").write_bytes(b"rebuilt weights")
+    record = tmp_path / "runs" / "trec" / "teacher.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"teacher_test": {"accuracy": 0.88}, "weights_sha256": "0" * 64}))
+    score = {"accuracy": 0.88}
+    monkeypatch.setattr(finetune, "run_evaluate", lambda *a: dict(score))
+    monkeypatch.setattr(finetune, "run_finetune", lambda *a: pytest.fail("the teacher in work/ is not retrained"))
+    strict = study.Task("trec", study.TASKS["trec"], tmp_path)
+    for _ in range(2):
+        with pytest.raises(SystemExit, match="--accept-rebuilt-teachers"):
+            strict.fine_tune_teacher("teacher", 42)
+    lenient = study.Task("trec", study.TASKS["trec"], tmp_path, accept_rebuilt_teachers=True)
+    score["accuracy"] = 0.87
+    with pytest.raises(SystemExit, match="0.8700 vs 0.8800"):
+        lenient.fine_tune_teacher("teacher", 42)  # accepted only with the recorded score
+    score["accuracy"] = 0.88
+    info = lenient.fine_tune_teacher("teacher", 42)
+    assert info["rebuilt_weights_sha256"] == sha256_file(best / "model.safetensors") != info["weights_sha256"]
+    assert json.loads(record.read_text()) == info
+    assert strict.fine_tune_teacher("teacher", 42) == info  # accepted once, recorded: the next run goes on
+
+
 def test_candidate_matches_and_their_caches():
     """Layer numbering: hidden states count the embedding output as 0, attention maps start at the first layer."""
     att = study.candidate_matches("hidden+att")
