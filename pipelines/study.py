@@ -539,7 +539,8 @@ def choose_among_finalists(screened: list[dict], rerun, size: int = FINALISTS,
         devs = [r["dev"]] + [rerun(r, seed)["dev"] for seed in seeds[1:]]
         rounds.append({"variant": r["variant"], "dev": dict(zip(map(str, seeds), devs)),
                        "mean_dev": statistics.mean(devs)})
-    best = max(range(len(rounds)), key=lambda i: rounds[i]["mean_dev"])  # max keeps the first of equals
+    # max keeps the first of equals; rounded, so that equal totals of correct dev examples are equal means
+    best = max(range(len(rounds)), key=lambda i: round(rounds[i]["mean_dev"], 9))
     return finalists[best], rounds
 
 
