@@ -192,7 +192,8 @@ def test_study_smoke_runs_every_arm(textbrewer, tmp_path):
         assert (tmp_path / "work" / task / f"cache_{summary['best_cache']}" / "manifest.json").exists()
         for arm in ("no_kd", "cache_best"):  # the final choice: finalists rerun on the other tuning seeds (smoke: 2, 1)
             rounds = summary["finalists"][arm]
-            assert len(rounds) == min(2, len(summary["tuning"][arm])) and summary["tuning_seeds"] == [0, 100]
+            # collapsed candidates (possible at toy size) are no finalists
+            assert 1 <= len(rounds) <= min(2, len(summary["tuning"][arm])) and summary["tuning_seeds"] == [0, 100]
             chosen = summary["chosen_best"] if arm == "cache_best" else f"lr{summary['chosen_lr']:g}"
             assert max(rounds, key=lambda r: r["mean_dev"])["variant"] == chosen
             for r in rounds:
