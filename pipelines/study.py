@@ -210,9 +210,8 @@ class Task:
                  accept_rebuilt_teachers: bool = False):
         from cachebrew.components.data import DataConfig
 
-        self.accept_rebuilt_teachers = accept_rebuilt_teachers
-
         self.name, self.spec, self.smoke, self.allow_collapse = name, spec, smoke, allow_collapse
+        self.accept_rebuilt_teachers = accept_rebuilt_teachers
         self.work = out / "work" / name
         self.runs = out / "runs" / name
         cols = {"text": spec.get("text"), "tokens": spec.get("tokens"), "label": spec["label"]}
@@ -265,11 +264,12 @@ class Task:
         if recorded and weights in {recorded.get("weights_sha256"), recorded.get("rebuilt_weights_sha256")}:
             return recorded
         test = run_evaluate(str(best), self.test, self.L)
+        same_score = bool(recorded) and main_score(test) == main_score(recorded["teacher_test"])
         if not recorded:
             info = {"teacher_test": test, "finetune_seconds": finetune_s, "weights_sha256": weights, "seed": seed}
-        elif main_score(test) == main_score(recorded["teacher_test"]) and "weights_sha256" not in recorded:
+        elif same_score and "weights_sha256" not in recorded:
             info = {**recorded, "weights_sha256": weights}  # early records: no weights hash, the score must match
-        elif main_score(test) == main_score(recorded["teacher_test"]) and self.accept_rebuilt_teachers:
+        elif same_score and self.accept_rebuilt_teachers:
             print(f"{self.name}: the rebuilt {name} has other weights than the recorded runs' teacher, the same test "
                   f"score ({main_score(test):.4f}); accepted (--accept-rebuilt-teachers)", flush=True)
             info = {**recorded, "rebuilt_weights_sha256": weights}
@@ -763,6 +763,10 @@ def main(argv=None):
                          "or library) if its test score is the recorded one")
     args = ap.parse_args(argv)
 
+    def task(name: str) -> Task:  # smoke: toy sizes, where a collapsed model is recorded, not refused
+        return Task(name, {**TASKS[name], **SMOKE} if args.smoke else TASKS[name], Path(args.out), smoke=args.smoke,
+                    allow_collapse=args.smoke, accept_rebuilt_teachers=args.accept_rebuilt_teachers)
+
     def every_summary():  # table.md covers every task run so far, not only those of this invocation
         return [json.loads((Path(args.out) / f"{t}.json").read_text()) for t in TASKS
                 if (Path(args.out) / f"{t}.json").exists()]
@@ -777,10 +781,9 @@ def main(argv=None):
     transformers.utils.logging.set_verbosity_error()  # load reports of the truncated student are expected
     transformers.utils.logging.disable_progress_bar()
     if args.timing:
-        task = Task(args.timing, TASKS[args.timing], Path(args.out), accept_rebuilt_teachers=args.accept_rebuilt_teachers)
         if args.smoke:
             ap.error("--timing times a finished full-size task; it has no --smoke form")
-        rows = side_by_side_timing(task, args.seeds[:2])  # two seeds: two alternations of the pair
+        rows = side_by_side_timing(task(args.timing), args.seeds[:2])  # two seeds: two alternations of the pair
         Task._write(Path(args.out) / f"timing-{args.timing}.json", {"date": time.strftime("%Y-%m-%d"), "runs": rows})
         return rows
     if args.confirm:
@@ -788,9 +791,7 @@ def main(argv=None):
             ap.error(f"--confirm: seeds other than the tuning seeds {list(TUNE_SEEDS)} and the reported seeds {args.seeds}")
         results = []
         for name in args.tasks:  # each task's file as soon as it is done
-            r = confirm(Task(name, {**TASKS[name], **SMOKE} if args.smoke else TASKS[name], Path(args.out),
-                             smoke=args.smoke, allow_collapse=args.smoke,
-                             accept_rebuilt_teachers=args.accept_rebuilt_teachers), args.confirm)
+            r = confirm(task(name), args.confirm)
             Task._write(Path(args.out) / f"confirm-{name}.json", r)
             print(name, {arm: (round(100 * a["mean"], 2), a["gap_closed"]) for arm, a in r["arms"].items()}, flush=True)
             results.append(r)
@@ -800,9 +801,7 @@ def main(argv=None):
     out = Path(args.out)
     summaries = []
     for name in args.tasks:
-        spec = {**TASKS[name], **SMOKE} if args.smoke else TASKS[name]
-        s = run_task(Task(name, spec, out, smoke=args.smoke, allow_collapse=args.smoke,
-                          accept_rebuilt_teachers=args.accept_rebuilt_teachers), args.seeds)
+        s = run_task(task(name), args.seeds)
         Task._write(out / f"{name}.json", s)
         summaries.append(s)
         (out / "table.md").write_text(table(every_summary()))
