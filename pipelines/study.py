@@ -544,18 +544,31 @@ def choose_among_finalists(screened: list[dict], rerun, size: int = FINALISTS,
     return finalists[best], rounds
 
 
+def tune_rate(tried: list[dict], screen, rerun, round_size: dict) -> tuple[dict, list[dict]]:
+    """Arm 1's learning rate: `screen(lr)` (seed 0) up LR_LADDER from its first two rungs while the best is the
+    largest tried, then the finalists round (`rerun`, as `choose_among_finalists`). If the round's choice is the
+    largest rate tried, the ladder has not turned for the final choice either: the next rung is screened and the
+    round held again (its earlier runs are records, so only the new ones train). Appends to `tried`."""
+    tried += [screen(lr) for lr in LR_LADDER[:2]]
+    while True:
+        while len(tried) < len(LR_LADDER) and pick(tried)["params"]["lr"] == LR_LADDER[len(tried) - 1]:
+            tried.append(screen(LR_LADDER[len(tried)]))  # the best rate is the largest tried: go on up
+        chosen, rounds = choose_among_finalists(tried, rerun, **round_size)
+        if len(tried) == len(LR_LADDER) or chosen["params"]["lr"] != LR_LADDER[len(tried) - 1]:
+            return chosen, rounds
+        tried.append(screen(LR_LADDER[len(tried)]))
+
+
 def run_task(task: Task, seeds: list[int]) -> dict:
     info = task.prepare()
     # -- tuning on dev, seed 0 -------------------------------------------------------------------------------
-    tune = {"no_kd": [task.run_no_kd(TUNE_SEED, lr) for lr in LR_LADDER[:2]]}
-    while len(tune["no_kd"]) < len(LR_LADDER) and pick(tune["no_kd"])["params"]["lr"] == LR_LADDER[len(tune["no_kd"]) - 1]:
-        # the best rate is the largest tried: the grid goes on up the ladder until it turns
-        tune["no_kd"].append(task.run_no_kd(TUNE_SEED, LR_LADDER[len(tune["no_kd"])]))
-    # the rate: the finalists of the ladder on the tuning seeds (the same round as arm 4's recipe); at smoke size
-    # a round of 2 finalists on 2 seeds, which runs the same code in a third of the time
+    # the rate: the ladder, then its finalists on the tuning seeds (the same round as arm 4's recipe); at smoke
+    # size a round of 2 finalists on 2 seeds, which runs the same code in a third of the time
     round_size = {"size": 2, "seeds": TUNE_SEEDS[:2]} if task.smoke else {}
-    chosen_no_kd, no_kd_round = choose_among_finalists(
-        tune["no_kd"], lambda r, seed: task.run_no_kd(seed, r["params"]["lr"]), **round_size)
+    tune = {"no_kd": []}
+    chosen_no_kd, no_kd_round = tune_rate(
+        tune["no_kd"], lambda lr: task.run_no_kd(TUNE_SEED, lr),
+        lambda r, seed: task.run_no_kd(seed, r["params"]["lr"]), round_size)
     finalists = {"no_kd": no_kd_round}
     lr = chosen_no_kd["params"]["lr"]
     # -- arms 1-3 on the tuning seed and the reported seeds -------------------------------------------------

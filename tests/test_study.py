@@ -99,6 +99,32 @@ def test_the_final_choice_is_the_best_mean_dev_of_the_finalists():
     assert rounds[0]["mean_dev"] < rounds[1]["mean_dev"] and chosen["variant"] == "x"  # the better on seed 0
 
 
+def test_the_rate_ladder_climbs_until_the_final_choice_turns():
+    """Seed 0 turns at 3e-4, but the round over three seeds picks 6e-4, the largest tried: 1e-3 must be screened
+    and the round held again (RT's case, 2026-12-06); a ladder whose round choice is inside stops there."""
+    def ladder(dev):  # dev[lr] = (seed 0, seed 100, seed 101)
+        screened = []
+
+        def screen(lr):
+            screened.append(lr)
+            return {"variant": f"lr{lr:g}", "dev": dev[lr][0], "collapsed": False, "params": {"lr": lr}}
+
+        chosen, rounds = study.tune_rate([], screen, lambda r, seed: {
+            "dev": dev[r["params"]["lr"]][study.TUNE_SEEDS.index(seed)]}, {})
+        return screened, chosen["params"]["lr"], [r["variant"] for r in rounds]
+
+    dev = {1e-4: (0.66, 0.66, 0.66), 3e-4: (0.73, 0.70, 0.71), 6e-4: (0.72, 0.72, 0.73), 1e-3: (0.71, 0.74, 0.74),
+           2e-3: (0.60, 0.60, 0.60)}
+    screened, lr, finalists = ladder(dev)
+    # 1e-3 wins the second round and is then the largest tried: 2e-3 is screened too, too low to be a finalist
+    assert screened == [1e-4, 3e-4, 6e-4, 1e-3, 2e-3] and lr == 1e-3
+    assert finalists == ["lr0.0003", "lr0.0006", "lr0.001"]
+    dev[1e-3] = (0.71, 0.70, 0.70)  # the round stays at 6e-4, now inside the ladder: no 2e-3
+    assert ladder(dev)[:2] == ([1e-4, 3e-4, 6e-4, 1e-3], 6e-4)
+    dev[6e-4] = (0.72, 0.69, 0.69)  # seed 0 and the round agree on 3e-4: the first ladder, unchanged
+    assert ladder(dev)[:2] == ([1e-4, 3e-4, 6e-4], 3e-4)
+
+
 def test_a_rebuilt_teacher_must_match_the_record(tmp_path, monkeypatch):
     """Other weights stop the study, unless accepted with the recorded test score; a teacher left in work/ is
     checked on every run, so an unaccepted one cannot slip through the next time."""
