@@ -10,8 +10,9 @@ Per task (a fixed training subset, the same for every arm; the full test split):
 1. the MiniLM-L6 teacher is fine-tuned once (on the subset; WNUT-16: on the whole train split) and exported
    once per cache: the subset (plain), the subset plus K augmented copies for each K tried, and the dev split
    (checkpoint selection);
-2. arm 1's learning rate is tuned **on dev**: screened with seed 0, then the 3 best rates rerun with seeds 100
-   and 101 and the best mean dev over the three seeds kept (none is a reported seed); arms 1-3 then run on seed 0
+2. arm 1's learning rate is tuned **on dev**: screened with seed 0 up a ladder of rates, then the 3 best rerun
+   with seeds 100 and 101 and the best mean dev over the three seeds kept (none is a reported seed); the ladder
+   climbs until that choice is not the largest rate tried (``tune_rate``); arms 1-3 then run on seed 0
    and each reported seed, the same 2-layer student initialisation for every arm:
    - ``no_kd``       gold labels only, the tuned learning rate (arm 1);
    - ``textbrewer``  TextBrewer 0.2.1's own GeneralDistiller, teacher in memory, the arm-3 recipe (arm 2);
