@@ -545,18 +545,23 @@ def choose_among_finalists(screened: list[dict], rerun, size: int = FINALISTS,
     return finalists[best], rounds
 
 
-def tune_rate(tried: list[dict], screen, rerun, round_size: dict) -> tuple[dict, list[dict]]:
+def tune_rate(screen, rerun, round_size: dict) -> tuple[list[dict], dict, list[dict]]:
     """Arm 1's learning rate: `screen(lr)` (seed 0) up LR_LADDER from its first two rungs while the best is the
     largest tried, then the finalists round (`rerun`, as `choose_among_finalists`). If the round's choice is the
     largest rate tried, the ladder has not turned for the final choice either: the next rung is screened and the
-    round held again (its earlier runs are records, so only the new ones train). Appends to `tried`."""
-    tried += [screen(lr) for lr in LR_LADDER[:2]]
+    round held again (its earlier runs are records, so only the new ones train). Returns the screened runs, the
+    choice and the round."""
+    tried = [screen(lr) for lr in LR_LADDER[:2]]
+
+    def can_climb(r):  # r's rate is the largest tried, and the ladder has a next rung
+        return len(tried) < len(LR_LADDER) and r["params"]["lr"] == LR_LADDER[len(tried) - 1]
+
     while True:
-        while len(tried) < len(LR_LADDER) and pick(tried)["params"]["lr"] == LR_LADDER[len(tried) - 1]:
-            tried.append(screen(LR_LADDER[len(tried)]))  # the best rate is the largest tried: go on up
+        while can_climb(pick(tried)):
+            tried.append(screen(LR_LADDER[len(tried)]))
         chosen, rounds = choose_among_finalists(tried, rerun, **round_size)
-        if len(tried) == len(LR_LADDER) or chosen["params"]["lr"] != LR_LADDER[len(tried) - 1]:
-            return chosen, rounds
+        if not can_climb(chosen):
+            return tried, chosen, rounds
         tried.append(screen(LR_LADDER[len(tried)]))
 
 
@@ -566,10 +571,9 @@ def run_task(task: Task, seeds: list[int]) -> dict:
     # the rate: the ladder, then its finalists on the tuning seeds (the same round as arm 4's recipe); at smoke
     # size a round of 2 finalists on 2 seeds, which runs the same code in a third of the time
     round_size = {"size": 2, "seeds": TUNE_SEEDS[:2]} if task.smoke else {}
-    tune = {"no_kd": []}
-    chosen_no_kd, no_kd_round = tune_rate(
-        tune["no_kd"], lambda lr: task.run_no_kd(TUNE_SEED, lr),
-        lambda r, seed: task.run_no_kd(seed, r["params"]["lr"]), round_size)
+    tried, chosen_no_kd, no_kd_round = tune_rate(lambda lr: task.run_no_kd(TUNE_SEED, lr),
+                                                 lambda r, seed: task.run_no_kd(seed, r["params"]["lr"]), round_size)
+    tune = {"no_kd": tried}
     finalists = {"no_kd": no_kd_round}
     lr = chosen_no_kd["params"]["lr"]
     # -- arms 1-3 on the tuning seed and the reported seeds -------------------------------------------------

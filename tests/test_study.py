@@ -109,7 +109,7 @@ def test_the_rate_ladder_climbs_until_the_final_choice_turns():
             screened.append(lr)
             return {"variant": f"lr{lr:g}", "dev": dev[lr][0], "collapsed": False, "params": {"lr": lr}}
 
-        chosen, rounds = study.tune_rate([], screen, lambda r, seed: {
+        _, chosen, rounds = study.tune_rate(screen, lambda r, seed: {
             "dev": dev[r["params"]["lr"]][study.TUNE_SEEDS.index(seed)]}, {})
         return screened, chosen["params"]["lr"], [r["variant"] for r in rounds]
 
