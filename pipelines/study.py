@@ -24,8 +24,9 @@ Per task (a fixed training subset, the same for every arm; the full test split):
    best of all these on seed 0 rerun with seeds 100 and 101, the best mean dev kept, as for arm 1's rate), then
    run on the reported seeds. A two-teacher arm 4's gap closed is to the teachers' mean logits on test, when higher.
 
-Every run keeps its best dev checkpoint and is scored on the test split. The script stops with an error if a
-model predicts a single class (or no entity), so no table can rest on a collapsed baseline. Each run writes
+Every run keeps its best dev checkpoint and is scored on the test split; its folder of weights is then removed
+(``--keep-weights`` keeps them). The script stops with an error if a model predicts a single class (or no
+entity), so no table can rest on a collapsed baseline. Each run writes
 ``<out>/runs/<task>/<arm>/seed-<n>.json`` as it finishes (a rerun skips finished runs); the summary is
 ``<out>/<task>.json`` and ``<out>/table.md``.
 """
@@ -35,6 +36,7 @@ import argparse
 import copy
 import json
 import re
+import shutil
 import statistics
 import sys
 import time
@@ -208,11 +210,12 @@ class Task:
     """One task's data, teacher and caches; `run_*` train one arm and return its record (cached on disk)."""
 
     def __init__(self, name: str, spec: dict, out: Path, smoke: bool = False, allow_collapse: bool = False,
-                 accept_rebuilt_teachers: bool = False):
+                 accept_rebuilt_teachers: bool = False, keep_weights: bool = False):
         from cachebrew.components.data import DataConfig
 
         self.name, self.spec, self.smoke, self.allow_collapse = name, spec, smoke, allow_collapse
         self.accept_rebuilt_teachers = accept_rebuilt_teachers
+        self.keep_weights = keep_weights
         self.work = out / "work" / name
         self.runs = out / "runs" / name
         cols = {"text": spec.get("text"), "tokens": spec.get("tokens"), "label": spec["label"]}
@@ -413,7 +416,6 @@ class Task:
             return rec
         out = self.work / arm / variant / f"seed-{seed}"
         if out.exists():
-            import shutil
             shutil.rmtree(out)  # an unfinished run: start it over
         t, cpu = time.perf_counter(), time.process_time()
         steps = train(out)
@@ -432,6 +434,8 @@ class Task:
                 raise
             rec["collapsed"] = True
         self._write(record, rec)
+        if not self.keep_weights:  # the record is the result; ~250 MB of weights and checkpoints a run add up
+            shutil.rmtree(out)
         print(f"{self.name:16s} {arm:11s} {variant:12s} seed {seed}: dev {rec['dev']:.4f} test {rec['test']:.4f} "
               f"steps {steps} {seconds:.0f}s", flush=True)
         return rec
@@ -696,7 +700,6 @@ def side_by_side_timing(task: Task, seeds: list[int]) -> list[dict]:
         for arm in ("textbrewer", "cache_best"):
             out = task.work / "timing" / f"{arm}-seed-{seed}"
             if out.exists():
-                import shutil
                 shutil.rmtree(out)
             t = time.perf_counter()
             if arm == "textbrewer":
@@ -706,6 +709,8 @@ def side_by_side_timing(task: Task, seeds: list[int]) -> list[dict]:
                 run_distill(task.distill_config(out, seed, s["best_cache"], s["best_recipe"], s["best_lr"],
                                                 s["best_steps"]))
             rows.append({"arm": arm, "seed": seed, "train_seconds": time.perf_counter() - t})
+            if not task.keep_weights:
+                shutil.rmtree(out)
             print(f"{task.name} timing {arm:11s} seed {seed}: {rows[-1]['train_seconds']:.0f}s", flush=True)
     return rows
 
@@ -779,11 +784,15 @@ def main(argv=None):
     ap.add_argument("--accept-rebuilt-teachers", action="store_true",
                     help="go on with a rebuilt teacher whose weights differ from the recorded one's (another machine "
                          "or library) if its test score is the recorded one")
+    ap.add_argument("--keep-weights", action="store_true",
+                    help="keep every student's weights and checkpoints under <out>/work (by default a run's folder "
+                         "is removed once its record is written: ~250 MB a run, hundreds of runs)")
     args = ap.parse_args(argv)
 
     def task(name: str) -> Task:  # smoke: toy sizes, where a collapsed model is recorded, not refused
         return Task(name, {**TASKS[name], **SMOKE} if args.smoke else TASKS[name], Path(args.out), smoke=args.smoke,
-                    allow_collapse=args.smoke, accept_rebuilt_teachers=args.accept_rebuilt_teachers)
+                    allow_collapse=args.smoke, accept_rebuilt_teachers=args.accept_rebuilt_teachers,
+                    keep_weights=args.keep_weights)
 
     def every_summary():  # table.md covers every task run so far, not only those of this invocation
         return [json.loads((Path(args.out) / f"{t}.json").read_text()) for t in TASKS

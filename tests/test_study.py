@@ -216,6 +216,9 @@ def test_study_smoke_runs_every_arm(textbrewer, tmp_path):
         assert two["params"]["cache"].endswith("-t2") and "+" in two["params"]["cache"]
         assert summary["best_copies"] == int(summary["chosen_best"].split("-")[0][1:])
         assert (tmp_path / "work" / task / f"cache_{summary['best_cache']}" / "manifest.json").exists()
+        for arm in summary["arms"]:  # scored runs leave their record, not ~250 MB of weights each
+            left = [p for p in (tmp_path / "work" / task / arm).rglob("*") if p.is_file()]
+            assert (tmp_path / "runs" / task / arm).is_dir() and not left, (arm, left[:3])
         for arm in ("no_kd", "cache_best"):  # the final choice: finalists rerun on the other tuning seeds (smoke: 2, 1)
             rounds = summary["finalists"][arm]
             # collapsed candidates (possible at toy size) are no finalists
