@@ -187,12 +187,18 @@ def candidate_name(c: dict) -> str:
     """k<copies>-h<hard weight>[-T<t>-<matches>]: first-grid names stay as they were recorded."""
     name = f"k{c['copies']}-h{c['hard_label_weight']:g}"
     return name + (f"-T{c['temperature']:g}-{c['matches']}" if "temperature" in c else "")
+
+
 TUNE_SEED = 0
 # Every candidate (and every arm-1 rate) is screened on dev with TUNE_SEED. One seed does not resolve dev
 # differences of half a point, so the arm's final choice is made among the FINALISTS best on that seed by their
 # mean dev score over TUNE_SEEDS: the same round for arm 1's rate and arm 4's recipe. None is a reported seed.
 TUNE_SEEDS = (TUNE_SEED, 100, 101)
 FINALISTS = 3
+# A tie at the top of a finalists round is no decision (added 2026-12-06, before its runs: TREC's arm-4 round
+# tied, 1,403 of 3 x 545 dev questions either way): the tied finalists run on these seeds in turn, one seed each
+# time, until one leads on mean dev over all its seeds; tied after all of them, the earlier tried is kept.
+TIE_SEEDS = (102, 103, 104, 105)
 
 
 class CollapsedModel(RuntimeError):
@@ -480,7 +486,7 @@ class Task:
             check_not_collapsed(dev, f"{self.name} {arm}/{variant} seed {seed} (dev)")
             rec["collapsed"] = False
         except CollapsedModel:
-            if not (self.allow_collapse or seed in TUNE_SEEDS):
+            if not (self.allow_collapse or seed in (*TUNE_SEEDS, *TIE_SEEDS)):
                 raise
             rec["collapsed"] = True
         self._write(record, rec)
@@ -582,11 +588,12 @@ def pick(candidates: list[dict]) -> dict:
     return max(ok, key=lambda r: r["dev"])
 
 
-def choose_among_finalists(screened: list[dict], rerun, size: int = FINALISTS,
-                           seeds: tuple[int, ...] = TUNE_SEEDS) -> tuple[dict, list[dict]]:
+def choose_among_finalists(screened: list[dict], rerun, size: int = FINALISTS, seeds: tuple[int, ...] = TUNE_SEEDS,
+                           tie_seeds: tuple[int, ...] = TIE_SEEDS) -> tuple[dict, list[dict]]:
     """The `size` best of `screened` (runs on seeds[0], TUNE_SEED), each rerun on the other `seeds` by
-    `rerun(record, seed)`; the one with the best mean dev score, and the round's scores. A tie keeps the finalist
-    better on TUNE_SEED (the earlier tried, on a tie there too), as `pick` does."""
+    `rerun(record, seed)`; the one with the best mean dev score, and the round's scores. Finalists tied at the top
+    run on `tie_seeds` in turn until one leads (TIE_SEEDS); still tied, the one better on TUNE_SEED is kept (the
+    earlier tried, on a tie there too), as `pick` does."""
     ok = [r for r in screened if not r["collapsed"]] or screened
     finalists = sorted(ok, key=lambda r: -r["dev"])[:size]  # stable: equal dev keeps the order tried
     rounds = []
@@ -594,9 +601,20 @@ def choose_among_finalists(screened: list[dict], rerun, size: int = FINALISTS,
         devs = [r["dev"]] + [rerun(r, seed)["dev"] for seed in seeds[1:]]
         rounds.append({"variant": r["variant"], "dev": dict(zip(map(str, seeds), devs)),
                        "mean_dev": statistics.mean(devs)})
-    # max keeps the first of equals; rounded, so that equal totals of correct dev examples are equal means
-    best = max(range(len(rounds)), key=lambda i: round(rounds[i]["mean_dev"], 9))
-    return finalists[best], rounds
+
+    def leaders(among):  # rounded, so that equal totals of correct dev examples are equal means
+        top = max(round(rounds[i]["mean_dev"], 9) for i in among)
+        return [i for i in among if round(rounds[i]["mean_dev"], 9) == top]
+
+    tied = leaders(range(len(rounds)))
+    for seed in tie_seeds:
+        if len(tied) == 1:
+            break
+        for i in tied:
+            rounds[i]["dev"][str(seed)] = rerun(finalists[i], seed)["dev"]
+            rounds[i]["mean_dev"] = statistics.mean(rounds[i]["dev"].values())
+        tied = leaders(tied)
+    return finalists[tied[0]], rounds
 
 
 def tune_rate(screen, rerun, round_size: dict) -> tuple[list[dict], dict, list[dict]]:
@@ -624,7 +642,7 @@ def run_task(task: Task, seeds: list[int]) -> dict:
     # -- tuning on dev, seed 0 -------------------------------------------------------------------------------
     # the rate: the ladder, then its finalists on the tuning seeds (the same round as arm 4's recipe); at smoke
     # size a round of 2 finalists on 2 seeds, which runs the same code in a third of the time
-    round_size = {"size": 2, "seeds": TUNE_SEEDS[:2]} if task.smoke else {}
+    round_size = {"size": 2, "seeds": TUNE_SEEDS[:2], "tie_seeds": TIE_SEEDS[:1]} if task.smoke else {}
     tried, chosen_no_kd, no_kd_round = tune_rate(lambda lr: task.run_no_kd(TUNE_SEED, lr),
                                                  lambda r, seed: task.run_no_kd(seed, r["params"]["lr"]), round_size)
     tune = {"no_kd": tried}
@@ -737,7 +755,8 @@ def run_task(task: Task, seeds: list[int]) -> dict:
                "best_steps": chosen["params"]["steps"],
                "best_first_stage_steps": chosen["params"].get("first_stage_steps"), "arms": arms,
                "tuning": {k: [{"variant": r["variant"], "dev": r["dev"]} for r in v] for k, v in tune.items()},
-               "tuning_seeds": list(round_size.get("seeds", TUNE_SEEDS)), "finalists": finalists,
+               "tuning_seeds": list(round_size.get("seeds", TUNE_SEEDS)),
+               "tie_seeds": list(round_size.get("tie_seeds", TIE_SEEDS)), "finalists": finalists,
                "second_teacher": main_score(task.fine_tune_teacher("teacher2", SECOND_TEACHER_SEED)["teacher_test"]),
                "spec": task.spec, "teacher_info": info, "teacher_parameters": info["teacher_test"]["parameters"],
                "student_parameters": runs["no_kd"][0]["test_metrics"]["parameters"]}
@@ -775,8 +794,8 @@ def confirm(task: Task, seeds: list[int]) -> dict:
     """Arms 1, 3 and 4 of a finished task, exactly as chosen and run there, on seeds no choice ever saw: does the
     gap closed hold on fresh seeds? (Arm 2 is left out: it trained the same weights as arm 3 on every seed.)"""
     s = task.summary()
-    if set(seeds) & {*TUNE_SEEDS, *s["seeds"]}:
-        raise SystemExit(f"--confirm {seeds}: {task.name} was tuned on seeds {list(TUNE_SEEDS)} and reported seeds {s['seeds']}; "
+    if set(seeds) & {*TUNE_SEEDS, *TIE_SEEDS, *s["seeds"]}:
+        raise SystemExit(f"--confirm {seeds}: {task.name} was tuned on seeds {[*TUNE_SEEDS, *TIE_SEEDS]} and reported seeds {s['seeds']}; "
                          f"fresh seeds only")
     task.prepare_chosen(s)
     lr = s["chosen_lr"]
@@ -871,8 +890,9 @@ def main(argv=None):
         Task._write(Path(args.out) / f"timing-{args.timing}.json", {"date": time.strftime("%Y-%m-%d"), "runs": rows})
         return rows
     if args.confirm:
-        if set(args.confirm) & {*TUNE_SEEDS, *args.seeds}:
-            ap.error(f"--confirm: seeds other than the tuning seeds {list(TUNE_SEEDS)} and the reported seeds {args.seeds}")
+        if set(args.confirm) & {*TUNE_SEEDS, *TIE_SEEDS, *args.seeds}:
+            ap.error(f"--confirm: seeds other than the tuning seeds {[*TUNE_SEEDS, *TIE_SEEDS]} and the reported seeds "
+                     f"{args.seeds}")
         results = []
         for name in args.tasks:  # each task's file as soon as it is done
             r = confirm(task(name), args.confirm)
@@ -880,8 +900,8 @@ def main(argv=None):
             print(name, {arm: (round(100 * a["mean"], 2), a["gap_closed"]) for arm, a in r["arms"].items()}, flush=True)
             results.append(r)
         return results
-    if set(TUNE_SEEDS) & set(args.seeds):
-        ap.error(f"--seeds: seeds {list(TUNE_SEEDS)} are the tuning seeds; report on others")
+    if {*TUNE_SEEDS, *TIE_SEEDS} & set(args.seeds):
+        ap.error(f"--seeds: seeds {[*TUNE_SEEDS, *TIE_SEEDS]} are the tuning seeds; report on others")
     out = Path(args.out)
     summaries = []
     for name in args.tasks:
