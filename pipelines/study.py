@@ -22,8 +22,9 @@ Per task (a fixed training subset, the same for every arm; the full test split):
    weight, temperature, what to match; refinements of the choice; then the learning rate, within arm 1's grid;
    then 2 or 4 augmented copies at the final recipe; then a second teacher averaged with the first; then
    two-stage distillation of the choice so far, intermediate layers then prediction layer; last, the 3 best of
-   all these on seed 0 rerun with seeds 100 and 101, the best mean dev kept, as for arm 1's rate), then run on
-   the reported seeds. A two-teacher arm 4's gap closed is to the teachers' mean logits on test, when higher.
+   all these on seed 0 rerun with seeds 100 and 101, the best mean dev kept, finalists tied at the top run on
+   tie seeds 102, 103, ... until one leads, as for arm 1's rate), then run on the reported seeds. A two-teacher
+   arm 4's gap closed is to the teachers' mean logits on test, when higher.
 
 Every run keeps its best dev checkpoint and is scored on the test split; its folder of weights is then removed
 (``--keep-weights`` keeps them). The script stops with an error if a model predicts a single class (or no
