@@ -1,28 +1,77 @@
-"""The `cachebrew` command line. Thin: parse, call the library, print errors without tracebacks.
+"""The `cachebrew` command line. Thin: parse, call the library, print a user's mistakes as one line.
 
     cachebrew export CONFIG.yaml [--set key=value]   # teachers -> cache
     cachebrew distill CONFIG.yaml [--resume]         # cache -> student
-    cachebrew inspect CACHE | cachebrew verify CACHE  # CACHE: a directory or a URI (s3://, gs://, file://)
-    cachebrew push CACHE URI | cachebrew pull URI DIR  # verified, resumable copies
-    cachebrew pack CACHE OUT.tar.zst | cachebrew unpack FILE.tar.zst DIR  # one-file bundles, verified on unpack
-    cachebrew ls ROOT                                # the caches under a root: teacher, data, size, fingerprint
-    cachebrew validate CONFIG.yaml                   # report every problem in a config at once
-    cachebrew version
+
+Every command's --help lists its options; docs/cli.md is the reference. A usage error (unknown command or
+option, missing argument, bad value) or a bad config prints one `error: ...` line on stderr and exits 2.
 """
 from __future__ import annotations
 
+import difflib
 import sys
 from pathlib import Path
 
 import typer
+from typer.core import TyperGroup
 
 from .version import __version__
 from .configurations import DistillationConfig, TrainingConfig
 from .core.config import read_config_file
 from .errors import CachebrewError, ConfigError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# one example a paragraph: typer's help keeps a paragraph's line breaks in some versions and not in others
+EXAMPLES = "\n\n".join([
+    "Examples:",
+    "cachebrew export export.yaml  # teachers run once -> cache/ (manifest.json + part-*.arrow)",
+    "cachebrew inspect cache/  # schema, rows, sizes, fingerprint, a sample",
+    "cachebrew distill distill.yaml  # a student from the cache; --resume continues a killed run",
+    "cachebrew evaluate runs/student/best test.parquet  # accuracy or F1, size, inference examples/s",
+    "cachebrew push cache/ s3://team/caches/rt  # share a cache: pull, ls, pack and unpack work alike",
+    "cachebrew validate distill.yaml  # every problem in a config, at once",
+    "Exit status: 0 ok, 1 a check failed (verify), 2 a usage or config error, 130 interrupted. "
+    "Reference: docs/cli.md",
+])
+
+WORKFLOW, SHARING, UTILITIES = "Workflow", "Sharing caches", "Utilities"
+
+
+class CommandsInWorkflowOrder(TyperGroup):
+    """Lists commands in the order they are defined (the order a user runs them), not alphabetically."""
+
+    def list_commands(self, ctx):
+        return list(self.commands)
+
+    def resolve_command(self, ctx, args):
+        """click's own, with "Did you mean ...?" for a mistyped command on every click (8.1 has none)."""
+        try:
+            return super().resolve_command(ctx, args)
+        except Exception as e:
+            if _is_click(e, "UsageError") and args and args[0] not in self.commands and "Did you mean" not in e.message:
+                close = difflib.get_close_matches(args[0], list(self.commands), n=1)
+                e.message += f" Did you mean {close[0]!r}?" if close else ""
+            raise
+
+
+def _print_version(value: bool):
+    if value:
+        version()
+        raise typer.Exit()
+
+
+app = typer.Typer(cls=CommandsInWorkflowOrder, add_completion=False, no_args_is_help=True,
+                  rich_markup_mode="rich", epilog=EXAMPLES,
                   help="Knowledge distillation with a teacher cache: export teachers once, distill many students.")
+
+
+@app.callback()
+def _main(show_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                            help="print the cachebrew, torch and pyarrow versions and exit")):
+    """Knowledge distillation with a teacher cache: export teachers once, distill many students."""
+
+
+PROGRESS = "show progress bars and transformers' load reports (--no-progress: one log line per step, for CI)"
+
 
 SECTIONS = {"train_config": TrainingConfig, "distill_config": DistillationConfig}
 
@@ -76,37 +125,18 @@ def validate_file(path: Path, kind: str | None = None) -> dict:
     return configs
 
 
-@app.command()
-def version():
-    """Print the cachebrew, torch and pyarrow versions."""
-    import pyarrow
-    import torch
-
-    typer.echo(f"cachebrew {__version__} (torch {torch.__version__}, pyarrow {pyarrow.__version__})")
-
-
-@app.command()
-def validate(config: Path = typer.Argument(..., help="any config file: export, distill, train, or TextBrewer's "
-                                                    "train_config / distill_config sections"),
-             kind: str = typer.Option(None, help=f"one of {', '.join(KINDS)}; default: told from the top-level keys")):
-    """Check a config file and list every problem, naming the field."""
-    configs = validate_file(config, kind)
-    for key, cfg in configs.items():
-        typer.echo(f"{config}: {key} OK")
-
-
-@app.command()
+@app.command(rich_help_panel=WORKFLOW)
 def export(config: Path = typer.Argument(..., help="export config (YAML or JSON)"),
            set_: list[str] = typer.Option([], "--set", help="override a config value: key.sub=value (YAML value)"),
            output: str = typer.Option(None, help="cache directory (overrides `output`)"),
            overwrite: bool = typer.Option(False, help="replace a cache made from other inputs"),
-           no_progress: bool = typer.Option(False, help="hide the progress bar")):
+           progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS)):
     """Run the teachers once over the data and write a sharded Arrow cache."""
     from .recipes.export import ExportConfig, run_export
 
     overrides = list(set_) + ([f"output={output}"] if output else []) + (["overwrite=true"] if overwrite else [])
-    overrides += ["progress_bar=false"] if no_progress else []
-    _setup_logging(no_progress)
+    overrides += [] if progress else ["progress_bar=false"]
+    _setup_logging(quiet=not progress)
     result = run_export(ExportConfig.from_file(config, overrides))
     if result.skipped:
         typer.echo(f"{result.output}: up to date (fingerprint {result.fingerprint[:12]}…), nothing to do")
@@ -117,73 +147,7 @@ def export(config: Path = typer.Argument(..., help="export config (YAML or JSON)
                f"{result.rows_per_second:,.1f} rows/s, fingerprint {result.fingerprint[:12]}…")
 
 
-@app.command()
-def distill(config: Path = typer.Argument(..., help="distill config (YAML or JSON)"),
-            set_: list[str] = typer.Option([], "--set", help="override a config value: key.sub=value (YAML value)"),
-            resume: bool = typer.Option(False, help="continue the run in output_dir from its last checkpoint"),
-            no_progress: bool = typer.Option(False, help="hide the progress bar")):
-    """Train a student from teacher caches (no teacher in memory); evaluate, keep best and last."""
-    from .recipes.distill import DistillRunConfig, run_distill
-
-    overrides = list(set_) + (["train.progress_bar=false"] if no_progress else [])
-    _setup_logging(no_progress)
-    result = run_distill(DistillRunConfig.from_file(config, overrides), resume=resume)
-    msg = f"{result.output_dir}: {result.global_step} steps, {result.examples_per_second:,.1f} examples/s"
-    if result.best:
-        msg += f"; best {_fmt_scores(result.best)}"
-    if result.teacher:
-        msg += f"; teacher {_fmt_scores(result.teacher)}"
-    typer.echo(msg)
-
-
-def _fmt_scores(row: dict) -> str:
-    parts = []
-    for task, m in row.items():
-        if isinstance(m, dict):
-            parts += [f"{task}.{k}={v}" if isinstance(v, int) else f"{task}.{k}={v:.4f}" for k, v in m.items()]
-    return ", ".join(parts)
-
-
-@app.command()
-def train(config: Path = typer.Argument(..., help="fine-tuning config (YAML or JSON)"),
-          set_: list[str] = typer.Option([], "--set", help="override a config value: key.sub=value"),
-          no_progress: bool = typer.Option(False, help="hide the progress bar")):
-    """Fine-tune a model on labelled data (a teacher, or a student without distillation)."""
-    from .recipes.finetune import FinetuneConfig, run_finetune
-
-    _setup_logging(no_progress)
-    overrides = list(set_) + (["train.progress_bar=false"] if no_progress else [])
-    res = run_finetune(FinetuneConfig.from_file(config, overrides))
-    typer.echo(f"trained on {res['num_train']} examples; best dev {res['best']}")
-
-
-@app.command()
-def evaluate(model: Path = typer.Argument(..., help="saved model directory"),
-             data: Path = typer.Argument(..., help="data file (csv/jsonl/parquet) or saved dataset"),
-             text: str = typer.Option(None, help="text column"), tokens: str = typer.Option(None, help="word-list column"),
-             label: str = typer.Option("label", help="label column"), max_length: int = typer.Option(128),
-             output: Path = typer.Option(None, help="write the JSON result here too"),
-             device: str = typer.Option(None), task: str = typer.Option(None, help="task of a multi-task student"),
-             no_progress: bool = typer.Option(False, help="no progress bars or load reports from transformers")):
-    """Accuracy (or entity F1), parameters, size and inference examples/s of a model on a split."""
-    import json as _json
-
-    _setup_logging(no_progress)
-    from .components.data import DataConfig
-    from .recipes.finetune import run_evaluate
-
-    if (text is None) == (tokens is None):
-        text = text or "text"
-    res = run_evaluate(str(model), DataConfig(path=str(data), text=None if tokens else text, tokens=tokens,
-                                              label=label), max_length, device=device, task=task)
-    line = _json.dumps(res, indent=2)
-    if output:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(line)
-    typer.echo(line)
-
-
-@app.command()
+@app.command(rich_help_panel=WORKFLOW)
 def inspect(cache: str = typer.Argument(..., help="cache directory or URI (s3://bucket/cache, ...)"),
             rows: int = typer.Option(1, help="sample rows to print")):
     """Show a cache's schema, rows, sizes, fingerprint and a sample."""
@@ -227,7 +191,7 @@ def _short(v):
     return s if len(s) < 60 else s[:57] + "…"
 
 
-@app.command()
+@app.command(rich_help_panel=WORKFLOW)
 def verify(cache: str = typer.Argument(..., help="cache directory or URI")):
     """Check every shard's checksum, row count and schema; exit 1 naming each bad shard."""
     from .cache import CacheReader
@@ -242,7 +206,76 @@ def verify(cache: str = typer.Argument(..., help="cache directory or URI")):
     typer.echo(f"{cache}: OK ({len(reader.manifest.shards)} shards, {reader.num_rows} rows)")
 
 
-@app.command()
+@app.command(rich_help_panel=WORKFLOW)
+def distill(config: Path = typer.Argument(..., help="distill config (YAML or JSON)"),
+            set_: list[str] = typer.Option([], "--set", help="override a config value: key.sub=value (YAML value)"),
+            resume: bool = typer.Option(False, help="continue the run in output_dir from its last checkpoint"),
+            progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS)):
+    """Train a student from teacher caches (no teacher in memory); evaluate, keep best and last."""
+    from .recipes.distill import DistillRunConfig, run_distill
+
+    overrides = list(set_) + ([] if progress else ["train.progress_bar=false"])
+    _setup_logging(quiet=not progress)
+    result = run_distill(DistillRunConfig.from_file(config, overrides), resume=resume)
+    msg = f"{result.output_dir}: {result.global_step} steps, {result.examples_per_second:,.1f} examples/s"
+    if result.best:
+        msg += f"; best {_fmt_scores(result.best)}"
+    if result.teacher:
+        msg += f"; teacher {_fmt_scores(result.teacher)}"
+    typer.echo(msg)
+
+
+def _fmt_scores(row: dict) -> str:
+    parts = []
+    for task, m in row.items():
+        if isinstance(m, dict):
+            parts += [f"{task}.{k}={v}" if isinstance(v, int) else f"{task}.{k}={v:.4f}" for k, v in m.items()]
+    return ", ".join(parts)
+
+
+@app.command(rich_help_panel=WORKFLOW)
+def evaluate(model: Path = typer.Argument(..., help="saved model directory"),
+             data: Path = typer.Argument(..., help="data file (csv/jsonl/parquet) or saved dataset"),
+             text: str = typer.Option(None, help="text column"), tokens: str = typer.Option(None, help="word-list column"),
+             label: str = typer.Option("label", help="label column"),
+             max_length: int = typer.Option(128, help="longest input in tokens (longer inputs are truncated); "
+                                                      "use the length the model was trained with"),
+             output: Path = typer.Option(None, help="write the JSON result here too"),
+             device: str = typer.Option(None, help="cpu, cuda, cuda:1, ...; default: CUDA if available, else CPU"),
+             task: str = typer.Option(None, help="task of a multi-task student"),
+             progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS)):
+    """Accuracy (or entity F1), parameters, size and inference examples/s of a model on a split."""
+    import json as _json
+
+    _setup_logging(quiet=not progress)
+    from .components.data import DataConfig
+    from .recipes.finetune import run_evaluate
+
+    if (text is None) == (tokens is None):
+        text = text or "text"
+    res = run_evaluate(str(model), DataConfig(path=str(data), text=None if tokens else text, tokens=tokens,
+                                              label=label), max_length, device=device, task=task)
+    line = _json.dumps(res, indent=2)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(line)
+    typer.echo(line)
+
+
+@app.command(rich_help_panel=WORKFLOW)
+def train(config: Path = typer.Argument(..., help="fine-tuning config (YAML or JSON)"),
+          set_: list[str] = typer.Option([], "--set", help="override a config value: key.sub=value"),
+          progress: bool = typer.Option(True, "--progress/--no-progress", help=PROGRESS)):
+    """Fine-tune a model on labelled data (a teacher, or a student without distillation)."""
+    from .recipes.finetune import FinetuneConfig, run_finetune
+
+    _setup_logging(quiet=not progress)
+    overrides = list(set_) + ([] if progress else ["train.progress_bar=false"])
+    res = run_finetune(FinetuneConfig.from_file(config, overrides))
+    typer.echo(f"trained on {res['num_train']} examples; best dev {res['best']}")
+
+
+@app.command(rich_help_panel=SHARING)
 def push(cache: str = typer.Argument(..., help="local cache directory (or any cache location)"),
          uri: str = typer.Argument(..., help="destination: s3://bucket/path, gs://..., file://..., or a directory"),
          overwrite: bool = typer.Option(False, help="replace a different cache at the destination")):
@@ -250,7 +283,7 @@ def push(cache: str = typer.Argument(..., help="local cache directory (or any ca
     _copy(cache, uri, overwrite)
 
 
-@app.command()
+@app.command(rich_help_panel=SHARING)
 def pull(uri: str = typer.Argument(..., help="source cache URI (or directory)"),
          directory: str = typer.Argument(..., help="local destination directory"),
          overwrite: bool = typer.Option(False, help="replace a different cache in the directory")):
@@ -270,29 +303,7 @@ def _copy(src, dst, overwrite):
                f"{report.skipped} already there, {time.perf_counter() - t:.1f} s")
 
 
-@app.command()
-def pack(cache: str = typer.Argument(..., help="cache directory or URI"),
-         bundle: Path = typer.Argument(..., help="the bundle file to write, e.g. cache.tar.zst"),
-         level: int = typer.Option(3, help="zstd level (the shards are compressed already; higher gains little)")):
-    """Write a cache as one .tar.zst file: shards sha256-checked on the way in, the file published atomically."""
-    from .cache.bundle import pack_cache
-
-    report = pack_cache(cache, bundle, level=level,
-                        progress=lambda info: typer.echo(f"  {info.path} ({info.bytes / 2**20:.2f} MiB) verified"))
-    typer.echo(f"{cache} -> {bundle}: {report.shards} shard(s), {report.rows} rows, {report.bytes / 2**20:.2f} MiB")
-
-
-@app.command()
-def unpack(bundle: Path = typer.Argument(..., help="a bundle written by `cachebrew pack`"),
-           directory: Path = typer.Argument(..., help="new or empty directory for the cache")):
-    """Extract a bundle safely (plain cache files only), verify every shard, then publish the directory."""
-    from .cache.bundle import unpack_cache
-
-    report = unpack_cache(bundle, directory)
-    typer.echo(f"{bundle} -> {directory}: OK ({report.shards} shards, {report.rows} rows, verified)")
-
-
-@app.command("ls")
+@app.command("ls", rich_help_panel=SHARING)
 def ls(root: str = typer.Argument(..., help="directory or URI to search for caches"),
        depth: int = typer.Option(4, help="how many levels below ROOT to look")):
     """List the caches under ROOT: teachers, data, rows, size, fingerprint, creation date."""
@@ -318,6 +329,47 @@ def ls(root: str = typer.Argument(..., help="directory or URI to search for cach
                    f"{m.fingerprint[:12]:<13} {m.created[:19]}")
 
 
+@app.command(rich_help_panel=SHARING)
+def pack(cache: str = typer.Argument(..., help="cache directory or URI"),
+         bundle: Path = typer.Argument(..., help="the bundle file to write, e.g. cache.tar.zst"),
+         level: int = typer.Option(3, help="zstd level (the shards are compressed already; higher gains little)")):
+    """Write a cache as one .tar.zst file: shards sha256-checked on the way in, the file published atomically."""
+    from .cache.bundle import pack_cache
+
+    report = pack_cache(cache, bundle, level=level,
+                        progress=lambda info: typer.echo(f"  {info.path} ({info.bytes / 2**20:.2f} MiB) verified"))
+    typer.echo(f"{cache} -> {bundle}: {report.shards} shard(s), {report.rows} rows, {report.bytes / 2**20:.2f} MiB")
+
+
+@app.command(rich_help_panel=SHARING)
+def unpack(bundle: Path = typer.Argument(..., help="a bundle written by `cachebrew pack`"),
+           directory: Path = typer.Argument(..., help="new or empty directory for the cache")):
+    """Extract a bundle safely (plain cache files only), verify every shard, then publish the directory."""
+    from .cache.bundle import unpack_cache
+
+    report = unpack_cache(bundle, directory)
+    typer.echo(f"{bundle} -> {directory}: OK ({report.shards} shards, {report.rows} rows, verified)")
+
+
+@app.command(rich_help_panel=UTILITIES)
+def validate(config: Path = typer.Argument(..., help="any config file: export, distill, train, or TextBrewer's "
+                                                    "train_config / distill_config sections"),
+             kind: str = typer.Option(None, help=f"one of {', '.join(KINDS)}; default: told from the top-level keys")):
+    """Check a config file and list every problem, naming the field."""
+    configs = validate_file(config, kind)
+    for key, cfg in configs.items():
+        typer.echo(f"{config}: {key} OK")
+
+
+@app.command(rich_help_panel=UTILITIES)
+def version():
+    """Print the cachebrew, torch and pyarrow versions."""
+    import pyarrow
+    import torch
+
+    typer.echo(f"cachebrew {__version__} (torch {torch.__version__}, pyarrow {pyarrow.__version__})")
+
+
 def _setup_logging(quiet: bool = False):
     """cachebrew's own INFO log; with `quiet` (--no-progress, for pipelines and CI logs) also no progress bars
     or load reports from transformers and datasets (a truncated student's unused layers are expected there)."""
@@ -339,21 +391,44 @@ def _setup_logging(quiet: bool = False):
         datasets.disable_progress_bars()
 
 
-def main(argv=None):
-    import click
+def _is_click(error: BaseException, name: str) -> bool:
+    """Whether `error` is click's exception class `name`. Typer >= 0.23 raises the exceptions of the click it
+    bundles (`typer._click`), which are not subclasses of the installed click's: match by class name and module."""
+    return any(c.__name__ == name and "click" in c.__module__ for c in type(error).__mro__)
 
+
+def _usage_error_line(error: BaseException) -> str:
+    """click's message (with its hint, e.g. "Did you mean 'export'?") and where help is, on one line."""
+    message = " ".join(error.format_message().split())
+    ctx = getattr(error, "ctx", None)
+    where = f"{ctx.command_path} --help" if ctx is not None else "cachebrew --help"
+    return f"error: {message} (see '{where}')"
+
+
+def main(argv=None):
+    """The console script: a user's mistake is one `error: ...` line on stderr and exit status 2."""
     try:
-        # standalone_mode=False returns the code of typer.Exit instead of raising it
-        rc = app(args=argv, standalone_mode=False)
+        # standalone_mode=False: click raises usage errors to us (printed as one line below) instead of
+        # printing its own multi-line usage box, and returns typer.Exit's code instead of calling sys.exit
+        args = sys.argv[1:] if argv is None else list(argv)
+        rc = app(args=args or ["--help"], standalone_mode=False, prog_name="cachebrew")  # no args: the help
     except CachebrewError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except click.ClickException as e:  # usage errors
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        typer.echo(f"error: {e.strerror or e}: {e.filename}" if e.filename else f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
         typer.echo("aborted", err=True)
         sys.exit(130)
+    except Exception as e:  # click's own exceptions, from either click (see _is_click); anything else is a bug
+        if _is_click(e, "ClickException"):
+            typer.echo(_usage_error_line(e), err=True)
+            sys.exit(2 if _is_click(e, "UsageError") else e.exit_code)
+        if _is_click(e, "Abort"):
+            typer.echo("aborted", err=True)
+            sys.exit(130)
+        raise
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

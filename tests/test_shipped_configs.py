@@ -34,12 +34,12 @@ def test_shipped_config_validates_as_its_own_kind(path):
 @pytest.mark.parametrize("pipe", sorted(p.parent for p in PIPES.glob("*/dvc.yaml")), ids=lambda p: p.name)
 def test_every_config_is_run_by_a_stage(pipe):
     dvc = yaml.safe_load((pipe / "dvc.yaml").read_text())
-    cmds = " ".join(stage["cmd"] for stage in dvc["stages"].values())
+    cmds = " ".join(stage.get("do", stage)["cmd"] for stage in dvc["stages"].values())  # foreach: in `do`
     used = set(re.findall(r"configs/(\w+)\.yaml", cmds))
     on_disk = {p.stem for p in (pipe / "configs").glob("*.yaml")}
     assert used == on_disk, f"configs not run by dvc.yaml: {on_disk - used}; missing: {used - on_disk}"
     for stage in dvc["stages"].values():
-        for p in stage.get("params", []):
+        for p in stage.get("do", stage).get("params", []):
             if isinstance(p, dict):
                 assert all((pipe / f).is_file() for f in p), p
     assert set(dvc["stages"]) >= {"prepare-data", "train-teacher", "export", "distill", "evaluate"}
@@ -63,3 +63,26 @@ def test_run_stages_runs_dvc_commands_in_order_with_params(tmp_path):
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"bad": {"cmd": "echo ${nope.x}"}}}))
     res = subprocess.run([sys.executable, str(runner), str(tmp_path / "dvc.yaml")], capture_output=True, text=True)
     assert res.returncode != 0 and "params.yaml has no 'nope.x'" in res.stderr
+
+
+def test_run_stages_expands_foreach_and_unpacks_dicts_as_dvc_does(tmp_path):
+    """The main job's per-seed stages: `foreach: ${students.seeds}` runs one stage per seed with `${item}` filled
+    (outs too), and `${students}` unpacks to `--seeds 1 2` — the command DVC runs (tests/test_pipelines.py)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text("students: {seeds: [1, 2]}\n")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "train": {"foreach": "${students.seeds}",
+                  "do": {"cmd": "mkdir -p m && echo seed ${item} >> log.txt && touch m/s-${item}",
+                         "outs": ["m/s-${item}"]}},
+        "report": {"cmd": "echo report ${students} >> log.txt"}}}, sort_keys=False))
+    runner = PIPES / "common" / "run_stages.py"
+    res = subprocess.run([sys.executable, str(runner), str(tmp_path / "dvc.yaml")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "log.txt").read_text().splitlines() == ["seed 1", "seed 2", "report --seeds 1 2"]
+    assert "== stage train@2:" in res.stdout
+    (tmp_path / "log.txt").unlink()
+    subprocess.run([sys.executable, str(runner), str(tmp_path / "dvc.yaml"), "--only", "train@2"], check=True,
+                   capture_output=True)
+    assert (tmp_path / "log.txt").read_text().splitlines() == ["seed 2"]

@@ -1,6 +1,8 @@
 """prepare-data stage: copy a corpus' splits into the pipeline, the train split cut to --train-size rows.
 
-    python ../common/subset.py ../../data/rotten_tomatoes data --train-size 3000
+    python ../common/subset.py ../../data/rotten_tomatoes data --train-size 3000 [--eval-size 500]
+
+A size of `all` (or none given) keeps the whole split.
 """
 import argparse
 from pathlib import Path
@@ -8,12 +10,21 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 
+def size(text: str) -> int | None:
+    if text == "all":
+        return None
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a size must be >= 1 or `all`, got {text}")
+    return value
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("source")
     ap.add_argument("out")
-    ap.add_argument("--train-size", type=int, default=None)
-    ap.add_argument("--eval-size", type=int, default=None)
+    ap.add_argument("--train-size", type=size, default=None, help="rows of train to keep, or `all`")
+    ap.add_argument("--eval-size", type=size, default=None, help="rows of dev and of test to keep, or `all`")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
