@@ -75,7 +75,7 @@ class Config:
 class TrainingConfig(Config):
     """How the student is trained: checkpoints, logging, device, mixed precision, distribution.
 
-    Differences from TextBrewer (documented in the README): ``device=None`` picks CUDA when present
+    Differences from TextBrewer (documented in docs/from-textbrewer.md): ``device=None`` picks CUDA when present
     and the CPU otherwise; ``amp='bf16'|'fp16'`` uses torch.amp (``fp16=True`` means ``amp='fp16'``,
     ``fp16_opt_level`` is accepted and ignored since there is no apex); ``local_rank=None`` reads
     LOCAL_RANK when launched by torchrun; output_dir is created at the first save, not here;
