@@ -9,6 +9,7 @@ option, missing argument, bad value) or a bad config prints one `error: ...` lin
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from pathlib import Path
 
@@ -139,10 +140,10 @@ def export(config: Path = typer.Argument(..., help="export config (YAML or JSON)
     _setup_logging(quiet=not progress)
     result = run_export(ExportConfig.from_file(config, overrides))
     if result.skipped:
-        typer.echo(f"{result.output}: up to date (fingerprint {result.fingerprint[:12]}…), nothing to do")
+        _say(f"{result.output}: up to date (fingerprint {result.fingerprint[:12]}…), nothing to do")
         return
     per_row = result.bytes_total / max(result.rows_total, 1)
-    typer.echo(f"{result.output}: {result.rows_total} rows in {result.shards_written + result.shards_resumed} shards "
+    _say(f"{result.output}: {result.rows_total} rows in {result.shards_written + result.shards_resumed} shards "
                f"({result.shards_resumed} resumed), {result.bytes_total / 2**20:.2f} MiB, {per_row:,.0f} bytes/row, "
                f"{result.rows_per_second:,.1f} rows/s, fingerprint {result.fingerprint[:12]}…")
 
@@ -222,7 +223,7 @@ def distill(config: Path = typer.Argument(..., help="distill config (YAML or JSO
         msg += f"; best {_fmt_scores(result.best)}"
     if result.teacher:
         msg += f"; teacher {_fmt_scores(result.teacher)}"
-    typer.echo(msg)
+    _say(msg)
 
 
 def _fmt_scores(row: dict) -> str:
@@ -272,7 +273,7 @@ def train(config: Path = typer.Argument(..., help="fine-tuning config (YAML or J
     _setup_logging(quiet=not progress)
     overrides = list(set_) + ([] if progress else ["train.progress_bar=false"])
     res = run_finetune(FinetuneConfig.from_file(config, overrides))
-    typer.echo(f"trained on {res['num_train']} examples; best dev {res['best']}")
+    _say(f"trained on {res['num_train']} examples; best dev {res['best']}")
 
 
 @app.command(rich_help_panel=SHARING)
@@ -370,12 +371,25 @@ def version():
     typer.echo(f"cachebrew {__version__} (torch {torch.__version__}, pyarrow {pyarrow.__version__})")
 
 
+def _rank0() -> bool:
+    """Whether this process prints the job's log and summary: not launched by torchrun, or its rank 0."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say(line: str) -> None:
+    """A command's result line, printed once per job (by rank 0 under torchrun)."""
+    if _rank0():
+        typer.echo(line)
+
+
 def _setup_logging(quiet: bool = False):
     """cachebrew's own INFO log; with `quiet` (--no-progress, for pipelines and CI logs) also no progress bars
     or load reports from transformers and datasets (a truncated student's unused layers are expected there)."""
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # under torchrun, rank 0 speaks for the job: the other ranks log warnings and errors only
+    level = logging.INFO if _rank0() else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("datasets", "transformers", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.ERROR if quiet else logging.WARNING)
     if quiet:

@@ -15,7 +15,8 @@ import pyarrow.fs as pafs
 from ..errors import CacheFormatError
 from .manifest import MANIFEST
 from .reader import CacheReader
-from .storage import CHUNK, locate
+from .shards import ShardInfo
+from .storage import CHUNK, Location, locate
 
 
 def _copy_verified(read, write, expected_sha: str, what: str) -> int:
@@ -28,6 +29,28 @@ def _copy_verified(read, write, expected_sha: str, what: str) -> int:
     if h.hexdigest() != expected_sha:
         raise CacheFormatError(f"{what}: sha256 {h.hexdigest()[:16]}… differs from the manifest's {expected_sha[:16]}…; "
                                "the source is corrupt (run `cachebrew verify` on it)")
+    return n
+
+
+def copy_shard(src: Location, dest: Location, info: ShardInfo) -> int:
+    """Copy one shard from `src` to `dest`, checked against ``info.sha256`` as it streams; the bytes copied.
+
+    It is written under a temporary name and moved to its own name only once verified (and, locally, fsynced),
+    so a shard name at the destination never shows a partial or corrupt shard: an interrupted copy is redone.
+    `copy_cache` uses it for whole caches, `export` to a URI for the shards each rank wrote.
+    """
+    tmp = dest.join(f".{info.path}.{os.getpid()}.tmp")
+    with src.fs.open_input_stream(src.join(info.path)) as fin, dest.fs.open_output_stream(tmp) as fout:
+        try:
+            n = _copy_verified(fin.read, fout.write, info.sha256, src.where(info.path))
+        except BaseException:
+            fout.close()
+            dest.fs.delete_file(tmp)
+            raise
+    if dest.local:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    dest.fs.move(tmp, dest.join(info.path))
     return n
 
 
@@ -62,19 +85,7 @@ def copy_cache(src, dst, overwrite: bool = False, progress=None) -> CopyReport:
                 not dest.local or dest.sha256(info.path) == info.sha256):
             report.skipped += 1
             continue
-        tmp = dest.join(f".{info.path}.{os.getpid()}.tmp")
-        with reader.location.fs.open_input_stream(reader.location.join(info.path)) as fin, \
-                dest.fs.open_output_stream(tmp) as fout:
-            try:
-                report.bytes += _copy_verified(fin.read, fout.write, info.sha256, reader.location.where(info.path))
-            except BaseException:
-                fout.close()
-                dest.fs.delete_file(tmp)
-                raise
-        if dest.local:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        dest.fs.move(tmp, dest.join(info.path))
+        report.bytes += copy_shard(reader.location, dest, info)
         report.copied += 1
         if progress:
             progress(info)

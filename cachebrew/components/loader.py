@@ -206,7 +206,7 @@ class CacheBatches(torch.utils.data.IterableDataset):
 
     def __init__(self, caches, batch_size: int, *, shuffle=True, seed=0, buffer_size=2048, drop_last=False,
                  rank=None, world_size=None, teachers=None, teacher_weights=None, with_labels=True,
-                 task: str | None = None, num_workers: int = 0, features=None):
+                 task: str | None = None, num_workers: int = 0, features=None, even_ranks: bool = True):
         self.joined = caches if isinstance(caches, JoinedCaches) else JoinedCaches(
             [caches] if isinstance(caches, (str, Path)) else list(caches), teachers)
         self.batch_size = int(batch_size)
@@ -218,6 +218,9 @@ class CacheBatches(torch.utils.data.IterableDataset):
             ready = dist.is_available() and dist.is_initialized()
             rank, world_size = (dist.get_rank(), dist.get_world_size()) if ready else (0, 1)
         self.rank, self.world_size = rank, world_size
+        # training: every rank yields as many batches as the shortest (DDP steps together); evaluation
+        # (even_ranks=False): every rank yields all of its rows, so each example is scored exactly once
+        self.even_ranks = even_ranks
         self.teacher_weights = teacher_weights
         self.with_labels = with_labels
         self.task = task
@@ -254,7 +257,8 @@ class CacheBatches(torch.utils.data.IterableDataset):
             raise CachebrewError(f"num_workers must be an integer >= 0, got {n!r}")
         self._num_workers = n
         self._streams = [self._rank_streams(r) for r in range(self.world_size)]
-        self._len = min(sum(self._num_batches(s) for s in streams) for streams in self._streams)
+        per_rank = [sum(self._num_batches(s) for s in streams) for streams in self._streams]
+        self._len = min(per_rank) if self.even_ranks else per_rank[self.rank]
 
     def _rank_streams(self, rank: int) -> list[np.ndarray]:
         n = self.joined.num_rows

@@ -9,6 +9,12 @@ tb/ (tensorboard), the same layout as `cachebrew distill`; ``best/`` is this run
 
 The label vocabulary is stored in the saved model's config (id2label / label2id), which is what
 `cachebrew export` uses to map string labels, so teacher, cache and student agree on label ids.
+
+    cachebrew train cfg.yaml                                        # one process (one GPU or CPU)
+    torchrun --nproc_per_node 4 -m cachebrew train cfg.yaml         # DDP, one GPU per process
+
+Under torchrun each rank trains on its own share of the rows (DistributedSampler), ``train.batch_size`` is per
+process (the global batch is batch_size × ranks), and rank 0 alone writes best/ and train_results.json.
 """
 from __future__ import annotations
 
@@ -22,7 +28,9 @@ import torch
 from ..configurations import TrainingConfig
 from ..core.config import AMP_MODES, JobConfig, check_choice, check_int, config_to_dict, is_number
 from ..components.metrics import main_metric, predictions, score
-from ..core.files import atomic_write_text
+from ..core.files import atomic_write_text, unwrap
+from ..core.runtime import (barrier, ensure_process_group, get_rank, get_world_size, resolve_device,
+                            resolve_local_rank)
 from ..core.training import make_optimizer, resolve_amp, save_student, seed_everything, warmup_linear
 from ..components.students import StudentConfig, build_student, load_multitask_student
 from ..distillers import BasicTrainer
@@ -36,6 +44,13 @@ logger = logging.getLogger("cachebrew")
 
 @dataclass
 class FinetuneTrain:
+    """How `cachebrew train` trains.
+
+    ``batch_size`` is per process, as in Hugging Face's Trainer: under torchrun with N processes each optimizer
+    step sees N × batch_size rows, and an epoch has 1/N as many steps (the LR schedule is counted in those).
+    ``device``: see `core.runtime.resolve_device` (under torchrun, ``cuda`` gives each process its own GPU).
+    """
+
     epochs: int = 3
     batch_size: int = 32
     lr: float = 5e-5
@@ -131,20 +146,39 @@ class FinetuneRecipe:
         num_labels = len(self.label_names) if self.label_names else int(max(
             max(t["labels"]) if isinstance(t["labels"], list) else t["labels"] for t in self.train_examples)) + 1
         self.model = build_student(cfg.model, cfg.data.tokens is not None, num_labels, False, self.label_names)
-        self.device = torch.device(tc.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        local_rank = resolve_local_rank(None)
+        self.device = resolve_device(tc.device, local_rank)  # under torchrun: this rank's own GPU
+        if local_rank != -1:
+            ensure_process_group(self.device)  # before the loader: its sampler splits the rows by rank
+        self.rank, self.world_size = get_rank(), get_world_size()
         self.model.to(self.device)
-        self.loader = torch.utils.data.DataLoader(self.train_examples, batch_size=tc.batch_size, shuffle=True,
-                                                  collate_fn=pad_batch,
-                                                  generator=torch.Generator().manual_seed(cfg.seed))
+        self.loader = self._loader()
         self.trainer = BasicTrainer(TrainingConfig(output_dir=str(self.out), device=str(self.device),
                                                    amp=resolve_amp(tc.amp, self.device), progress_bar=tc.progress_bar,
                                                    keep_checkpoints=0, log_dir=str(self.out / "tb")),
                                     self.model, lambda b, o: {"losses": o.loss})
         self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay)
 
+    def _loader(self):
+        """Batches of `train.batch_size` rows for this process.
+
+        Under torchrun a DistributedSampler deals each rank a disjoint share of the shuffled rows (padded by
+        repeating a few when the count does not divide evenly), reshuffled every epoch because the training
+        loop calls its ``set_epoch``. One process keeps its own seeded shuffle: the order its published
+        single-process results were trained in.
+        """
+        cfg, tc = self.cfg, self.cfg.train
+        if self.world_size > 1:
+            sampler = torch.utils.data.distributed.DistributedSampler(
+                self.train_examples, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=cfg.seed)
+            return torch.utils.data.DataLoader(self.train_examples, batch_size=tc.batch_size, sampler=sampler,
+                                               collate_fn=pad_batch)
+        return torch.utils.data.DataLoader(self.train_examples, batch_size=tc.batch_size, shuffle=True,
+                                           collate_fn=pad_batch, generator=torch.Generator().manual_seed(cfg.seed))
+
     def train(self) -> None:
         tc = self.cfg.train
-        total = len(self.loader) * tc.epochs
+        total = len(self.loader) * tc.epochs  # this rank's loader: the optimizer steps every rank takes
         with self.trainer:
             self.trainer.train(self.optimizer, self.loader, num_epochs=tc.epochs, scheduler_class=warmup_linear,
                                scheduler_args={"num_warmup_steps": int(tc.warmup_ratio * total),
@@ -152,23 +186,41 @@ class FinetuneRecipe:
                                max_grad_norm=tc.max_grad_norm, callback=self.evaluate)
 
     def evaluate(self, model, step: int) -> None:
-        """Score the dev set (`components.metrics.score`); a better score than any before is published as best/."""
+        """Score the dev set (`components.metrics.score`); a better score than any before is published as best/.
+
+        Under torchrun every rank scores the whole dev set with its (identical) unwrapped model and rank 0 alone
+        publishes best/. That is the simplest correct split: no collective runs during evaluation, so no rank
+        waits in a barrier that a long dev set could time out; every rank keeps the same history and best, so
+        `save` returns the same results everywhere; and the wall time equals rank 0 scoring alone. Sharding the
+        dev set would be faster but needs every prediction gathered, since span F1 and the like are not sums
+        of per-rank counts.
+        """
         if self.dev is None:
             return
+        # under torchrun the loop passes the DDP wrapper: it has no .config, and its forward syncs across ranks
+        model = unwrap(model)
         m = score(*predict(model, self.dev, self.device), getattr(model.config, "id2label", None))
         self.history.append({"step": step, **m})
-        logger.info("eval at step %d: %s", step, m)
+        if self.rank == 0:
+            logger.info("eval at step %d: %s", step, m)
         key = main_metric(m)
         if self.best is None or m[key] > self.best[key]:
             self.best = {"step": step, **m}
-            save_student(model, self.out / "best", self.tokenizer_source)
+            if self.rank == 0:
+                save_student(model, self.out / "best", self.tokenizer_source)
 
     def save(self) -> dict:
-        if self.dev is None:
-            save_student(self.model, self.out / "best", self.tokenizer_source)
+        """train_results.json (and best/ when there is no dev set), written by rank 0 only: the ranks share
+        output_dir, and each writing through the same temporary would race. The others wait, so the files
+        exist when `run_finetune` returns on any rank."""
         results = {"best": self.best, "history": self.history, "num_train": len(self.train_examples),
                    "labels": self.label_names, "seed": self.cfg.seed}
-        atomic_write_text(self.out / "train_results.json", json.dumps(results, indent=2))
+        if self.rank == 0:
+            if self.dev is None:
+                save_student(self.model, self.out / "best", self.tokenizer_source)
+            path = atomic_write_text(self.out / "train_results.json", json.dumps(results, indent=2))
+            logger.info("wrote %s", path)
+        barrier()
         return results
 
 
@@ -201,7 +253,7 @@ def run_evaluate(model_dir: str, data: DataConfig, max_length: int, batch_size: 
     else:
         arch = (config.architectures or ["AutoModelForSequenceClassification"])[0]
         model = getattr(transformers, arch).from_pretrained(model_dir)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device, resolve_local_rank(None))
     model.to(dev).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     label2id = {k: int(v) for k, v in (config.label2id or {}).items()}

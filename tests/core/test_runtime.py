@@ -31,7 +31,7 @@ def test_one_gpu_without_torchrun_gets_an_indexed_device(fake_cuda):
     for asked in (None, "cuda", torch.device("cuda")):
         assert runtime.resolve_device(asked, runtime.resolve_local_rank(None)) == torch.device("cuda", 0)
     assert runtime.resolve_device("cuda:0", -1) == torch.device("cuda", 0)
-    assert runtime.resolve_device("cuda", 3) == torch.device("cuda", 3)  # torchrun: LOCAL_RANK's GPU
+    assert runtime.resolve_device("cuda", 3) == torch.device("cuda", 0)  # torchrun, one visible GPU per process
     assert fake_cuda and all(d.index is not None for d in fake_cuda)
     assert runtime.resolve_device("cpu", -1) == torch.device("cpu")
 

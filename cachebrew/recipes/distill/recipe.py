@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,8 @@ from ...distillers.batches import move_to_device
 from ...distillers.loop import ResumeState, StepState
 from ...errors import CacheFormatError, CachebrewError, ConfigError
 from ...core.paths import resolve_path
-from ...core.runtime import ensure_process_group, get_rank, get_world_size, resolve_device, resolve_local_rank
+from ...core.runtime import (all_gather_objects, broadcast_object, ensure_process_group, get_rank, get_world_size, resolve_device,
+                             resolve_local_rank)
 from ...version import __version__
 from .checkpoints import (gather_rng_states, latest_checkpoint, load_run_checkpoint, read_run_state, restore_rng,
                           save_run_checkpoint)
@@ -63,18 +65,26 @@ def _num_labels(ds: CacheBatches) -> int:
     raise CachebrewError(f"{ds.joined.readers[0].path}: no teacher logits and no label names; cannot size the head")
 
 
-def _verify_caches(readers):
-    """Every shard's checksum, rows and schema, before the student sees a byte of it."""
-    seen = set()
+def _verify_caches(readers, local_rank: int):
+    """Every shard's checksum, rows and schema, before the student sees a byte of it, checked once per copy.
+
+    Under torchrun a local cache directory is verified by each node's local rank 0 (nodes may hold their own
+    copies), a URI cache (s3://...) by rank 0 alone (one download, not one per rank); the outcome is gathered,
+    so every rank stops with the same error, or none does, and none starts training before the check is done."""
+    seen, problems = set(), []
     for reader in readers:
         if reader.path in seen:
             continue
         seen.add(reader.path)
-        problems = reader.verify()
-        if problems:
-            raise CacheFormatError(f"{reader.path}: {len(problems)} bad shard(s), not training on it: "
-                                   + "; ".join(problems[:5]) + " (re-export or re-pull it; train.verify_caches: "
-                                   "false skips this check)")
+        remote = "://" in str(reader.path) and not str(reader.path).startswith("file://")
+        if (get_rank() == 0) if remote else (local_rank <= 0):
+            bad = reader.verify()
+            if bad:
+                problems.append(f"{reader.path}: {len(bad)} bad shard(s), not training on it: " + "; ".join(bad[:5]))
+    problems = sorted({p for rank_problems in all_gather_objects(problems) for p in rank_problems})
+    if problems:
+        raise CacheFormatError("; ".join(problems) + " (re-export or re-pull it; train.verify_caches: false skips "
+                               "this check)")
 
 
 @contextlib.contextmanager
@@ -118,6 +128,10 @@ def evaluate(model, ds: CacheBatches, device, label_names) -> tuple[dict, dict |
             cached = batch["teacher_cache"].get("logits")
             if cached is not None:
                 t_preds += predictions(cached, labels.cpu())[0]
+    # each rank scored its own share of the eval cache (CacheBatches(even_ranks=False)): every rank gets the
+    # whole set's score, so all ranks agree on the best step
+    shares = all_gather_objects((preds, golds, t_preds))
+    preds, golds, t_preds = ([x for share in shares for x in share[i]] for i in range(3))
     return score(preds, golds, label_names), (score(t_preds, golds, label_names) if t_preds else None)
 
 
@@ -136,6 +150,8 @@ def evaluate_lm(model, ds: CacheBatches, device) -> tuple[dict, dict | None]:
             if isinstance(cached, torch.Tensor):
                 for i, x in enumerate(next_token_counts(cached, labels.cpu())):
                     teacher_sums[i] += x
+    shares = all_gather_objects((student_sums, teacher_sums))  # each rank's share of the eval cache
+    student_sums, teacher_sums = ([sum(share[k][i] for share in shares) for i in range(3)] for k in range(2))
     return lm_score(*student_sums), (lm_score(*teacher_sums) if teacher_sums[2] else None)
 
 
@@ -155,16 +171,14 @@ class DistillRecipe:
         cfg, tc = self.cfg, self.cfg.train
         self.t_start = time.perf_counter()
         seed_everything(cfg.seed)
-        local_rank = resolve_local_rank(None)
+        self.local_rank = local_rank = resolve_local_rank(None)
         self.device = resolve_device(tc.device, local_rank)
         if local_rank != -1:
             ensure_process_group(self.device)  # before the loaders: they split batches by rank
         self.rank, self.world_size = get_rank(), get_world_size()
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-        if not resume and latest_checkpoint(self.out / "checkpoints") is not None:
-            raise CachebrewError(f"{self.out} holds checkpoints of an earlier run: pass --resume to continue it, "
-                                 "or choose another output_dir")
+        ckpt = self._run_checkpoint(resume)  # rank 0's; before any other work, so a refusal costs nothing
         self.d_config = cfg.distillation_config()
         self.multi_task = bool(cfg.tasks)
         self.tasks = cfg.tasks or {"default": TaskConfig(cfg.caches, cfg.eval_cache)}
@@ -172,12 +186,43 @@ class DistillRecipe:
         self._setup_student()
         self._setup_distiller(local_rank)
         if resume:
-            ckpt = latest_checkpoint(self.out / "checkpoints")
             if ckpt is None:  # killed before its first checkpoint: `--resume` is always safe to pass
                 logger.info("--resume: no complete checkpoint under %s yet; starting from step 0",
                             self.out / "checkpoints")
             else:
                 self.load_checkpoint(ckpt)
+                if ckpt.parent.name != "checkpoints":  # a copy received from rank 0 (see _run_checkpoint)
+                    shutil.rmtree(ckpt.parent, ignore_errors=True)
+
+    def _run_checkpoint(self, resume: bool) -> Path | None:
+        """The checkpoint a run continues from: rank 0's latest (a collective; every rank gets the same answer).
+
+        Rank 0 writes the run's checkpoints, so on several nodes without a shared filesystem only its node holds
+        them: a rank whose output_dir lacks the chosen checkpoint receives its files from rank 0 into a private
+        folder and loads them from there. Without `resume`, any checkpoint there is a refusal on every rank."""
+        root = self.out / "checkpoints"
+        latest = latest_checkpoint(root) if self.rank == 0 else None
+        name = broadcast_object(latest.name if latest else None)
+        if name is None:
+            return None
+        if not resume:
+            raise CachebrewError(f"{self.out} holds checkpoints of an earlier run: pass --resume to continue it, "
+                                 "or choose another output_dir")
+        path = root / name
+        have = all_gather_objects((path / "state.json").is_file())
+        if all(have):
+            return path
+        files = {f.name: f.read_bytes() for f in path.iterdir() if f.is_file()} if self.rank == 0 else None
+        files = broadcast_object(files)
+        if have[self.rank]:
+            return path
+        logger.warning("--resume: %s is not on this node; received it from rank 0", path)
+        copy = root / f".from-rank-0.rank-{self.rank}" / name
+        shutil.rmtree(copy.parent, ignore_errors=True)
+        copy.mkdir(parents=True)
+        for file_name, data in files.items():
+            (copy / file_name).write_bytes(data)
+        return copy
 
     def _setup_data(self) -> None:
         """One loader per task, reading only the teacher outputs the losses use; the eval caches; verification."""
@@ -190,8 +235,9 @@ class DistillRecipe:
                                               teacher_weights=cfg.teacher_weights, task=task_of(name),
                                               features=features)
                            for name, t in self.tasks.items()}
-        self.eval_sets = {name: CacheBatches(t.eval_cache, tc.batch_size, shuffle=False, rank=0, world_size=1,
-                                             task=task_of(name), features={("logits", None)})
+        self.eval_sets = {name: CacheBatches(t.eval_cache, tc.batch_size, shuffle=False, rank=self.rank,
+                                             world_size=self.world_size, even_ranks=False, task=task_of(name),
+                                             features={("logits", None)})
                           for name, t in self.tasks.items() if t.eval_cache}
         # Each DataLoader iterator draws a base seed; from its own generator, not the global RNG, so that a
         # resumed run (which creates its first iterator mid-epoch) sees the same dropout masks.
@@ -201,7 +247,8 @@ class DistillRecipe:
                                           generator=torch.Generator().manual_seed(cfg.seed))
                         for name, ds in self.train_sets.items()}
         if tc.verify_caches:
-            _verify_caches([r for ds in (*self.train_sets.values(), *self.eval_sets.values()) for r in ds.joined.readers])
+            _verify_caches([r for ds in (*self.train_sets.values(), *self.eval_sets.values()) for r in ds.joined.readers],
+                           self.local_rank)
         causal = {str(ds.joined.readers[0].path): ds.causal_lm
                   for ds in (*self.train_sets.values(), *self.eval_sets.values())}
         self.causal_lm = any(causal.values())
@@ -337,7 +384,9 @@ class DistillRecipe:
 
     def load_checkpoint(self, ckpt: Path) -> None:
         """Continue from `ckpt`: the same config is required; the loop resumes at the saved position."""
-        saved, now = read_run_state(ckpt).get("config"), self.cfg.to_dict()
+        # output_dir may differ: a run folder moved or copied, or another node's local path, is the same run
+        drop_dir = lambda c: {k: v for k, v in (c or {}).items() if k != "output_dir"}
+        saved, now = drop_dir(read_run_state(ckpt).get("config")), drop_dir(self.cfg.to_dict())
         if saved != now:
             changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             raise CachebrewError(f"--resume: the config differs from the run in {self.out} (fields {changed}); "

@@ -8,24 +8,31 @@ Setup order matters: the data and teachers are loaded first because the fingerpr
 content; the fingerprint decides whether the output directory is up to date, resumable or foreign;
 only then is the plan tokenized and the remaining shards computed. Teacher forwards run on the main
 thread, encoding and writing on a writer thread, so disk and compression overlap with compute.
-Under torchrun each rank writes the shards k with k % world_size == rank; rank 0 writes the manifest.
+Under torchrun each rank writes the shards k with k % world_size == rank; rank 0 writes the manifest, last,
+once it has seen every listed shard where the manifest goes. Nodes need not share a disk when the output is a
+URI: each rank builds its shards in a staging directory of its own and pushes them itself. A local output
+must be one directory every node sees; a per-node directory is refused before the teachers run (and, should
+it slip through, before the manifest is written), since no node would hold the whole cache.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import hashlib
+import json
 import logging
 import math
 import os
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import torch
 
 from ...cache.fingerprint import combine, hash_state_dict
@@ -37,12 +44,12 @@ from ...cache.manifest import MANIFEST, Manifest
 from ...cache.shards import (ShardInfo, ShardWriter, describe_shard, list_shards, read_shard_meta,
                              remove_temp_files)
 from ...cache.lock import DirectoryLock
-from ...cache.sharing import copy_cache
-from ...cache.storage import is_uri, local_path
+from ...cache.sharing import copy_shard
+from ...cache.storage import Location, is_uri, local_path, locate
 from ...core.tensors import iter_tensors
 from ...core.training import AMP_DTYPES, resolve_amp
 from ...errors import CacheFormatError, CachebrewError, CacheMismatchError, ConfigError
-from ...core.runtime import barrier, launch_env, resolve_device
+from ...core.runtime import all_gather_objects, barrier, broadcast_object, launch_env, resolve_device
 from ...version import __version__
 from .config import ExportConfig
 from ...components.data import (build_rows, chat_renderer, data_fingerprint, label_vocabulary, load_table, pack_rows,
@@ -261,35 +268,39 @@ def _schema(cfg: ExportConfig, tokens: list[dict], specs, token_level: bool) -> 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def staging_dir(uri: str) -> Path:
-    """Where an export to a URI is built before it is pushed; stable per URI, so a crashed export resumes."""
+def staging_dir(uri: str, rank: int = 0) -> Path:
+    """Where this rank builds its shards of an export to a URI before pushing them.
+
+    Stable per URI, so a crashed export resumes from what it had computed. Under torchrun every rank has a
+    directory of its own (rank 0 the plain one, so a rerun with one process finds its shards): the nodes
+    need not share a disk, each rank pushes what it wrote, and no two ranks inspect or clean one directory.
+    ``CACHEBREW_STAGING`` moves them (e.g. to a scratch disk on each node).
+    """
     base = Path(os.environ.get("CACHEBREW_STAGING", Path.home() / ".cache" / "cachebrew" / "staging"))
-    return base / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    name = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return base / (name if rank == 0 else f"{name}-rank{rank}")
+
+
+def _lock_name(rank: int) -> str:
+    """Each rank's lock file in the output directory; rank 0 looks for the others' to know the directory is shared."""
+    return ".lock" if rank == 0 else f".lock-rank{rank}"
 
 
 def run_export(cfg: ExportConfig) -> ExportResult:
-    """Export into cfg.output, a directory or a filesystem URI (built locally, then pushed with checksums).
+    """Export into cfg.output, a directory or a filesystem URI.
 
+    A URI is built in local staging directories (one per rank); each rank pushes the shards it wrote, verified
+    against their checksums, and rank 0 publishes the manifest once every listed shard is at the destination.
     One export at a time per directory (a lock file); a full disk stops with a clear error and only
     complete shards on disk, which a rerun keeps.
     """
-    if is_uri(cfg.output):
-        from dataclasses import replace
-
-        staged = staging_dir(cfg.output)
-        result = run_export(replace(cfg, output=str(staged)))
-        if launch_env()[1] == 0:
-            report = copy_cache(staged, cfg.output, overwrite=cfg.overwrite)
-            logger.info("pushed %s to %s: %d shards copied, %d already there", staged, cfg.output, report.copied,
-                        report.skipped)
-        result.output = cfg.output
-        return result
     world, rank, _ = launch_env()
-    out = local_path(cfg.output)
+    destination = cfg.output if is_uri(cfg.output) else None
+    out = staging_dir(cfg.output, rank) if destination else local_path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    with DirectoryLock(out, ".lock" if rank == 0 else f".lock-rank{rank}"):
+    with DirectoryLock(out, _lock_name(rank)):
         try:
-            recipe = ExportRecipe(cfg, out)
+            recipe = ExportRecipe(cfg, out, destination)
             recipe.setup()
             if recipe.load_checkpoint() == "up_to_date":
                 return recipe.up_to_date()
@@ -304,11 +315,105 @@ def run_export(cfg: ExportConfig) -> ExportResult:
                                  "them once there is space (or choose another output).") from None
 
 
-class ExportRecipe:
-    """One export into a local directory (`run_export` handles URIs, the lock and a full disk)."""
+def _read_manifest(where: Location) -> Manifest | None:
+    """The manifest at `where`, or None when there is none or it cannot be read (treated as another cache's)."""
+    if not where.exists(MANIFEST):
+        return None
+    try:
+        return Manifest.from_dict(json.loads(where.read_text(MANIFEST)), where.where(MANIFEST))
+    except (ValueError, CacheFormatError):  # bad JSON or UTF-8 (both ValueErrors), or not a manifest
+        return None
 
-    def __init__(self, cfg: ExportConfig, out: Path):
-        self.cfg, self.out = cfg, out
+
+def _shard_problems(where: Location, shards: list[dict]) -> list[str]:
+    """The shards (``ShardInfo.to_dict()``) that `where` lacks or holds with another size, each named for a message.
+
+    Sizes only, no checksums: each shard was hashed as it was written (or pushed, verified), and re-reading a
+    whole cache over a network filesystem or object store would cost as much as the push itself.
+    """
+    problems = []
+    for s in shards:
+        found = where.info(s["path"])
+        if found.type != pafs.FileType.File:
+            problems.append(s["path"])
+        elif found.size != s["bytes"]:
+            problems.append(f"{s['path']} ({found.size} bytes, not {s['bytes']})")
+    return problems
+
+
+def check_shards_present(where: Location, parts: list[dict], pushed: bool) -> None:
+    """Refuse to publish a manifest that lists a shard `where` lacks, naming it and the rank and host that wrote it.
+
+    `parts` holds one entry per rank, ``{"rank", "host", "shards": [ShardInfo.to_dict(), ...]}``, as rank 0
+    gathers them. `pushed`: the shards were pushed to a URI (a failed upload; rerunning pushes them again);
+    otherwise they were written into the output directory directly, and a missing one means that directory is
+    not shared between the nodes.
+    """
+    missing = []
+    for part in parts:
+        problems = _shard_problems(where, part["shards"])
+        if problems:
+            names = ", ".join(problems[:3]) + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
+            missing.append(f"{names} (rank {part['rank']} on {part['host']})")
+    if not missing:
+        return
+    if pushed:
+        raise CacheFormatError(f"{where.uri}: shards pushed by their ranks are missing there: {'; '.join(missing)}. "
+                               "The manifest was not written; rerun the export to push them again (nothing is "
+                               "recomputed)")
+    host0 = next((p["host"] for p in parts if p["rank"] == 0), "?")
+    raise CachebrewError(f"{where.uri}: shards written by other ranks are not in this directory as rank 0 on {host0} "
+                         f"sees it: {'; '.join(missing)}. The output directory is not shared between the nodes, so "
+                         "no node holds the whole cache and no manifest was written. Use a directory on a filesystem "
+                         "every node mounts (e.g. file:///shared/cache), or a URI output (s3://bucket/cache), to "
+                         "which each rank pushes its own shards")
+
+
+def check_shared_output(out: Path, peers: list[dict]) -> None:
+    """Refuse, before any teacher runs, a local output that is not one directory shared by every rank.
+
+    Each rank holds its lock file in its output directory (`run_export`), recording its pid and host; `peers`
+    holds every rank's ``{"rank", "host", "pid"}``. A rank whose lock rank 0 cannot find there writes into a
+    directory of its own (a node-local disk), and its shards would be missing from the published cache.
+    """
+    me = next((p for p in peers if p["rank"] == 0), {"host": "?"})
+    for peer in peers:
+        if peer["rank"] == 0:
+            continue
+        try:
+            holder = json.loads((out / _lock_name(peer["rank"])).read_text())
+        except (OSError, ValueError):  # no such file, or being written: not a lock this run's rank holds
+            holder = {}
+        if (holder.get("host"), holder.get("pid")) != (peer["host"], peer["pid"]):
+            raise CachebrewError(
+                f"{out}: the output directory is not shared between the nodes: rank 0 on {me['host']} does not see "
+                f"the lock of rank {peer['rank']} on {peer['host']} in it, so that rank's shards would be missing "
+                "from the cache. Use a directory on a filesystem every node mounts (e.g. file:///shared/cache), "
+                "or a URI output (s3://bucket/cache), to which each rank pushes its own shards")
+
+
+def _raise_together(own: BaseException | None, decision: str | None) -> None:
+    """Stop this rank when a collective check failed: with its own error if it is the cause, else the same message.
+
+    Every rank raises, so none is left waiting in a later collective (for the process group's whole timeout).
+    """
+    if decision is None:
+        return
+    if own is not None and str(own) == decision:
+        raise own
+    if own is not None:
+        logger.error("%s", own)  # this rank's own problem, beside the one that stops every rank
+    raise CachebrewError(decision)
+
+
+class ExportRecipe:
+    """One export: this rank's shards into the local directory `out`, pushed to `destination` when the output is a
+    URI (`run_export` picks the directories, holds the lock and reports a full disk)."""
+
+    def __init__(self, cfg: ExportConfig, out: Path, destination: str | None = None):
+        """`out`: where this rank writes its shards; `destination`: the URI it pushes them to, or None (`out` is the
+        output)."""
+        self.cfg, self.out, self.destination = cfg, out, destination
 
     def setup(self) -> None:
         """Load everything the fingerprint is made of: the data, the teachers' weights, the tokenizer, settings."""
@@ -317,7 +422,10 @@ class ExportRecipe:
         self.world, self.rank, local_rank = launch_env()
         self.device = resolve_device(cfg.device, local_rank)
         if self.world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("gloo")  # only barriers and the final gather travel over it
+            # Only barriers and the final gather travel over it. A rank with fewer shards waits in that gather
+            # for the slowest rank's whole export, hours on a big teacher: gloo's default 30-minute timeout
+            # would kill a healthy run, so the wait is bounded by a day instead.
+            torch.distributed.init_process_group("gloo", timeout=timedelta(hours=24))
         self.ds = load_table(cfg.data)
         loaded = [load_teacher(tc, i, bool(cfg.outputs.attention_layers)) for i, tc in enumerate(cfg.teachers)]
         self.teachers = {tc.name: model for tc, (model, _) in zip(cfg.teachers, loaded)}
@@ -332,22 +440,83 @@ class ExportRecipe:
         self.fingerprint = combine(self.fingerprint_inputs)
 
     def load_checkpoint(self) -> str:
-        """'up_to_date' or 'resume': rank 0 inspects the directory (refusing a foreign cache), every rank hears."""
-        state = None
-        if self.rank == 0:
-            state = check_output_dir(self.out, self.fingerprint, self.cfg.overwrite)
-            remove_temp_files(self.out)
-        if self.world > 1:
-            box = [state]
-            torch.distributed.broadcast_object_list(box, src=0)
-            state = box[0]
+        """'up_to_date' or 'resume', the same on every rank; a problem any rank finds stops every rank.
+
+        A local output: rank 0 checks that it is one directory shared by all ranks, then inspects it (refusing
+        a foreign cache). A URI: rank 0 asks the destination (up to date, or a foreign cache, refused now rather
+        than after the teachers ran); then each rank inspects its own staging directory.
+        """
+        if self.destination is None:
+            peers = all_gather_objects({"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid()})
+            state = self._decided_by_rank0(lambda: self._inspect_output(peers))
+        else:
+            state = self._decided_by_rank0(self._inspect_destination)
+            if state != "up_to_date":
+                self._checked_on_every_rank(self._inspect_staging)
         barrier()
         return state
 
+    def _inspect_output(self, peers: list[dict]) -> str:
+        if self.world > 1:
+            check_shared_output(self.out, peers)
+        state = check_output_dir(self.out, self.fingerprint, self.cfg.overwrite)
+        remove_temp_files(self.out)
+        return state
+
+    def _inspect_destination(self) -> str:
+        """'up_to_date' when the destination publishes this cache whole; else 'resume' after unpublishing it.
+
+        A foreign cache there is refused (or, with overwrite, unpublished: this export's shards replace its own).
+        """
+        dest = locate(self.destination)
+        if not dest.exists(MANIFEST):
+            return "resume"
+        m = _read_manifest(dest)
+        if m is not None and m.fingerprint == self.fingerprint:
+            if not _shard_problems(dest, [s.to_dict() for s in m.shards]):
+                return "up_to_date"
+        elif not self.cfg.overwrite:
+            old = m.fingerprint[:12] if m else "unreadable"
+            raise CacheMismatchError(
+                f"{dest.uri} already holds a cache with fingerprint {old}…, made from other inputs than this export "
+                f"({self.fingerprint[:12]}…): different teachers, data or settings. Use another output, or "
+                "--overwrite to replace it.")
+        dest.fs.delete_file(dest.join(MANIFEST))  # unpublished first: the shards it lists are replaced or missing
+        return "resume"
+
+    def _inspect_staging(self) -> None:
+        check_output_dir(self.out, self.fingerprint, self.cfg.overwrite)  # 'up_to_date' too: its shards are pushed
+        remove_temp_files(self.out)
+
+    def _decided_by_rank0(self, decide):
+        """decide() on rank 0 and its result on every rank; a CachebrewError (or OSError: a disk, a bucket) it
+        raises stops every rank, rank 0 with the error itself."""
+        result, own = None, None
+        if self.rank == 0:
+            try:
+                result = decide()
+            except (CachebrewError, OSError) as e:
+                own = e
+        result, decision = broadcast_object((result, str(own) if own else None))
+        _raise_together(own, decision)
+        return result
+
+    def _checked_on_every_rank(self, check) -> None:
+        """check() on every rank; the first CachebrewError (or OSError) in rank order stops every rank with its
+        message."""
+        own = None
+        try:
+            check()
+        except (CachebrewError, OSError) as e:
+            own = e
+        found = [m for m in all_gather_objects(str(own) if own else None) if m]
+        _raise_together(own, found[0] if found else None)
+
     def up_to_date(self) -> ExportResult:
-        m = Manifest.read(self.out)
-        logger.info("%s is up to date (fingerprint %s…): nothing to do", self.out, self.fingerprint[:12])
-        return ExportResult(str(self.out), self.fingerprint, True, m.num_rows, 0, 0, len(m.shards), m.num_bytes,
+        m = Manifest.read(self.out) if self.destination is None else _read_manifest(locate(self.destination))
+        where = self.destination or self.out
+        logger.info("%s is up to date (fingerprint %s…): nothing to do", where, self.fingerprint[:12])
+        return ExportResult(str(where), self.fingerprint, True, m.num_rows, 0, 0, len(m.shards), m.num_bytes,
                             time.perf_counter() - self.t0)
 
     def plan(self) -> None:
@@ -442,29 +611,57 @@ class ExportRecipe:
         self.shard_infos = writer.infos
 
     def save(self) -> ExportResult:
-        """Describe every shard of every rank, gather, and publish the manifest (rank 0): the cache is complete."""
-        cfg, out = self.cfg, self.out
+        """Push (to a URI) and gather every rank's shards; rank 0 checks them and publishes the manifest, last.
+
+        Each rank pushes the shards it wrote from its own staging directory, so no node needs another's disk.
+        Rank 0 writes the manifest only after seeing every listed shard, with its recorded size, where the
+        manifest goes; any failure stops every rank with one message naming the shard, rank and host.
+        """
         infos = [i.to_dict() for i in self.shard_infos] + [describe_shard(self.on_disk[s]).to_dict() for s in self.done]
-        if self.world > 1:
-            gathered = [None] * self.world
-            torch.distributed.all_gather_object(gathered, infos)
-            infos = [i for part in gathered for i in part]
-        total_bytes = 0
-        if self.rank == 0:
-            shard_infos = sorted((ShardInfo(**i) for i in infos), key=lambda i: i.index)
-            if [i.index for i in shard_infos] != list(range(self.n_shards)):
-                raise CacheFormatError(f"{out}: expected shards 0..{self.n_shards - 1}, "
-                                       f"have {[i.index for i in shard_infos]}")
-            manifest = Manifest(
-                fingerprint=self.fingerprint, fingerprint_inputs=self.fingerprint_inputs,
-                columns={f.name: str(f.type) for f in self.schema}, tensors=self.specs,
-                teachers={tc.name: {"weights_sha256": self.weights[tc.name], "source": tc.path or tc.entry_point,
-                                    "model_class": tc.model_class} for tc in cfg.teachers},
-                shards=shard_infos, tasks={cfg.task: len(self.order)}, config=cfg.to_dict(),
-                token_level=self.token_level, label_names=self.label_names, num_examples=len(self.ds),
-                created=datetime.now(timezone.utc).isoformat())
-            manifest.write(out)
-            total_bytes = manifest.num_bytes
+        host = socket.gethostname()
+        if self.destination is not None:
+            self._checked_on_every_rank(lambda: self._push(infos, host))
+        parts = all_gather_objects({"rank": self.rank, "host": host, "shards": infos})
+        total_bytes = self._decided_by_rank0(lambda: self._publish(parts))
         barrier()
-        return ExportResult(str(out), self.fingerprint, False, len(self.order), self.written, len(self.shard_infos),
-                            len(self.done), total_bytes, time.perf_counter() - self.t0)
+        return ExportResult(self.destination or str(self.out), self.fingerprint, False, len(self.order), self.written,
+                            len(self.shard_infos), len(self.done), total_bytes, time.perf_counter() - self.t0)
+
+    def _push(self, infos: list[dict], host: str) -> None:
+        """This rank's shards, from its staging directory to the destination, each verified as it streams.
+
+        Always copied, even when the destination holds an object of that name and size: a shard computed again
+        has other bytes than an earlier push of it, and only this rank's copy matches the checksum it reports.
+        """
+        src, dest = locate(self.out), locate(self.destination)
+        dest.fs.create_dir(dest.path, recursive=True)
+        for info in infos:
+            try:
+                copy_shard(src, dest, ShardInfo(**info))
+            except (OSError, CacheFormatError) as e:
+                raise CachebrewError(f"{dest.where(info['path'])}: rank {self.rank} on {host} could not push it from "
+                                     f"{self.out}: {e}") from e
+        logger.info("pushed %d shards from %s to %s", len(infos), self.out, self.destination)
+
+    def _publish(self, parts: list[dict]) -> int:
+        """The manifest of every rank's shards, written last where the cache goes; its size in bytes (rank 0)."""
+        cfg = self.cfg
+        shard_infos = sorted((ShardInfo(**i) for part in parts for i in part["shards"]), key=lambda i: i.index)
+        where = locate(self.destination or self.out)
+        if [i.index for i in shard_infos] != list(range(self.n_shards)):
+            raise CacheFormatError(f"{where.uri}: expected shards 0..{self.n_shards - 1}, "
+                                   f"have {[i.index for i in shard_infos]}")
+        check_shards_present(where, parts, pushed=self.destination is not None)
+        manifest = Manifest(
+            fingerprint=self.fingerprint, fingerprint_inputs=self.fingerprint_inputs,
+            columns={f.name: str(f.type) for f in self.schema}, tensors=self.specs,
+            teachers={tc.name: {"weights_sha256": self.weights[tc.name], "source": tc.path or tc.entry_point,
+                                "model_class": tc.model_class} for tc in cfg.teachers},
+            shards=shard_infos, tasks={cfg.task: len(self.order)}, config=cfg.to_dict(),
+            token_level=self.token_level, label_names=self.label_names, num_examples=len(self.ds),
+            created=datetime.now(timezone.utc).isoformat())
+        if self.destination is None:
+            manifest.write(self.out)
+        else:
+            where.write_atomic(MANIFEST, json.dumps(manifest.to_dict(), indent=2).encode())
+        return manifest.num_bytes

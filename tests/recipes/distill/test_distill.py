@@ -349,3 +349,86 @@ def test_two_rank_resume_restores_each_ranks_own_rng(world, tmp_path):
     assert "resuming" in run("cut", "--resume").stderr
     a, b = (load_file(tmp_path / n / "last" / "model.safetensors") for n in ("full", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a), "a resumed 2-rank run ended with different weights"
+
+
+def test_eval_shares_cover_every_row_exactly_once(world):
+    """Evaluation is split over ranks (`even_ranks=False`): every eval row is scored by exactly one rank, also when
+    the ranks' shares differ in batch count — where a training split (every rank as many batches as the shortest)
+    would drop rows."""
+    dev = world["caches"]["dev"]
+    n = CacheReader(dev).num_rows
+    for ranks in (1, 2, 3, 5):
+        rows = {even: [int(i) for r in range(ranks) for _, batch in CacheBatches(
+            dev, 4, shuffle=False, rank=r, world_size=ranks, even_ranks=even).plan(0) for i in batch]
+            for even in (True, False)}
+        assert sorted(rows[False]) == list(range(n)), ranks
+        if ranks == 5:  # 24 rows: shares of 4, 5, 5, 5, 5 rows are 1 and 2 batches of 4
+            assert len(rows[True]) < n
+
+
+@pytest.mark.slow
+def test_two_ranks_score_the_eval_cache_once_and_log_once(world, tmp_path):
+    """torchrun, 2 gloo ranks: the eval scores in results.json equal one process scoring the saved student over the
+    whole eval cache (each rank scored its share, the shares were gathered), and the summary is printed once."""
+    from cachebrew.recipes.distill.recipe import evaluate
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = distill_cfg(world, tmp_path / "run", train={"epochs": None, "steps": 6, "eval_every": 3, "batch_size": 4})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "cachebrew", "distill", str(path), "--no-progress"],
+                         cwd=TESTS, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count(": 6 steps,") == 1, res.stdout
+    assert res.stderr.count("eval at step 6") == 1, res.stderr  # rank 1 logs warnings only
+    final = json.loads((tmp_path / "run" / "results.json").read_text())["final"]
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "last")
+    ds = CacheBatches(world["caches"]["dev"], 4, shuffle=False)
+    mine, _ = evaluate(model, ds, torch.device("cpu"), ds.joined.manifest.label_names)
+    assert final["default"] == mine and mine["accuracy"] * ds.joined.num_rows == round(mine["accuracy"] * 24)
+
+
+@pytest.mark.slow
+def test_resume_on_two_nodes_without_a_shared_output_dir(world, tmp_path):
+    """Two torchrun 'nodes' (one process each) whose output_dir are different local folders: rank 0's node holds
+    the checkpoints, the other node's folder is empty. `--resume` continues from rank 0's checkpoint on both (the
+    other node receives it) and ends with the weights of an uninterrupted 2-process run."""
+    import socket
+
+    cfg = distill_cfg(world, tmp_path / "x", train={"epochs": None, "steps": 6, "save_every": 3, "eval_every": 6,
+                                                     "batch_size": 4})
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+
+    def two_nodes(outs, *extra):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
+                                   str(node), "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port",
+                                   str(port), "-m", "cachebrew", "distill", str(path), "--no-progress",
+                                   "--set", f"output_dir={out}", *extra],
+                                  cwd=TESTS, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for node, out in enumerate(outs)]
+        results = [p.communicate(timeout=300) for p in procs]
+        for p, (out, err) in zip(procs, results):
+            assert p.returncode == 0, err[-3000:]
+        return results
+
+    two_nodes([tmp_path / "full0", tmp_path / "full1"])
+    two_nodes([tmp_path / "cut0", tmp_path / "cut1"])
+    for stale in ("last", "best", "results.json", "checkpoints/step-000006"):  # undo back to the step-3 checkpoint
+        p = tmp_path / "cut0" / stale
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    shutil.rmtree(tmp_path / "cut1", ignore_errors=True)  # the other node's disk holds nothing of the run
+    (tmp_path / "cut1").mkdir()
+    (_, err0), (_, err1) = two_nodes([tmp_path / "cut0", tmp_path / "cut1"], "--resume")
+    assert "resuming" in err0 and "received it from rank 0" in err1 + err0
+    a, b = (load_file(tmp_path / n / "last" / "model.safetensors") for n in ("full0", "cut0"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "a resumed 2-node run ended with different weights"
+    assert not list((tmp_path / "cut1").rglob("*.from-rank-0*")), "the received copy is left behind"
