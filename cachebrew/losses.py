@@ -1,10 +1,19 @@
-"""KD and intermediate-feature losses, numerically identical to TextBrewer 0.2.1 on fp32 inputs.
+"""KD and intermediate-feature losses with TextBrewer 0.2.1's numerics on fp32 inputs (exceptions below).
 
 Two deliberate differences, both invisible on fp32 inputs with at least one unmasked position:
 16-bit inputs are upcast to float32 before softmax/mse (bf16 softmax loses the teacher's tail), and a
 fully masked batch gives a loss of 0 instead of NaN (a NaN would poison the whole run).
+
+Masks weight positions instead of selecting them: where TextBrewer takes ``x[mask]`` (cos_loss, and the
+objective's logits_mask) these functions take ``mask=`` and average with `_masked_mean`, so every shape stays
+independent of the data and a training step never waits for the host to learn how many positions a mask
+keeps (one sync per selection on a GPU). The mean is TextBrewer's up to float rounding: its sum runs over
+the masked-out zeros too, so in another order (masked cos_loss: within 2.4e-7 relative, bitwise equal about
+half the time; an exact match would need the count on the host, the very sync this removes).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +37,22 @@ def _count(x: torch.Tensor) -> torch.Tensor:
     return x.clamp_min(1)
 
 
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``values.mean()``, or with a (batch, len) mask the mean over the kept positions' elements: TextBrewer's
+    ``values[mask].mean()`` without a data-dependent shape. ``values`` is (batch, len, *per_position).
+
+    where() rather than a product: a non-finite value at a padding position stays out of the sum. The count
+    stays a device tensor (clamped: 0 for an all-masked batch), so nothing here waits for the host.
+    """
+    if mask is None:
+        return values.mean()
+    keep = mask.to(device=values.device, dtype=torch.bool)
+    per_position = math.prod(values.shape[keep.dim():])  # elements averaged per position
+    keep_b = keep.reshape(keep.shape + (1,) * (values.dim() - keep.dim()))
+    total = torch.where(keep_b, values, 0).sum()
+    return total / _count(keep.sum() * per_position)
+
+
 def _scaled(logits_S, logits_T, temperature):
     if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
         temperature = temperature.unsqueeze(-1)
@@ -35,25 +60,30 @@ def _scaled(logits_S, logits_T, temperature):
     return logits_S / temperature, logits_T / temperature
 
 
-def kd_mse_loss(logits_S, logits_T, temperature=1):
+# The KD losses take an optional (batch, len) ``mask`` for (batch, len, classes) logits: the positions a
+# logits_mask keeps, averaged as TextBrewer averages the rows it selects (DistillationLoss passes it).
+
+def kd_mse_loss(logits_S, logits_T, temperature=1, mask=None):
     """MSE between temperature-scaled logits; temperature may be a float or a per-example tensor."""
     beta_logits_S, beta_logits_T = _scaled(logits_S, logits_T, temperature)
-    return F.mse_loss(beta_logits_S, beta_logits_T)
+    if mask is None:
+        return F.mse_loss(beta_logits_S, beta_logits_T)
+    return _masked_mean(F.mse_loss(beta_logits_S, beta_logits_T, reduction="none"), mask)
 
 
-def kd_ce_loss(logits_S, logits_T, temperature=1):
+def kd_ce_loss(logits_S, logits_T, temperature=1, mask=None):
     """Cross-entropy of the student's tempered distribution against the teacher's (Hinton KD)."""
     beta_logits_S, beta_logits_T = _scaled(logits_S, logits_T, temperature)
     p_T = F.softmax(beta_logits_T, dim=-1)
-    return -(p_T * F.log_softmax(beta_logits_S, dim=-1)).sum(dim=-1).mean()
+    return -_masked_mean((p_T * F.log_softmax(beta_logits_S, dim=-1)).sum(dim=-1), mask)
 
 
-def kd_kl_loss(logits_S, logits_T, temperature=1):
+def kd_kl_loss(logits_S, logits_T, temperature=1, mask=None):
     """KL(teacher || student) of the tempered distributions, batch mean: kd_ce_loss minus the teacher's entropy,
     so the same gradient; its value reaches 0 when the student matches (INC's 'KL' KD loss)."""
     beta_logits_S, beta_logits_T = _scaled(logits_S, logits_T, temperature)
     log_p_T = F.log_softmax(beta_logits_T, dim=-1)
-    return (log_p_T.exp() * (log_p_T - F.log_softmax(beta_logits_S, dim=-1))).sum(dim=-1).mean()
+    return _masked_mean((log_p_T.exp() * (log_p_T - F.log_softmax(beta_logits_S, dim=-1))).sum(dim=-1), mask)
 
 
 def att_mse_loss(attention_S, attention_T, mask=None):
@@ -123,17 +153,18 @@ def hid_mse_loss(state_S, state_T, mask=None):
 
 
 def cos_loss(state_S, state_T, mask=None):
-    """Cosine embedding loss between hidden states at unmasked positions (DistilBERT)."""
+    """Cosine embedding loss between hidden states at unmasked positions (DistilBERT).
+
+    TextBrewer masked_selects the unmasked positions; here every position gets its loss and the mask weights
+    them (`_masked_mean`): the same mean up to float rounding, with no shape that depends on the mask."""
     state_S, state_T = _f32(state_S, state_T)
+    rows_S = state_S.reshape(-1, state_S.size(-1))
+    rows_T = state_T.reshape(-1, state_T.size(-1))
+    target = rows_S.new_ones(rows_S.size(0))
     if mask is None:
-        state_S = state_S.reshape(-1, state_S.size(-1))
-        state_T = state_T.reshape(-1, state_T.size(-1))
-    else:
-        mask = mask.to(state_S).unsqueeze(-1).expand_as(state_S).to(torch.bool)
-        state_S = torch.masked_select(state_S, mask).view(-1, mask.size(-1))
-        state_T = torch.masked_select(state_T, mask).view(-1, mask.size(-1))
-    target = state_S.new_ones(state_S.size(0))
-    return F.cosine_embedding_loss(state_S, state_T, target, reduction="mean")
+        return F.cosine_embedding_loss(rows_S, rows_T, target, reduction="mean")
+    per_position = F.cosine_embedding_loss(rows_S, rows_T, target, reduction="none")
+    return _masked_mean(per_position.view(state_S.shape[:-1]), mask)
 
 
 def pkd_loss(state_S, state_T, mask=None):
@@ -190,14 +221,14 @@ def _t_squared(temperature):
     return temperature ** 2
 
 
-def inc_kd_ce_loss(logits_S, logits_T, temperature=1):
+def inc_kd_ce_loss(logits_S, logits_T, temperature=1, mask=None):
     """INC 'CE': ``(-softmax(t/T) * log_softmax(s/T)).sum(-1).mean() * T**2``."""
     s, t = _scaled(logits_S, logits_T, temperature)
     per_example = -(F.softmax(t, dim=-1) * F.log_softmax(s, dim=-1)).sum(dim=-1)
-    return (per_example * _t_squared(temperature)).mean()
+    return _masked_mean(per_example * _t_squared(temperature), mask)
 
 
-def inc_kd_kl_loss(logits_S, logits_T, temperature=1):
+def inc_kd_kl_loss(logits_S, logits_T, temperature=1, mask=None):
     """INC 'KL': ``F.kl_div(log_softmax(s/T), softmax(t/T)) * T**2`` with torch's default 'mean' reduction,
     i.e. averaged over batch x classes (INC's choice; TextBrewer-style 'kl' averages over the batch only)."""
     s, t = _scaled(logits_S, logits_T, temperature)
@@ -206,16 +237,16 @@ def inc_kd_kl_loss(logits_S, logits_T, temperature=1):
     t2 = _t_squared(temperature)
     if isinstance(t2, torch.Tensor) and t2.dim() > 0:
         t2 = t2.unsqueeze(-1)
-    return (pointwise * t2).mean()
+    return _masked_mean(pointwise * t2, mask)
 
 
-def inc_kd_mse_loss(logits_S, logits_T, temperature=1):
+def inc_kd_mse_loss(logits_S, logits_T, temperature=1, mask=None):
     """INC 'MSE': ``MSELoss()(s/T, t/T) * T**2``."""
     s, t = _scaled(logits_S, logits_T, temperature)
     t2 = _t_squared(temperature)
     if isinstance(t2, torch.Tensor) and t2.dim() > 0:
         t2 = t2.unsqueeze(-1)
-    return (F.mse_loss(s, t, reduction="none") * t2).mean()
+    return _masked_mean(F.mse_loss(s, t, reduction="none") * t2, mask)
 
 
 def inc_mse_feature_loss(feature_S, feature_T, mask=None):
@@ -248,8 +279,11 @@ def inc_kl_feature_loss(feature_S, feature_T, mask=None):
 
 # -- KD against sparse targets (cache/sparse.py): never a dense teacher tensor ---------------------------------------
 
-def sparse_kd_loss(logits_S, target: dict, temperature=1, kind: str = "ce"):
+def sparse_kd_loss(logits_S, target: dict, temperature=1, kind: str = "ce", mask=None):
     """KD of dense student logits (N, V) against sparse teacher targets {ids, mass (N, K)[, tail (N,)]}.
+
+    Per-token targets are (B, L, V) against (B, L, K) with ``mask`` (B, L): the mean over the kept positions
+    (a causal LM's padding: id 0, mass 0, so every position's loss is finite and the mask drops it).
 
     The student's log-probabilities are gathered at the stored ids after one log-normaliser per row, so
     the cost is (N, V) for the student's own softmax and (N, K) for the target:
@@ -270,4 +304,4 @@ def sparse_kd_loss(logits_S, target: dict, temperature=1, kind: str = "ce"):
         ce = ce + torch.xlogy(mass, mass).sum(dim=-1) + (torch.xlogy(tail, tail) if tail is not None else 0.0)
     elif kind != "ce":
         raise ValueError(f"sparse KD loss kind {kind!r} is not 'ce' or 'kl'")
-    return ce.mean()
+    return _masked_mean(ce, mask)

@@ -10,9 +10,17 @@ form, GeneralDistiller's full form, MultiTeacherDistiller on averaged logits), c
 recipe (through GeneralDistiller) and `hf.DistillationTrainer` all call this one object, so every
 front end has the same numerics: the terms are added in TextBrewer's order, with its masks, probability
 shift and temperature schedules. The weights follow their schedulers through ``on_optimizer_step``.
+
+A ``logits_mask`` weights positions instead of selecting them (`paired_logits`): TextBrewer's
+``masked_select`` makes a tensor whose size the host must read back from the device before it can go on, a
+sync per micro-step; the mask passed to the KD loss gives the same mean (to float rounding) with static
+shapes. Selection remains where the numbers need it: a temperature scheduler other than 'constant' (its
+per-example temperatures average over the kept rows), a registered KD loss without a ``mask`` argument, or
+masks whose shapes do not pair the two sides position by position.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -22,29 +30,86 @@ from .configurations import DistillationConfig
 from .errors import BatchError
 from .losses import sparse_kd_loss
 from .presets import KD_LOSS_MAP, MATCH_LOSS_MAP, PROJ_MAP
+from .schedulers import constant_temperature_scheduler
 
 # kd_loss_type -> sparse_kd_loss kind, for caches that store sparse logits (INC's CE keeps its T**2)
 SPARSE_KD_KINDS = {"ce": "ce", "kl": "kl", "inc_ce": "ce"}
 
 
 def select_logits_with_mask(logits_list, masks_list):
-    """Keep the positions whose mask is 1 in 3-D (sequence-labelling) logits; 2-D logits pass through."""
+    """Keep the positions whose mask is 1 in 3-D (sequence-labelling) logits; 2-D logits pass through.
+
+    TextBrewer's selection, a host sync per tensor: DistillationLoss weights by the mask instead
+    (`paired_logits`) and selects only where weighting cannot give TextBrewer's numbers."""
+    _check_mask_count(logits_list, masks_list)
+    return [_select(logits, _mask_at(masks_list, i)) for i, logits in enumerate(logits_list)]
+
+
+def _check_mask_count(logits_list, masks_list):
     if len(masks_list) not in (1, len(logits_list)):
         raise BatchError(f"{len(logits_list)} logits tensors but {len(masks_list)} logits_mask tensors")
-    out = []
-    for i, logits in enumerate(logits_list):
-        mask = masks_list[0] if len(masks_list) == 1 else masks_list[i]
-        if isinstance(logits, Mapping):  # sparse targets: keep the same positions of every per-position tensor
-            if logits["ids"].dim() == 3:
-                keep = mask.to(torch.bool)
-                logits = {k: (v[keep] if isinstance(v, torch.Tensor) else v) for k, v in logits.items()}
-            out.append(logits)
+
+
+def _mask_at(masks_list, i):
+    """The mask of logits tensor `i`: one mask serves every tensor, or one each."""
+    if masks_list is None:
+        return None
+    return masks_list[0] if len(masks_list) == 1 else masks_list[i]
+
+
+def _select(logits, mask):
+    if isinstance(logits, Mapping):  # sparse targets: keep the same positions of every per-position tensor
+        if logits["ids"].dim() == 3:
+            keep = mask.to(torch.bool)
+            logits = {k: (v[keep] if isinstance(v, torch.Tensor) else v) for k, v in logits.items()}
+        return logits
+    if logits.dim() == 3:
+        mask = mask.unsqueeze(-1).expand_as(logits).to(torch.bool)
+        logits = torch.masked_select(logits, mask).view(-1, logits.size(-1))
+    return logits
+
+
+def _position_shape(logits):
+    """(batch, len) of per-token logits (dense, or a sparse target's ids); None for per-example logits."""
+    rows = logits["ids"] if isinstance(logits, Mapping) else logits
+    return tuple(rows.shape[:-1]) if isinstance(rows, torch.Tensor) and rows.dim() == 3 else None
+
+
+def paired_logits(results_S, results_T, can_weight: Callable[[object], bool] = lambda _l_T: True):
+    """Both sides' logits and, per pair, the (batch, len) mask that weights its positions (None: all rows count).
+
+    A pair is weighted by the student's mask when both sides give a logits_mask and logits, teacher logits and
+    both masks share one (batch, len) shape: the teacher's mask is then taken to mark the same positions, as it
+    does wherever both come from one batch (cachebrew's loader and distillers copy the student's mask to the
+    teacher side). Otherwise, or when ``can_weight(teacher_logits)`` says the KD term needs the rows themselves,
+    each side is cut to its own mask as TextBrewer does (a host sync).
+    """
+    logits_S, logits_T = list(results_S["logits"]), list(results_T["logits"])
+    masks_S, masks_T = results_S.get("logits_mask"), results_T.get("logits_mask")
+    for logits, masks in ((logits_S, masks_S), (logits_T, masks_T)):
+        if masks is not None:
+            _check_mask_count(logits, masks)
+    weights = [None] * len(logits_S)
+    for i in range(min(len(logits_S), len(logits_T))):
+        m_S, m_T = _mask_at(masks_S, i), _mask_at(masks_T, i)
+        shape = _position_shape(logits_S[i])
+        if (m_S is not None and m_T is not None and shape is not None and shape == _position_shape(logits_T[i])
+                == tuple(m_S.shape) == tuple(m_T.shape) and can_weight(logits_T[i])):
+            weights[i] = m_S
+    for logits, masks in ((logits_S, masks_S), (logits_T, masks_T)):
+        if masks is None:
             continue
-        if logits.dim() == 3:
-            mask = mask.unsqueeze(-1).expand_as(logits).to(torch.bool)
-            logits = torch.masked_select(logits, mask).view(-1, logits.size(-1))
-        out.append(logits)
-    return out
+        for i, l in enumerate(logits):
+            if i >= len(weights) or weights[i] is None:
+                logits[i] = _select(l, _mask_at(masks, i))
+    return logits_S, logits_T, weights
+
+
+def _takes_mask(loss_fn) -> bool:
+    try:
+        return "mask" in inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: select instead
+        return False
 
 
 def probability_shift_(tensor, labels):
@@ -92,6 +157,10 @@ class DistillationLoss:
         self.projections = list(projections) if projections is not None else [None] * n
         if len(self.projections) != n:
             raise ValueError(f"{len(self.projections)} projections for {n} intermediate matches")
+        # Weighting by logits_mask needs a KD loss that takes the mask and one temperature for every position:
+        # a scheduler's per-example temperatures are normalised over the rows it is given (flsw, cwsm).
+        self._dense_kd_weights = _takes_mask(self.kd_loss) and distill_config.temperature_scheduler in (
+            None, constant_temperature_scheduler)
         self.reset_weights()
 
     # -- weights --------------------------------------------------------------------------------------
@@ -113,23 +182,37 @@ class DistillationLoss:
             return self.config.temperature_scheduler(logits_S, logits_T, self.config.temperature)
         return self.config.temperature
 
-    def kd_term(self, logits_list_S, logits_list_T, results_S):
-        """Sum of KD losses over paired logits, with probability_shift when configured."""
+    def can_weight(self, logits_T) -> bool:
+        """Whether the KD term of these teacher logits can weight positions by a mask (see `paired_logits`)."""
+        return isinstance(logits_T, Mapping) or self._dense_kd_weights
+
+    def paired_logits(self, results_S, results_T):
+        return paired_logits(results_S, results_T, self.can_weight)
+
+    def kd_term(self, logits_list_S, logits_list_T, results_S, masks=None):
+        """Sum of KD losses over paired logits, with probability_shift when configured.
+
+        ``masks[i]``: the positions pair i averages over (`paired_logits`); None or absent: every row."""
         if len(logits_list_S) != len(logits_list_T):
             raise BatchError(f"the student adaptor returned {len(logits_list_S)} logits tensors, "
                              f"the teacher {len(logits_list_T)}")
-        labels_list = shift_labels(results_S) if self.config.probability_shift else None
+        masks = list(masks) if masks is not None else [None] * len(logits_list_S)
+        labels_list = shift_labels(results_S, masks) if self.config.probability_shift else None
         total = 0
         for i, (l_T, l_S) in enumerate(zip(logits_list_T, logits_list_S)):
+            mask = masks[i]
             if isinstance(l_T, Mapping):
-                total = total + self.sparse_kd_term(l_S, l_T)
+                total = total + self.sparse_kd_term(l_S, l_T, mask)
                 continue
             if labels_list is not None:
                 l_T = probability_shift_(l_T, labels_list[i])
-            total = total + self.kd_loss(l_S, l_T, self.temperature(l_S, l_T))
+            temperature = self.temperature(l_S, l_T)
+            loss = self.kd_loss(l_S, l_T, temperature) if mask is None else \
+                self.kd_loss(l_S, l_T, temperature, mask=mask)
+            total = total + loss
         return total
 
-    def sparse_kd_term(self, logits_S, target: Mapping):
+    def sparse_kd_term(self, logits_S, target: Mapping, mask=None):
         """KD against a sparse-logit cache's targets, which are fixed at the export's temperature."""
         c = self.config
         T = float(target["temperature"])
@@ -143,12 +226,12 @@ class DistillationLoss:
         if kind is None:
             raise BatchError(f"kd_loss_type {c.kd_loss_type!r} needs dense teacher logits; with sparse logits use "
                              f"one of {sorted(SPARSE_KD_KINDS)}")
-        loss = sparse_kd_loss(logits_S, target, T, kind)
+        loss = sparse_kd_loss(logits_S, target, T, kind, mask=mask)
         return loss * T ** 2 if c.kd_loss_type == "inc_ce" else loss
 
-    def weighted_kd(self, logits_S, logits_T, results_S, losses_dict):
+    def weighted_kd(self, logits_S, logits_T, results_S, losses_dict, masks=None):
         """The KD term times its current weight; the unweighted term is recorded in `losses_dict`."""
-        total_kd_loss = self.kd_term(logits_S, logits_T, results_S)
+        total_kd_loss = self.kd_term(logits_S, logits_T, results_S, masks)
         losses_dict["unweighted_kd_loss"] = total_kd_loss
         return total_kd_loss * self.kd_loss_weight
 
@@ -161,25 +244,28 @@ class DistillationLoss:
             losses_dict["unweighted_hard_label_loss"] = total_hl_loss
         return total_loss
 
-    def prediction_loss(self, logits_S, logits_T, results_S):
-        """The weighted KD term plus the hard-label term: (total, {name: unweighted loss})."""
+    def prediction_loss(self, logits_S, logits_T, results_S, masks=None):
+        """The weighted KD term plus the hard-label term: (total, {name: unweighted loss}).
+
+        ``masks``: per logits pair, the positions to average over (`paired_logits`); None: the logits are
+        already cut to their positions (or have none to cut)."""
         losses_dict = {}
-        total_loss = self.weighted_kd(logits_S, logits_T, results_S, losses_dict)
+        total_loss = self.weighted_kd(logits_S, logits_T, results_S, losses_dict, masks)
         total_loss = self.hard_label_term(results_S, total_loss, losses_dict)
         return total_loss, losses_dict
 
     def logits_loss(self, results_S, results_T):
         """BasicDistiller's loss: KD on the (masked) logits plus the hard-label term; no intermediate matches."""
-        logits_S, logits_T = masked_logits(results_S, results_T)
-        return self.prediction_loss(logits_S, logits_T, results_S)
+        logits_S, logits_T, masks = self.paired_logits(results_S, results_T)
+        return self.prediction_loss(logits_S, logits_T, results_S, masks)
 
     def __call__(self, results_S: dict, results_T: dict, extra_terms: Callable[[], list] | None = None):
         """GeneralDistiller's loss: KD, every intermediate match, ``extra_terms()`` and the hard-label term."""
         losses_dict = {}
         total_loss = 0
         if "logits" in results_T and "logits" in results_S:
-            logits_S, logits_T = masked_logits(results_S, results_T)
-            total_loss = self.weighted_kd(logits_S, logits_T, results_S, losses_dict)
+            logits_S, logits_T, masks = self.paired_logits(results_S, results_T)
+            total_loss = self.weighted_kd(logits_S, logits_T, results_S, losses_dict, masks)
 
         inputs_mask_S = results_S.get("inputs_mask")
         for ith, im in enumerate(self.config.intermediate_matches):
@@ -207,25 +293,18 @@ def mean_teacher_logits(logits_per_teacher: list[list]) -> list:
     return [sum(per_head) / len(per_head) for per_head in zip(*logits_per_teacher)]
 
 
-def masked_logits(results_S, results_T):
-    """Both sides' logits, each cut to its ``logits_mask`` positions when the adaptor gave one."""
-    logits_S, logits_T = results_S["logits"], results_T["logits"]
-    if "logits_mask" in results_S:
-        logits_S = select_logits_with_mask(logits_S, results_S["logits_mask"])
-    if "logits_mask" in results_T:
-        logits_T = select_logits_with_mask(logits_T, results_T["logits_mask"])
-    return logits_S, logits_T
-
-
-def shift_labels(results_S):
-    """Labels aligned with the (possibly logits_mask-selected) logits; TextBrewer crashes on masked ones."""
+def shift_labels(results_S, weights=None):
+    """Labels aligned with the logits: whole (batch, len) labels where pair i is weighted by a mask
+    (``weights[i]`` not None), cut to the logits_mask where the logits were cut. TextBrewer crashes on
+    masked ones."""
     labels_list = results_S.get("labels")
     if labels_list is None:
         raise BatchError("probability_shift=True needs 'labels' in the student adaptor's output")
-    if "logits_mask" not in results_S:
+    masks = results_S.get("logits_mask")
+    if masks is None:
         return labels_list
-    masks = results_S["logits_mask"]
-    return [lab[(masks[0] if len(masks) == 1 else masks[i]).to(torch.bool)] if lab.dim() == 2 else lab
+    weighted = lambda i: weights is not None and i < len(weights) and weights[i] is not None
+    return [lab[_mask_at(masks, i).to(torch.bool)] if lab.dim() == 2 and not weighted(i) else lab
             for i, lab in enumerate(labels_list)]
 
 

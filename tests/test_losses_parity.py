@@ -32,6 +32,12 @@ def _inputs(name, g):
     return r(B, L, D), r(B, L, D)
 
 
+def _exact_or_summation_order(name: str, masked: bool) -> dict:
+    """Bit-exact, except the masked cosine loss: cachebrew weights positions by the mask (no host sync) where
+    TextBrewer selects them, so the same per-position losses are summed in another order (1 ulp, rel. < 1e-6)."""
+    return {"rtol": 1e-6, "atol": 0.0} if masked and name in ("cos_loss", "cos") else {"rtol": 0.0, "atol": 0.0}
+
+
 @pytest.mark.parametrize("name", LOSS_NAMES)
 @pytest.mark.parametrize("masked", [False, True])
 def test_loss_equals_textbrewer(textbrewer, name, masked):
@@ -51,7 +57,7 @@ def test_loss_equals_textbrewer(textbrewer, name, masked):
     theirs = getattr(tl, name)(s, t, *args)
     assert torch.isfinite(ours)
     assert ours.item() != 0.0
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    torch.testing.assert_close(ours, theirs, **_exact_or_summation_order(name, masked))
 
 
 @pytest.mark.parametrize("name", ["att_mse_loss", "att_ce_loss", "hid_mse_loss", "mmd_loss", "fsp_loss"])
@@ -114,7 +120,7 @@ def test_match_loss_map_entries_equal_textbrewer(textbrewer, key):
     for mask in (None, _mask()):
         ours = presets.MATCH_LOSS_MAP[key](s, t, mask=mask)
         theirs = tp.MATCH_LOSS_MAP[key](s, t, mask=mask)
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        torch.testing.assert_close(ours, theirs, **_exact_or_summation_order(key, mask is not None))
 
 
 @pytest.mark.parametrize("spec", ["constant", ["flsw", 1, 2], ["flsw", 0.5, 1.5], ["cwsm", 1], ["cwsm", 3]])

@@ -22,10 +22,24 @@ def seed_everything(seed: int):
 
 
 def resolve_amp(mode: str | None, device: torch.device) -> str | None:
-    """A config's `amp` as the mode to use: "auto" is bf16 on a GPU and full precision elsewhere."""
+    """A config's `amp` as the mode to use. "auto": bf16 on a GPU that computes in bf16 (Ampere, compute
+    capability 8.0, and later), fp16 on an older one, full precision on a CPU (and any other device).
+
+    torch reports bf16 as supported on any CUDA GPU, emulated where the tensor cores lack it (T4, V100): slower
+    than fp32 there, while fp16 runs on their tensor cores. The training loop pairs fp16 with a GradScaler."""
     if mode == "auto":
-        return "bf16" if device.type == "cuda" else None
+        if device.type != "cuda":
+            return None
+        return "bf16" if _native_bf16(device) else "fp16"
     return None if mode in (None, "none") else mode
+
+
+def _native_bf16(device: torch.device) -> bool:
+    try:
+        supported = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.3 has no including_emulation and counts no emulation
+        supported = torch.cuda.is_bf16_supported()
+    return supported and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -8,9 +8,10 @@ AMP, clipping, DDP gradient sync, weight schedules, logging and checkpoints are 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,12 +238,35 @@ class TrainingLoop:
         if progress is not None:
             progress.set_postfix(loss=f"{total:.4f}", **postfix)
 
+    # DDP's find_unused_parameters=True walks the autograd graph after every forward to find the parameters that
+    # will get no gradient: a cost each step, paid for nothing when every parameter takes part in every loss.
+    # None: decide from the run (`_find_unused_parameters`); True/False on a distiller instance overrides that,
+    # e.g. for a user student whose forward skips modules (DDP's error then names this flag).
+    find_unused_parameters: bool | None = None
+
+    def _find_unused_parameters(self) -> bool:
+        """Whether some student parameters get no gradient by construction: a multi-task run uses one task's head
+        per batch. Recognised without knowing the classes (the distillers know nothing of front ends): per-task
+        student adaptors (MultiTaskDistiller's dict), or a student whose forward takes the task (MultiTaskStudent's
+        ``task=``). Any other student is taken to use every parameter in each step's loss (TrainingConfig has no
+        field for this; set `find_unused_parameters` on the distiller to override)."""
+        if self.find_unused_parameters is not None:
+            return bool(self.find_unused_parameters)
+        if isinstance(getattr(self, "adaptor_S", None), Mapping):
+            return True
+        try:
+            return "task" in inspect.signature(unwrap(self._student()).forward).parameters
+        except (TypeError, ValueError):  # a forward without a signature: assume a single task
+            return False
+
     def _wrap_parallel(self):
         """DDP (torchrun) or DataParallel around the student and each extra module."""
         student = self._student().to(self.device)
         if self.local_rank != -1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            wrap = lambda m: nn.parallel.DistributedDataParallel(m, device_ids=ids, find_unused_parameters=True)
+            find_unused = self._find_unused_parameters()
+            wrap = lambda m: nn.parallel.DistributedDataParallel(m, device_ids=ids,
+                                                                 find_unused_parameters=find_unused)
         elif self.t_config.data_parallel and torch.cuda.device_count() > 1:
             wrap = nn.DataParallel
         else:

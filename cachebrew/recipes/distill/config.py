@@ -25,7 +25,7 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = 1
-    amp: str | None = "auto"         # auto: bf16 on GPU; none / bf16 / fp16
+    amp: str | None = "auto"         # auto: bf16 on Ampere+ GPUs, fp16 on older, none on CPU; none / bf16 / fp16
     shuffle_buffer: int = 2048
     num_workers: int | None = None   # loader processes decoding shards; None: 2 on GPU, 0 on CPU
     eval_every: int | None = None    # optimizer steps; None: every epoch (or every `save_every` with steps)

@@ -82,7 +82,7 @@ class ExportConfig(JobConfig):
     compression: str = "lz4"
     sort_window: int = 64              # batches per length-sorting window
     device: str | None = None
-    amp: str | None = "auto"           # auto: bf16 on GPU, none on CPU; or none / bf16 / fp16
+    amp: str | None = "auto"           # auto: bf16 on Ampere+ GPUs, fp16 on older, none on CPU; or none / bf16 / fp16
     overwrite: bool = False
     progress_bar: bool = True
 
