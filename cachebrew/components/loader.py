@@ -1,9 +1,10 @@
 """Streaming a cache into training: epoch plans, shuffling, rank/worker streams, decoding, padding.
 
 The rows are cut into *streams*, one per (rank, DataLoader worker), so that each Arrow record batch
-is read and decompressed by one process only: rank r takes the contiguous rows [r·N/W, (r+1)·N/W)
-of the cache (so every rank has the same number of rows; the at most W−1 record batches that
-straddle a rank boundary are the only ones two processes decode), and the rank's record batches are
+is read and decompressed by one process only: the record batches are dealt to the W ranks in snake
+order (long and short rows alike on every rank: a cache is sorted by length inside windows) and the
+dealt sequence is cut into W equal row counts (the at most W−1 record batches that straddle a cut are
+the only ones two processes decode; `deal_ranges`), and the rank's record batches are
 split between its workers at record-batch edges. Each epoch, a stream visits its record batches in a
 seeded random order, passes their rows through its own shuffle buffer and cuts them into batches; a
 rank yields its streams' batches round-robin, which is the order DataLoader's workers deliver them in.
@@ -58,10 +59,57 @@ def record_batch_ranges(shard_batches: list[list[int]]) -> np.ndarray:
     return np.stack([stops - sizes, stops], axis=1) if len(sizes) else np.zeros((0, 2), np.int64)
 
 
-def cut_ranges(ranges: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """The parts of `ranges` (sorted, contiguous) that lie in rows [start, stop)."""
-    clipped = np.stack([np.maximum(ranges[:, 0], start), np.minimum(ranges[:, 1], stop)], axis=1)
-    return clipped[clipped[:, 1] > clipped[:, 0]]
+def deal_ranges(ranges: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank `rank`'s share of the record batches: dealt in snake order, then evened to equal row counts.
+
+    A cache is sorted longest-first inside each length window, so contiguous row ranges would give rank 0
+    the long rows and the last rank the short ones, and every step would wait for the longest rank. Dealing
+    record batches 0, 1, 2, 3, ... to ranks 0, 1, 1, 0, 0, 1, ... (snake order) gives each rank long and
+    short batches alike. DDP steps together, so the ranks then get equal row counts: a rank over its count
+    hands the rows at the end of its share (its last, shortest batch) to the ranks under theirs, in rank
+    order; at most `world_size - 1` record batches are split between ranks (and decoded twice). A cache of
+    fewer than 4 record batches a rank is dealt in slices of record batches (balanced, each decoded by several
+    ranks). One rank keeps the cache order: a single process plans exactly as before.
+    """
+    if world_size == 1:
+        return ranges
+    if len(ranges) < 4 * world_size:  # too few to deal evenly (a small cache): deal slices of them instead,
+        cuts = [np.linspace(a, b, world_size + 1).round().astype(np.int64) for a, b in ranges]  # decoded by several
+        ranges = np.array([[c[i], c[i + 1]] for c in cuts for i in range(world_size) if c[i + 1] > c[i]],
+                          np.int64).reshape(-1, 2)
+    index = np.arange(len(ranges))
+    lap, seat = index // world_size, index % world_size
+    owner = np.where(lap % 2 == 0, seat, world_size - 1 - seat)
+    shares = [ranges[owner == r] for r in range(world_size)]
+    n = int((ranges[:, 1] - ranges[:, 0]).sum())
+    targets = [n * (r + 1) // world_size - n * r // world_size for r in range(world_size)]
+    kept, pool = [], []
+    for share, target in zip(shares, targets):
+        head, tail = _split_rows(share, target)
+        kept.append(head)
+        pool.append(tail)
+    pool = np.concatenate(pool) if pool else np.zeros((0, 2), np.int64)
+    for r in range(world_size):
+        missing = targets[r] - int((kept[r][:, 1] - kept[r][:, 0]).sum())
+        if missing:
+            given, pool = _split_rows(pool, missing)
+            kept[r] = np.concatenate([kept[r], given])
+    return kept[rank]
+
+
+def _split_rows(ranges: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the first `rows` rows of `ranges`, the rest), cutting one range if needed."""
+    sizes = ranges[:, 1] - ranges[:, 0]
+    stops = np.cumsum(sizes)
+    j = int(np.searchsorted(stops, rows, side="left")) if rows > 0 else 0
+    if rows <= 0:
+        return ranges[:0], ranges
+    if j >= len(ranges):
+        return ranges, ranges[:0]
+    cut = int(ranges[j, 1] - (stops[j] - rows))  # the row where the first part ends inside range j
+    head = np.concatenate([ranges[:j], [[ranges[j, 0], cut]]]).astype(np.int64)
+    rest = np.concatenate([[[cut, ranges[j, 1]]], ranges[j + 1:]]).astype(np.int64)
+    return head[head[:, 1] > head[:, 0]], rest[rest[:, 1] > rest[:, 0]]
 
 
 def split_at_edges(ranges: np.ndarray, parts: int) -> list[np.ndarray]:
@@ -261,9 +309,7 @@ class CacheBatches(torch.utils.data.IterableDataset):
         self._len = min(per_rank) if self.even_ranks else per_rank[self.rank]
 
     def _rank_streams(self, rank: int) -> list[np.ndarray]:
-        n = self.joined.num_rows
-        mine = cut_ranges(self._ranges, n * rank // self.world_size, n * (rank + 1) // self.world_size)
-        return split_at_edges(mine, max(1, self.num_workers))
+        return split_at_edges(deal_ranges(self._ranges, rank, self.world_size), max(1, self.num_workers))
 
     def _num_batches(self, ranges: np.ndarray) -> int:
         rows = int((ranges[:, 1] - ranges[:, 0]).sum())
