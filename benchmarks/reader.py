@@ -112,9 +112,13 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="cb-reader-bench-"))
 
     def child(path, workers):
-        out = subprocess.run([sys.executable, __file__, "--measure", str(path), str(workers)], check=True,
-                             capture_output=True, text=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
+        # stderr is not captured: a failing child's traceback lands in this process's stderr (the step's log)
+        run = subprocess.run([sys.executable, __file__, "--measure", str(path), str(workers)],
+                             stdout=subprocess.PIPE, text=True)
+        if run.returncode:
+            raise SystemExit(f"reader measurement ({path.name}, {workers} workers): child exited {run.returncode} "
+                             f"(traceback above)")
+        return json.loads(run.stdout.strip().splitlines()[-1])
 
     results = []
     try:
