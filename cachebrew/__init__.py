@@ -1,22 +1,24 @@
 """cachebrew: TextBrewer-compatible knowledge distillation, split into teacher export and cached distillation.
 
 An existing TextBrewer script runs after replacing ``textbrewer`` by ``cachebrew`` in its imports.
+
+The public names are imported on first use (PEP 562): `import cachebrew` does not load torch, so the
+`cachebrew` command answers `--help`, `--version` and a mistyped command in a fraction of a second.
 """
+from __future__ import annotations
+
+import importlib
+
 from .version import __version__  # noqa: F401
 
-from .configurations import DistillationConfig, TrainingConfig  # noqa: E402
-from .distillers import (BasicDistiller, BasicTrainer, GeneralDistiller, MultiTaskDistiller,  # noqa: E402
-                         MultiTeacherDistiller)
-from .errors import BatchError, CachebrewError, ConfigError  # noqa: E402
-from .presets import (ADAPTOR_KEYS, FEATURES, KD_LOSS_MAP, MATCH_LOSS_MAP, PROJ_MAP, TEMPERATURE_SCHEDULER,  # noqa: E402
-                      WEIGHT_SCHEDULER, register_new)
-
-Distillers = {
-    "Basic": BasicDistiller,
-    "General": GeneralDistiller,
-    "MultiTeacher": MultiTeacherDistiller,
-    "MultiTask": MultiTaskDistiller,
-    "Train": BasicTrainer,
+_HOMES = {
+    "TrainingConfig": "configurations", "DistillationConfig": "configurations",
+    "BasicDistiller": "distillers", "BasicTrainer": "distillers", "GeneralDistiller": "distillers",
+    "MultiTaskDistiller": "distillers", "MultiTeacherDistiller": "distillers",
+    "BatchError": "errors", "CachebrewError": "errors", "ConfigError": "errors",
+    "ADAPTOR_KEYS": "presets", "FEATURES": "presets", "KD_LOSS_MAP": "presets", "MATCH_LOSS_MAP": "presets",
+    "PROJ_MAP": "presets", "TEMPERATURE_SCHEDULER": "presets", "WEIGHT_SCHEDULER": "presets",
+    "register_new": "presets",
 }
 
 __all__ = [
@@ -25,3 +27,20 @@ __all__ = [
     "KD_LOSS_MAP", "MATCH_LOSS_MAP", "PROJ_MAP", "WEIGHT_SCHEDULER", "TEMPERATURE_SCHEDULER", "register_new",
     "CachebrewError", "ConfigError", "BatchError",
 ]
+
+
+def __getattr__(name: str):
+    if name == "Distillers":
+        d = importlib.import_module(".distillers", __name__)
+        value = {"Basic": d.BasicDistiller, "General": d.GeneralDistiller, "MultiTeacher": d.MultiTeacherDistiller,
+                 "MultiTask": d.MultiTaskDistiller, "Train": d.BasicTrainer}
+    elif name in _HOMES:
+        value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    else:
+        raise AttributeError(f"module 'cachebrew' has no attribute {name!r}")
+    globals()[name] = value  # once imported, a plain module attribute
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -17,7 +17,6 @@ import typer
 from typer.core import TyperGroup
 
 from .version import __version__
-from .configurations import DistillationConfig, TrainingConfig
 from .core.config import read_config_file
 from .errors import CachebrewError, ConfigError
 
@@ -74,7 +73,7 @@ def _main(show_version: bool = typer.Option(False, "--version", callback=_print_
 PROGRESS = "show progress bars and transformers' load reports (--no-progress: one log line per step, for CI)"
 
 
-SECTIONS = {"train_config": TrainingConfig, "distill_config": DistillationConfig}
+SECTIONS = ("train_config", "distill_config")  # TextBrewer's TrainingConfig / DistillationConfig, in one file
 
 
 KINDS = ("export", "distill", "train", "textbrewer")
@@ -115,7 +114,9 @@ def validate_file(path: Path, kind: str | None = None) -> dict:
     unknown = [k for k in data if k not in SECTIONS]
     errors = [f"{k}: unknown section (valid: {', '.join(SECTIONS)})" for k in unknown]
     configs = {}
-    for key, cls in SECTIONS.items():
+    from .configurations import DistillationConfig, TrainingConfig
+
+    for key, cls in zip(SECTIONS, (TrainingConfig, DistillationConfig)):
         if key in data:
             try:
                 configs[key] = cls.from_dict(data[key] or {})
