@@ -121,11 +121,64 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.squeeze(-1)
 
 
+# The writer threads' large, short-lived buffers live in Arrow's pool and are filled on the calling thread:
+# - Arrow's allocator (mimalloc) keeps freed pages for the next record batch; a fresh torch CPU tensor of tens of MB
+#   is mapped anew each time and pays a page fault per 4 KB page on first touch (a copy into one measured ~0.2 GB/s
+#   on the 2-core dev machine, into pool memory ~3 GB/s).
+# - A torch CPU op on many elements runs on an OpenMP team. Called from a writer thread while the teachers' own team
+#   holds the cores, every op's fork and join waits for a descheduled thread: cutting and casting one hidden-state
+#   tensor measured 75 ms per batch that way, 2-4 ms on the calling thread. Copies go through numpy; casts through
+#   torch in chunks of _SERIAL_ELEMENTS, below the size from which ATen parallelises (at::internal::GRAIN_SIZE,
+#   32768), so torch's vectorised conversion runs on the calling thread (numpy's fp32 -> fp16 is ~4x slower).
+_SERIAL_ELEMENTS = 1 << 14
+
+
+def _pooled(count: int, dtype) -> np.ndarray:
+    """An uninitialised flat array of `count` values in memory from Arrow's pool (the comment above says why)."""
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.frombuffer(pa.allocate_buffer(count * np.dtype(dtype).itemsize), dtype=dtype)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's values as numpy, without a copy; bf16 as its raw int16 bits (numpy has no bfloat16)."""
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _pooled_tensor(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor in pool memory."""
+    numel = int(np.prod(shape, dtype=np.int64))
+    raw = torch.from_numpy(_pooled(numel * torch.empty((), dtype=dtype).element_size(), np.uint8))
+    return raw.view(dtype).view(shape)
+
+
+def _cast_serial(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """src (a contiguous CPU tensor) cast to dtype, into pool memory, on the calling thread (see _SERIAL_ELEMENTS)."""
+    out = _pooled_tensor(src.shape, dtype)
+    s, d = src.reshape(-1), out.view(-1)
+    for i in range(0, s.numel(), _SERIAL_ELEMENTS):
+        d[i:i + _SERIAL_ELEMENTS].copy_(s[i:i + _SERIAL_ELEMENTS])
+    return out
+
+
+def _concat_pooled(arrays: list[np.ndarray]) -> np.ndarray:
+    """The arrays' values end to end, flat, in pool memory."""
+    out = _pooled(sum(a.size for a in arrays), arrays[0].dtype)
+    return np.concatenate([a.reshape(-1) for a in arrays], out=out) if out.size else out
+
+
+def _cat_pooled(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat of CPU tensors along dim 0, in pool memory, copied by numpy."""
+    flat = torch.from_numpy(_concat_pooled([_numpy(t) for t in tensors]))
+    out = flat.view(-1, *tensors[0].shape[1:])
+    return out.view(torch.bfloat16) if tensors[0].dtype == torch.bfloat16 else out
+
+
 def _list_array(rows: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
     lengths = np.fromiter((r.size for r in rows), dtype=np.int64, count=len(rows))
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate([r.reshape(-1) for r in rows]) if rows else np.zeros(0)
+    values = _concat_pooled(rows) if rows else np.zeros(0)
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, type=value_type))
 
 
@@ -139,28 +192,59 @@ def slice_rows(spec: TensorSpec, batch_tensor: torch.Tensor, lengths: list[int])
     return rows
 
 
-def encode_tensor_rows(spec: TensorSpec, rows: list[torch.Tensor]) -> dict[str, pa.Array]:
-    """Arrow arrays (main column and aux columns) for the per-row tensors of one spec."""
-    out = {}
+def _storage_rows(spec: TensorSpec, rows: list[torch.Tensor]) -> dict[str, list[np.ndarray]]:
+    """Each column's per-row values in storage precision (main column and aux columns), before they become Arrow
+    arrays, so that several teacher batches' rows can be concatenated into one record batch in one copy."""
     if spec.topk:
         pairs = [r.float().topk(spec.topk, dim=-1) for r in rows]
-        out[spec.column] = _list_array([_to_storage(p.values, spec.dtype) for p in pairs],
-                                       _ARROW_VALUE_TYPE[spec.dtype])
-        out[spec.column + ".index"] = _list_array([p.indices.to(torch.int32).numpy() for p in pairs], pa.int32())
-        return out
+        return {spec.column: [_to_storage(p.values, spec.dtype) for p in pairs],
+                spec.column + ".index": [p.indices.to(torch.int32).numpy() for p in pairs]}
     if spec.dtype == "int8":
         qs = [quantize_int8(r) for r in rows]
-        out[spec.column] = _list_array([q.numpy() for q, _ in qs], pa.int8())
-        out[spec.column + ".scale"] = _list_array([s.numpy() for _, s in qs], pa.float32())
-        return out
-    out[spec.column] = _list_array([_to_storage(r, spec.dtype) for r in rows], _ARROW_VALUE_TYPE[spec.dtype])
-    return out
+        return {spec.column: [q.numpy() for q, _ in qs], spec.column + ".scale": [s.numpy() for _, s in qs]}
+    return {spec.column: [_to_storage(r, spec.dtype) for r in rows]}
+
+
+def _column_type(spec: TensorSpec, column: str) -> pa.DataType:
+    if column.endswith(".index"):
+        return pa.int32()
+    if column.endswith(".scale"):
+        return pa.float32()
+    return _ARROW_VALUE_TYPE[spec.dtype]
+
+
+def encode_tensor_rows(spec: TensorSpec, rows: list[torch.Tensor]) -> dict[str, pa.Array]:
+    """Arrow arrays (main column and aux columns) for the per-row tensors of one spec."""
+    return {c: _list_array(v, _column_type(spec, c)) for c, v in _storage_rows(spec, rows).items()}
 
 
 def cuts_on_device(spec: TensorSpec) -> bool:
-    """Logits [C] and hidden [L, D] tensors: padding is cut in one masked select (`cut_batch`); attention
-    maps (two L axes) and top-k logits take the per-row path."""
+    """Logits [C] and hidden [L, D] tensors: padding is cut in one concatenation of row slices (`cut_batch`);
+    attention maps (two L axes) and top-k logits take the per-row path."""
     return not spec.topk and "L" not in spec.shape[1:]
+
+
+def cut_padding(t: torch.Tensor, lengths: list[int], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(sum of lengths, *dims): the first lengths[b] positions of each row b of a padded (B, L, *dims) tensor, rows
+    in order; on the CPU cast to `dtype` (default: t's), into pool memory, on the calling thread.
+
+    Cut with slices whose bounds the host already knows (the tokenizer's lengths), joined by one concatenation. A
+    boolean mask (``t[mask]``) would give the same values, but its output shape depends on the mask's contents, so
+    on a GPU the host would wait for the device to count them: once per teacher batch, stalling the queue of
+    kernels behind it. Without padding (packed rows) and a cast, the result is a view of t.
+    """
+    if len(lengths) != t.shape[0]:
+        raise CacheFormatError(f"{len(lengths)} row lengths for a batch of {t.shape[0]} rows")
+    padded = any(n != t.shape[1] for n in lengths)
+    if t.device.type != "cpu":  # the device's kernels: its allocator reuses memory, and the cast follows there
+        return torch.cat([t[b, :n] for b, n in enumerate(lengths)]) if padded else t.reshape(-1, *t.shape[2:])
+    if padded:
+        a = _numpy(t)
+        cut = _concat_pooled([a[b, :n] for b, n in enumerate(lengths)]).reshape(sum(lengths), *t.shape[2:])
+        cut = torch.from_numpy(cut).view(t.dtype)
+    else:  # packed rows: nothing to cut
+        cut = t.reshape(-1, *t.shape[2:])
+    return cut if dtype is None or dtype == t.dtype else _cast_serial(cut, dtype)
 
 
 def _cut_sparse(spec: TensorSpec, t: torch.Tensor, lengths: list[int], row_keys, per_token: bool) -> dict:
@@ -171,7 +255,9 @@ def _cut_sparse(spec: TensorSpec, t: torch.Tensor, lengths: list[int], row_keys,
     if spec.sparse == "sampled":
         if row_keys is None:
             raise CacheFormatError(f"{spec.column}: sampled logits need each row's key to seed its draws")
-        u = uniforms(row_keys, lengths if per_token else None, spec.slots, int(spec.extra.get("seed", 0)), t.device)
+        u = uniforms(row_keys, lengths if per_token else None, spec.slots, int(spec.extra.get("seed", 0)))
+        if t.is_cuda:  # from pinned memory: a copy from pageable memory would make the host wait for the GPU
+            u = u.pin_memory().to(t.device, non_blocking=True)
     temperature = float(spec.extra.get("temperature", 1.0))
     proposal = spec.extra.get("proposal_temperature")
     if per_token:
@@ -197,18 +283,13 @@ def cut_batch(spec: TensorSpec, batch_tensor: torch.Tensor, lengths: list[int],
     per_token = bool(spec.shape) and spec.shape[0] == "L"
     if spec.sparse:
         return _cut_sparse(spec, t, lengths, row_keys, per_token)
-    if per_token:
-        L = t.shape[1]
-        keep = torch.arange(L, device=t.device)[None, :] < torch.as_tensor(lengths, device=t.device)[:, None]
-        flat = t[keep]                                   # (sum of lengths, *dims), rows in order
-    else:
-        flat = t.reshape(t.shape[0], -1)
+    storage = _TORCH_STORAGE.get(spec.dtype)
+    if storage is None and spec.dtype != "int8":
+        raise CacheFormatError(f"storage dtype {spec.dtype!r} is not a float format")
+    flat = cut_padding(t, lengths, storage) if per_token else t.reshape(t.shape[0], -1)
     if spec.dtype == "int8":
         q, scale = quantize_int8(flat)
         return {"values": q, "scale": scale}
-    storage = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(spec.dtype)
-    if storage is None:
-        raise CacheFormatError(f"storage dtype {spec.dtype!r} is not a float format")
     return {"values": flat.to(storage)}
 
 
@@ -249,6 +330,37 @@ def encode_batch(spec: TensorSpec, batch_tensor: torch.Tensor, lengths: list[int
     if not cuts_on_device(spec):
         return encode_tensor_rows(spec, slice_rows(spec, batch_tensor, lengths))
     return encode_cut(spec, cut_batch(spec, batch_tensor, lengths, row_keys), lengths)
+
+
+def stage_batch(spec: TensorSpec, output, lengths: list[int], row_keys: list[int] | None = None) -> dict:
+    """One teacher batch's output for `spec`, as compact host memory that `encode_staged` merges with the next
+    batches' into one record batch.
+
+    `output`: `cut_batch`'s dict (a GPU export cuts on the device) or the padded (B, ...) CPU tensor, cut here.
+    Per-row specs (attention maps, top-k) become each row's values in storage precision, each its own contiguous
+    array, so a writer holding a record batch's worth of teacher batches holds the stored bytes, not the padding.
+    """
+    if isinstance(output, dict):
+        return output
+    if cuts_on_device(spec):
+        return cut_batch(spec, output, lengths, row_keys)
+    rows = _storage_rows(spec, slice_rows(spec, output, lengths))
+    return {"rows": {c: [np.ascontiguousarray(r) for r in v] for c, v in rows.items()}}
+
+
+def encode_staged(spec: TensorSpec, staged: list[dict], lengths: list[int]) -> dict[str, pa.Array]:
+    """Arrow arrays for several teacher batches' `stage_batch` outputs (`lengths`: all their rows' token counts, in
+    order), merged with one copy per column.
+
+    The batches' tensors are concatenated before they become Arrow arrays, by numpy into pool memory (the comment
+    above `_pooled` says why), rather than record batches built per teacher batch and concatenated again
+    (``combine_chunks``).
+    """
+    if "rows" in staged[0]:
+        columns = staged[0]["rows"].keys()
+        return {c: _list_array([r for s in staged for r in s["rows"][c]], _column_type(spec, c)) for c in columns}
+    merged = staged[0] if len(staged) == 1 else {k: _cat_pooled([s[k] for s in staged]) for k in staged[0]}
+    return encode_cut(spec, merged, lengths)
 
 
 def encode_int_rows(rows: list, value_type: pa.DataType) -> pa.ListArray:

@@ -3,7 +3,8 @@
 A subclass supplies `_loss_on_batch(batch, args) -> (loss, {name: loss})` and a *plan*: the stream of
 (epoch, step_in_epoch, batch) micro-batches, the number of optimizer steps, and when to checkpoint.
 Epoch-based, step-based and multi-task training differ only in their plan, so gradient accumulation,
-AMP, clipping, DDP gradient sync, weight schedules, logging and checkpoints are written once.
+AMP, clipping, DDP gradient sync (or FSDP2 sharding, `shard_module`), weight schedules, logging and checkpoints
+are written once.
 """
 from __future__ import annotations
 
@@ -39,6 +40,59 @@ class Plan:
     total_steps: int
     batches: Iterator[tuple[int, int, Any]]
     is_checkpoint: Callable[[int, int], bool]
+
+
+def shard_module(module: nn.Module, device: torch.device) -> nn.Module:
+    """Shard `module` over the process group's ranks with FSDP2 (`fully_shard`), in place: each item of its
+    outermost ModuleLists (a transformer's layers) is one unit, then the root takes the rest (embeddings, heads).
+
+    Per layer, so only one layer's full weights exist at a time in forward and backward; that is what lets a
+    student too big for one GPU train. Sharding replaces the parameters, so it must happen before an optimizer
+    is built over them (DDP, applied at `train`, keeps them).
+    """
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise ConfigError(f"train.sharding: fsdp needs FSDP2 (torch >= 2.6), this is torch "
+                          f"{torch.__version__}") from None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # FSDP2 places the shards on the *current* GPU, which must be this rank's
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    units: list[tuple[str, nn.Module]] = []
+    for name, m in module.named_modules():
+        inside = any(name.startswith(prefix + ".") for prefix, _ in units)
+        if isinstance(m, nn.ModuleList) and not inside:
+            units += [(f"{name}.{i}", layer) for i, layer in enumerate(m)]
+    for _, layer in units:  # children before their parent, as fully_shard requires
+        fully_shard(layer, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    logger.info("student sharded over %d ranks (FSDP2): %d layers, then the rest", mesh.size(), len(units))
+    return module
+
+
+def is_sharded(module) -> bool:
+    """Whether `module` is sharded with FSDP2 (`shard_module`)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6 has no FSDP2, so nothing is sharded with it
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def full_state_dict(module: nn.Module) -> dict:
+    """A sharded module's whole state dict, gathered on rank 0's CPU (other ranks get {}): a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(module: nn.Module, state: dict) -> None:
+    """Load rank 0's whole `state` (other ranks pass {}) into a sharded module, each rank keeping its shard: a
+    collective. `state` is consumed (its tensors are replaced by shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def _positionable(loader):
@@ -259,8 +313,33 @@ class TrainingLoop:
         except (TypeError, ValueError):  # a forward without a signature: assume a single task
             return False
 
+    def _trainable(self) -> nn.Module:
+        """The student and the extra modules in one container: the names their optimizer state is saved under."""
+        return nn.ModuleList([unwrap(m) for m in [self._student(), *self._extra_modules()] if m is not None])
+
+    def optimizer_state(self, optimizer) -> dict:
+        """What to checkpoint of `optimizer`: its state dict, or with a sharded student the whole state gathered on
+        rank 0's CPU, keyed by parameter name (a collective: every rank calls it; other ranks get {})."""
+        if not is_sharded(self._student()):
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self._trainable(), optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _load_optimizer_state(self, optimizer, state: dict) -> None:
+        """`optimizer_state`'s output back into `optimizer` (sharded: every rank passes the whole state and keeps
+        its shard)."""
+        if not is_sharded(self._student()):
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self._trainable(), optimizer, state, options=StateDictOptions(full_state_dict=True))
+
     def _wrap_parallel(self):
-        """DDP (torchrun) or DataParallel around the student and each extra module."""
+        """DDP (torchrun) or DataParallel around the student and each extra module; a student already sharded
+        (`shard_module`) is left as it is, its extra modules (projections, small) still get DDP."""
         student = self._student().to(self.device)
         if self.local_rank != -1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -271,7 +350,7 @@ class TrainingLoop:
             wrap = nn.DataParallel
         else:
             return
-        if not isinstance(student, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        if not isinstance(student, (nn.parallel.DistributedDataParallel, nn.DataParallel)) and not is_sharded(student):
             self._set_student(wrap(student))
         extras = self._extra_modules()
         for i, m in enumerate(extras):
@@ -280,12 +359,16 @@ class TrainingLoop:
                 extras[i] = wrap(m)
 
     def _no_sync(self, sync: bool):
-        """Skip DDP's gradient all-reduce on accumulation micro-steps; it runs once per optimizer step."""
+        """Skip DDP's gradient all-reduce (FSDP's reduce-scatter) on accumulation micro-steps; it runs once per
+        optimizer step."""
         stack = contextlib.ExitStack()
         if not sync:
             for m in [self._student(), *self._extra_modules()]:
                 if isinstance(m, nn.parallel.DistributedDataParallel):
                     stack.enter_context(m.no_sync())
+                elif is_sharded(m):
+                    m.set_requires_gradient_sync(False)
+                    stack.callback(m.set_requires_gradient_sync, True)
         return stack
 
     def _autocast(self):
@@ -315,7 +398,7 @@ class TrainingLoop:
         global_step = writer_step = 0
         resume, self._resume = self._resume, None
         if resume is not None:
-            optimizer.load_state_dict(resume.optimizer)
+            self._load_optimizer_state(optimizer, resume.optimizer)
             if scheduler is not None and resume.scheduler is not None:
                 scheduler.load_state_dict(resume.scheduler)
             if scaler is not None and resume.scaler is not None:

@@ -92,9 +92,12 @@ def restore_rng(saved, rank: int = 0, device: torch.device | None = None, world_
         torch.cuda.set_rng_state(_unb64(cuda), device)
 
 
-def save_run_checkpoint(root: Path, global_step: int, student, projections, optimizer, scheduler, scaler,
+def save_run_checkpoint(root: Path, global_step: int, student, projections, optimizer_state: dict, scheduler, scaler,
                         state: dict, keep: int, rng_states: list[dict]) -> Path:
-    """Rank 0 writes; `rng_states` is every rank's (`gather_rng_states`, which all ranks must call)."""
+    """Rank 0 writes; `rng_states` is every rank's (`gather_rng_states`, which all ranks must call).
+
+    `student` is a whole (unsharded) module and `optimizer_state` a whole state dict: a sharded run gathers both
+    first (`TrainingLoop.optimizer_state`), so its checkpoint has the same files as any other."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{global_step:06d}"
     tmp = root / f".step-{global_step:06d}.tmp"
@@ -103,7 +106,7 @@ def save_run_checkpoint(root: Path, global_step: int, student, projections, opti
     save_model(unwrap(student), str(tmp / "student.safetensors"))
     projs = torch.nn.ModuleList([unwrap(p) for p in projections if p is not None])
     save_model(projs, str(tmp / "projections.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save({"scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "scheduler.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "global_step": global_step, "rng": rng_states}))
@@ -144,7 +147,10 @@ def read_run_state(path: Path) -> dict:
 
 
 def load_run_checkpoint(path: Path, student, projections) -> dict:
-    _load(path / "student.safetensors", lambda p: load_model(unwrap(student), str(p)))
+    """Load the weights into `student` (None: not on this rank, as a sharded run loads them on rank 0 and scatters
+    them) and the projections; the rest of the state, the optimizer's included, is returned."""
+    if student is not None:
+        _load(path / "student.safetensors", lambda p: load_model(unwrap(student), str(p)))
     projs = torch.nn.ModuleList([unwrap(p) for p in projections if p is not None])
     _load(path / "projections.safetensors", lambda p: load_model(projs, str(p)))
     state = read_run_state(path)

@@ -9,6 +9,9 @@ from ...core.config import AMP_MODES, JobConfig, check_choice, check_int, is_num
 from ...errors import ConfigError
 
 
+SHARDINGS = (None, "fsdp")
+
+
 @dataclass
 class TaskConfig:
     caches: list | str = field(default_factory=list)
@@ -35,6 +38,9 @@ class TrainConfig:
     progress_bar: bool = True
     log_steps: int = 50              # optimizer steps between loss read-backs (tensorboard, progress bar)
     verify_caches: bool = True       # sha256 of every shard before training: a corrupt cache stops the run early
+    # under torchrun: None replicates the student on every rank (DDP); fsdp shards its weights, gradients and
+    # optimizer state over the ranks (FSDP2, per transformer layer), for students too big for one GPU
+    sharding: str | None = None
 
 
 @dataclass
@@ -96,6 +102,13 @@ class DistillRunConfig(JobConfig):
         if not (is_number(self.tau) and self.tau >= 0):
             e.append(f"tau: must be a number >= 0, got {self.tau!r}")
         check_choice(e, "train.amp", t.amp, AMP_MODES)
+        check_choice(e, "train.sharding", t.sharding, SHARDINGS)
+        if t.sharding == "fsdp" and t.amp == "fp16":
+            e.append("train.amp: fp16 is not supported with train.sharding: fsdp (its gradient scaler sees one rank's "
+                     "shards only); use bf16 or none")
+        if t.sharding == "fsdp" and self.tasks:
+            e.append("train.sharding: fsdp is not supported for multi-task distillation yet (each step leaves the "
+                     "other tasks' heads without gradients); drop sharding")
         if self.teacher_weights is not None and any(not is_number(v) or v < 0 for v in self.teacher_weights.values()):
             e.append(f"teacher_weights: a mapping teacher -> weight >= 0, got {self.teacher_weights!r}")
         try:

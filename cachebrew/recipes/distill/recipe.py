@@ -7,10 +7,14 @@ distiller loop; ``evaluate`` at each plan checkpoint keeps ``best/``; ``save_che
 The loaders are built before the student because the student's head size comes from the caches, and so does
 its kind: a causal-LM teacher's cache (dense or sparse logits) trains a causal-LM student
 (``AutoModelForCausalLM``, labels = its own inputs) that is evaluated and kept by held-out perplexity.
+Under torchrun the student is replicated (DDP), or with ``train.sharding: fsdp`` sharded (FSDP2) before its
+optimizer is built; a sharded student is saved and loaded whole through a copy on rank 0's CPU, so its
+checkpoints, ``best/`` and ``last/`` are the same files as a replicated run's.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -29,7 +33,8 @@ from ...core.models import hf_adaptor, without_training_outputs
 from ...core.training import make_optimizer, resolve_amp, save_student, seed_everything, warmup_linear
 from ...distillers import GeneralDistiller, MultiTaskDistiller
 from ...distillers.batches import move_to_device
-from ...distillers.loop import ResumeState, StepState
+from ...distillers.loop import (ResumeState, StepState, full_state_dict, is_sharded, load_full_state_dict,
+                                shard_module)
 from ...errors import CacheFormatError, CachebrewError, ConfigError
 from ...core.paths import resolve_path
 from ...core.runtime import (all_gather_objects, broadcast_object, ensure_process_group, get_rank, get_world_size, resolve_device,
@@ -112,6 +117,30 @@ def eval_mode(model):
         model.train(was_training)
 
 
+def _every_ranks_batches(model, ds: CacheBatches):
+    """(batch, counted) over this rank's share of an eval cache.
+
+    A sharded student's forward is a collective (each layer gathers its weights from every rank), so every rank
+    must run as many forwards as the rank with the largest share: a shorter share repeats its last batch, not
+    counted. A replicated student just reads its share."""
+    if not is_sharded(unwrap(model)):
+        for batch in ds:
+            yield batch, True
+        return
+    mine = len(ds)
+    most = max(all_gather_objects(mine))
+    if mine == 0 and most > 0:
+        raise CachebrewError(f"{ds.joined.readers[0].path}: the eval cache has fewer batches than there are ranks, "
+                             "and a sharded student needs one on each; lower train.batch_size or use a larger eval "
+                             "cache")
+    last = None
+    for batch in ds:
+        last = batch
+        yield batch, True
+    for _ in range(most - mine):
+        yield last, False
+
+
 @torch.no_grad()
 def evaluate(model, ds: CacheBatches, device, label_names) -> tuple[dict, dict | None]:
     """(student metrics, teacher metrics from the cached logits or None), both by `components.metrics.score`."""
@@ -119,10 +148,13 @@ def evaluate(model, ds: CacheBatches, device, label_names) -> tuple[dict, dict |
         return evaluate_lm(model, ds, device)
     preds, golds, t_preds = [], [], []
     with eval_mode(model) as model:
-        for batch in ds:
+        for batch, counted in _every_ranks_batches(model, ds):
             student = move_to_device(batch["student"], device)
             labels = student.pop("labels")
-            p, g = predictions(model(**student).logits, labels)
+            logits = model(**student).logits
+            if not counted:
+                continue
+            p, g = predictions(logits, labels)
             preds += p
             golds += g
             cached = batch["teacher_cache"].get("logits")
@@ -141,10 +173,13 @@ def evaluate_lm(model, ds: CacheBatches, device) -> tuple[dict, dict | None]:
     the cache holds its dense logits (a sparse cache keeps K slots, not a distribution to score)."""
     student_sums, teacher_sums = [0.0, 0, 0], [0.0, 0, 0]
     with eval_mode(model) as model:
-        for batch in ds:
+        for batch, counted in _every_ranks_batches(model, ds):
             student = move_to_device(batch["student"], device)
             labels = student.pop("labels")
-            for i, x in enumerate(next_token_counts(model(**student).logits, labels)):
+            logits = model(**student).logits
+            if not counted:
+                continue
+            for i, x in enumerate(next_token_counts(logits, labels)):
                 student_sums[i] += x
             cached = batch["teacher_cache"].get("logits")
             if isinstance(cached, torch.Tensor):
@@ -175,6 +210,9 @@ class DistillRecipe:
         self.device = resolve_device(tc.device, local_rank)
         if local_rank != -1:
             ensure_process_group(self.device)  # before the loaders: they split batches by rank
+        elif tc.sharding == "fsdp":
+            raise ConfigError("train.sharding: fsdp shards the student over torchrun's ranks; launch with torchrun "
+                              "(or drop sharding)")
         self.rank, self.world_size = get_rank(), get_world_size()
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -276,7 +314,16 @@ class DistillRecipe:
             default = self.train_sets["default"]
             self.student = build_student(self.cfg.student, token_level["default"], _num_labels(default), want_attention,
                                          default.joined.manifest.label_names)
-        self.student.to(self.device)
+        self.replica = None
+        if self.cfg.train.sharding == "fsdp":
+            # whole weights are saved (best/, last/, checkpoints) and loaded through an unsharded copy on rank 0's
+            # CPU, so a sharded run writes the same files as any other
+            self.replica = copy.deepcopy(self.student).cpu() if self.rank == 0 else None
+            # from the CPU, layer by layer onto the device: the whole student is never on one GPU; before the
+            # optimizer, since sharding replaces the parameters
+            shard_module(self.student, self.device)
+        else:
+            self.student.to(self.device)
         first = self.train_sets[next(iter(self.tasks))].joined.manifest
         source = first.config.get("tokenizer") or next((t.get("source") for t in first.teachers.values()), None)
         self.tokenizer_source = resolve_path(source) if source else None
@@ -296,9 +343,13 @@ class DistillRecipe:
             self.total_steps = steps_per_epoch * tc.epochs
             self.eval_every = tc.eval_every
         self.save_every = tc.save_every or self.eval_every  # None (epochs, no eval_every): at every epoch end
+        amp = resolve_amp(tc.amp, self.device)
+        if tc.sharding == "fsdp" and amp == "fp16":  # auto on a GPU without bf16
+            raise ConfigError(f"train.amp: {tc.amp} means fp16 on {self.device}, which train.sharding: fsdp does not "
+                              "support (its gradient scaler sees one rank's shards only); set train.amp: none")
         t_config = TrainingConfig(
             output_dir=str(self.out), log_dir=str(self.out / "tb") if self.rank == 0 else None, device=str(self.device),
-            amp=resolve_amp(tc.amp, self.device), gradient_accumulation_steps=accum,
+            amp=amp, gradient_accumulation_steps=accum,
             ckpt_steps=self.eval_every if tc.steps is not None else None, progress_bar=tc.progress_bar,
             keep_checkpoints=0,  # the loop's plan checkpoints only evaluate; checkpoints/step-N are the run's
             local_rank=local_rank, log_steps=tc.log_steps)
@@ -346,8 +397,20 @@ class DistillRecipe:
         logger.info("eval at step %d: %s", step, {k: v for k, v in row.items() if k != "step"})
         if self.best is None or row["score"] > self.best["score"]:
             self.best = row
+            whole = self._whole_student(model)  # every rank: gathering a sharded student is a collective
             if self.rank == 0:
-                save_student(model, self.out / "best", self.tokenizer_source)
+                save_student(whole, self.out / "best", self.tokenizer_source)
+
+    def _whole_student(self, model):
+        """The student as rank 0 saves it: `model` itself, or, sharded, rank 0's CPU copy holding the gathered
+        weights (a collective: every rank calls it; the other ranks get None)."""
+        if not is_sharded(unwrap(model)):
+            return model
+        state = full_state_dict(unwrap(model))
+        if self.rank != 0:
+            return None
+        self.replica.load_state_dict(state)
+        return self.replica
 
     def _on_step(self, s: StepState) -> None:
         """After each optimizer step: extra evaluations inside epochs (`eval_every`), and checkpoints when due."""
@@ -371,6 +434,8 @@ class DistillRecipe:
     def save_checkpoint(self, s: StepState, epoch: int, consumed: int) -> None:
         """checkpoints/step-N: weights, projections, optimizer, schedule, every rank's RNG, the reader position."""
         rng_states = gather_rng_states(self.device)  # a collective: every rank's dropout stream, so each resumes its own
+        student = self._whole_student(self.distiller.model_S)  # collectives too when the student is sharded
+        optimizer_state = self.distiller.optimizer_state(s.optimizer)
         if self.rank != 0:
             return
         state = {"writer_step": s.writer_step, "epoch": epoch, "step": consumed, "history": self.history,
@@ -378,8 +443,8 @@ class DistillRecipe:
                  "config": self.cfg.to_dict(), "loader": self._loader_split()}
         if self.multi_task:
             state["task_counts"] = dict(self.distiller.sampled_tasks)
-        save_run_checkpoint(self.out / "checkpoints", s.global_step, self.distiller.model_S,
-                            getattr(self.distiller, "projs", []), s.optimizer, s.scheduler, s.scaler, state,
+        save_run_checkpoint(self.out / "checkpoints", s.global_step, student,
+                            getattr(self.distiller, "projs", []), optimizer_state, s.scheduler, s.scaler, state,
                             self.cfg.train.keep_checkpoints, rng_states)
 
     def load_checkpoint(self, ckpt: Path) -> None:
@@ -387,11 +452,18 @@ class DistillRecipe:
         # output_dir may differ: a run folder moved or copied, or another node's local path, is the same run
         drop_dir = lambda c: {k: v for k, v in (c or {}).items() if k != "output_dir"}
         saved, now = drop_dir(read_run_state(ckpt).get("config")), drop_dir(self.cfg.to_dict())
+        if isinstance(saved.get("train"), dict):  # runs checkpointed before train.sharding existed were replicated
+            saved["train"].setdefault("sharding", None)
         if saved != now:
             changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             raise CachebrewError(f"--resume: the config differs from the run in {self.out} (fields {changed}); "
                                  "a resumed run must use the same config")
-        state = load_run_checkpoint(ckpt, self.student, getattr(self.distiller, "projs", []))
+        sharded = is_sharded(self.student)
+        # sharded: rank 0 reads the weights into its whole copy and scatters them, each rank keeping its shard
+        state = load_run_checkpoint(ckpt, self.replica if sharded else self.student,
+                                    getattr(self.distiller, "projs", []))
+        if sharded:
+            load_full_state_dict(self.student, self.replica.state_dict() if self.rank == 0 else {})
         loader_then = state.get("loader", self._loader_split())
         if loader_then != self._loader_split():
             logger.warning("--resume: the run was split over %s, this one over %s; the rest of the epoch is read in "
@@ -413,10 +485,11 @@ class DistillRecipe:
         examples = (steps - self.start_step) * tc.batch_size * tc.gradient_accumulation_steps * self.world_size
         speed = examples / self.train_seconds if self.train_seconds else 0.0
         final = self.history[-1] if self.history and self.history[-1]["step"] == steps else None
+        whole = self._whole_student(self.distiller.model_S)  # every rank: gathering a sharded student is a collective
         if self.rank == 0:
-            save_student(self.distiller.model_S, self.out / "last", self.tokenizer_source)
+            save_student(whole, self.out / "last", self.tokenizer_source)
             if self.best is None:
-                save_student(self.distiller.model_S, self.out / "best", self.tokenizer_source)
+                save_student(whole, self.out / "best", self.tokenizer_source)
             results = {"global_step": steps, "best": self.best, "final": final, "teacher": self.teacher_metric,
                        "history": self.history, "train_seconds": self.train_seconds,
                        "examples_per_second": speed if self.train_seconds else None,

@@ -4,7 +4,10 @@ Loaded from YAML/JSON with ``--set key.sub=value`` overrides; every problem is r
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+
+import torch
 
 from ...cache.format import STORAGE_DTYPES
 from ...cache.sparse import SPARSE_METHODS
@@ -14,6 +17,10 @@ from ...data_utils import AUGMENTATIONS
 
 MODEL_CLASSES = ("AutoModelForSequenceClassification", "AutoModelForTokenClassification", "AutoModel",
                  "AutoModelForMaskedLM", "AutoModelForCausalLM")
+# a teacher's weight dtype as loaded (torch's names); auto: the dtype its config.json records
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# device_map strategies of Hugging Face accelerate; any other string must name one device ("cpu", "cuda:1")
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass
@@ -22,6 +29,52 @@ class TeacherConfig:
     path: str | None = None            # Hugging Face model directory
     entry_point: str | None = None     # "module:function" returning a model (or (model, tokenizer))
     model_class: str = "AutoModelForSequenceClassification"
+    # the weights' dtype: a bf16 copy of a big teacher needs half the memory (and changes the cache: fingerprinted);
+    # None keeps what transformers loads by default
+    dtype: str | None = None
+    # Hugging Face device_map (path teachers): one process spreads the teacher over several GPUs; same numbers as
+    # on one device, so not fingerprinted. A strategy (auto, balanced, ...), one device, or {module: device}
+    device_map: str | int | dict | None = None
+
+
+def device_map_problems(where: str, device_map) -> list[str]:
+    """What is wrong with a teacher's device_map (a strategy, one device, or {module prefix: device}).
+
+    Offloading to "disk" is refused here; offloading to "cpu" beside GPUs is refused when the teacher loads,
+    since only then is it known (auto places what does not fit on the GPUs on the CPU).
+    """
+    def bad_device(value) -> str | None:
+        if is_int(value):
+            return None if value >= 0 else f"a GPU index must be >= 0, got {value!r}"
+        if not isinstance(value, str):
+            return f"a device must be a string or a GPU index, got {value!r}"
+        if value == "disk":
+            return ("'disk' offloads weights to files, which the export does not support (every weight is hashed "
+                    "into the fingerprint); use GPUs, or dtype: bfloat16 to halve the teacher")
+        try:
+            torch.device(value)
+        except (RuntimeError, ValueError):
+            return f"not a device, got {value!r}"
+        return None
+
+    path = f"{where}.device_map"
+    if isinstance(device_map, dict):
+        if not device_map:
+            return [f"{path}: an empty mapping places nothing; give {{module prefix: device}} ('' for the whole model)"]
+        e = []
+        for module, device in device_map.items():
+            if not isinstance(module, str):
+                e.append(f"{path}: module names must be strings, got {module!r}")
+            elif (why := bad_device(device)) is not None:
+                e.append(f"{path}[{module!r}]: {why}")
+        return e
+    if isinstance(device_map, str) and device_map in DEVICE_MAP_STRATEGIES:
+        return []
+    why = bad_device(device_map)
+    if why is None:
+        return []
+    return [f"{path}: {why} (use a strategy: {', '.join(DEVICE_MAP_STRATEGIES)}; a device such as cpu or cuda:1; "
+            "or {module prefix: device})"]
 
 
 @dataclass
@@ -80,6 +133,9 @@ class ExportConfig(JobConfig):
     # Arrow IPC codec of the shards. lz4 decodes 4x faster per core than zstd on real hidden states, which
     # neither shrinks much (1.00x vs 1.08x); zstd keeps logits-only caches ~30 % smaller (BENCHMARKS.md: codecs)
     compression: str = "lz4"
+    # shard writer threads, each encoding and writing whole shards (BENCHMARKS.md: export writers); null: min(4,
+    # the CPUs this process may use). Shards are byte-identical whatever the number
+    writers: int | None = None
     sort_window: int = 64              # batches per length-sorting window
     device: str | None = None
     amp: str | None = "auto"           # auto: bf16 on Ampere+ GPUs, fp16 on older, none on CPU; or none / bf16 / fp16
@@ -113,6 +169,14 @@ class ExportConfig(JobConfig):
                 e.append(f"{where}.entry_point: expected 'module:function', got {t.entry_point!r}")
             if t.model_class not in MODEL_CLASSES:
                 e.append(f"{where}.model_class: one of {MODEL_CLASSES}, got {t.model_class!r}")
+            if t.dtype is not None:
+                check_choice(e, f"{where}.dtype", t.dtype, TEACHER_DTYPES)
+            if t.device_map is not None:
+                if t.entry_point is not None:
+                    e.append(f"{where}.device_map: applies to a Hugging Face directory (path); an entry point "
+                             "places its own model")
+                else:
+                    e += device_map_problems(where, t.device_map)
         if not self.data.path:
             e.append("data.path: required")
         if self.data.format not in (None, "csv", "json", "jsonl", "parquet", "arrow", "saved"):
@@ -124,6 +188,7 @@ class ExportConfig(JobConfig):
         for name in ("max_length", "batch_size", "shard_rows", "sort_window", "record_batch_rows"):
             check_int(e, name, getattr(self, name), 1)
         check_int(e, "data.limit", self.data.limit, 1, optional=True)
+        check_int(e, "writers", self.writers, 1, optional=True)
         check_choice(e, "compression", self.compression, COMPRESSIONS)
         if self.packing:
             for i, t in enumerate(self.teachers):
@@ -192,13 +257,25 @@ class ExportConfig(JobConfig):
         check_choice(e, "amp", self.amp, AMP_MODES)
         return e
 
+    def writer_threads(self) -> int:
+        """`writers`, or min(4, the CPUs this process may use): each thread takes a core while it compresses and
+        hashes, and beyond 4 the disk, not the CPU, is what they wait on."""
+        if self.writers is not None:
+            return self.writers
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(4, cpus))
+
     def fingerprint_settings(self) -> dict:
         """The settings that change what is written (not where, not how it is shown)."""
         d = self.to_dict()
-        for key in ("output", "overwrite", "progress_bar", "device", "teachers", "tokenizer"):
+        for key in ("output", "overwrite", "progress_bar", "device", "teachers", "tokenizer", "writers"):
             d.pop(key, None)
         d["data"].pop("path", None)  # the data is fingerprinted by content
         d["teacher_names"] = [t.name for t in self.teachers]
+        # the weights' dtype changes the outputs; where they sit (device_map) does not. Counted only when some
+        # teacher sets it, so caches exported before the field existed stay up to date
+        if any(t.dtype is not None for t in self.teachers):
+            d["teacher_dtypes"] = [t.dtype for t in self.teachers]
         # settings added later count only when set: caches exported before they existed stay up to date
         if not d.get("packing"):
             d.pop("packing", None)

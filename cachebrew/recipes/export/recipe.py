@@ -3,11 +3,12 @@
 `ExportRecipe`: ``setup`` (data, teachers, tokenizer → fingerprint) → ``load_checkpoint`` (what the output
 directory holds: up to date, foreign, or complete shards to resume from — an export's checkpoints are
 its complete shards) → ``plan`` (rows, augmentation, tokens, length-sorted order, this rank's shards) →
-``run`` (teachers → writer thread → shards) → ``save`` (the manifest, written last).
+``run`` (teachers → writer threads → shards) → ``save`` (the manifest, written last).
 Setup order matters: the data and teachers are loaded first because the fingerprint is made of their
 content; the fingerprint decides whether the output directory is up to date, resumable or foreign;
 only then is the plan tokenized and the remaining shards computed. Teacher forwards run on the main
-thread, encoding and writing on a writer thread, so disk and compression overlap with compute.
+thread, encoding and writing on `writers` threads (each writing whole shards), so disk and compression overlap
+with compute.
 Under torchrun each rank writes the shards k with k % world_size == rank; rank 0 writes the manifest, last,
 once it has seen every listed shard where the manifest goes. Nodes need not share a disk when the output is a
 URI: each rank builds its shards in a staging directory of its own and pushes them itself. A local output
@@ -37,8 +38,8 @@ import torch
 
 from ...cache.fingerprint import combine, hash_state_dict
 from ...cache.format import (COPY, FORMAT_VERSION, ID, INPUT_IDS, LABELS, TASK, TEXT, TEXT_PAIR,
-                            TOKEN_COLUMNS, WORDS, cut_batch, cuts_on_device, encode_batch,
-                            encode_cut, encode_int_rows)
+                            TOKEN_COLUMNS, WORDS, cut_batch, cuts_on_device, encode_int_rows, encode_staged,
+                            stage_batch)
 from ...cache.sparse import row_key
 from ...cache.manifest import MANIFEST, Manifest
 from ...cache.shards import (ShardInfo, ShardWriter, describe_shard, list_shards, read_shard_meta,
@@ -117,77 +118,115 @@ def check_output_dir(out: Path, fingerprint: str, overwrite: bool) -> str:
     return "resume"
 
 
-class _WriterThread:
-    """Encodes and writes shards off the compute thread; errors surface on the next put()."""
+class ShardWriters:
+    """`writers` threads that encode and write whole shards, each shard by one thread; errors surface on the next put().
 
-    def __init__(self, directory, schema, shard_meta, specs, maxsize=8, record_batch_rows=256, compression="lz4"):
+    A thread pays for each shard's lz4, sha256 (~0.8-1 GB/s per core on the 2-core dev machine), writes and fsync, one
+    shard after another: one thread wrote ~300 MiB/s of hidden states there, less than a GPU teacher hands over, and
+    two ~1.6x that when both cores were free (BENCHMARKS.md: export writers). N threads write N shards at once.
+    The batch loop deals each group of N shards over the N slots (`deal_batches`), so every thread has a shard to
+    write while the teachers run; a shard's bytes do not depend on which thread wrote it or when, so an export with
+    N writers is byte-identical to one with a single writer, and each shard is still published on its own by
+    `ShardWriter` (temp file, fsync, rename), whatever the other threads are doing when the process dies.
+    Items, per slot and in order: ``("open", index, first_row)``, ``("rows", rows, tokens, tensors, task, ready)``
+    (`ready`: the event of the batch's device-to-host copies, or None), ``("close", index)``.
+    """
+
+    def __init__(self, directory, schema, shard_meta, specs, writers=1, queued_batches=8, record_batch_rows=256,
+                 compression="lz4"):
         self.directory, self.schema, self.meta, self.specs = directory, schema, shard_meta, specs
         self.record_batch_rows = record_batch_rows
         self.compression = None if compression == "none" else compression
-        self.q: queue.Queue = queue.Queue(maxsize)
+        # the same bound on queued teacher batches (host memory, pinned on a GPU) whatever the number of threads
+        self.queues = [queue.Queue(max(2, -(-queued_batches // writers))) for _ in range(writers)]
         self.error: BaseException | None = None
+        self._error_lock = threading.Lock()
         self.abort = threading.Event()
-        self.infos = []
+        self.infos: list[ShardInfo] = []
         self.bytes_written = 0
-        self.thread = threading.Thread(target=self._run, name="cachebrew-writer", daemon=True)
-        self.thread.start()
+        self.sampled = any(s.sparse == "sampled" for s in specs)
+        self.threads = [threading.Thread(target=self._run, args=(q,), name=f"cachebrew-writer-{i}", daemon=True)
+                        for i, q in enumerate(self.queues)]
+        for t in self.threads:
+            t.start()
 
-    def put(self, item):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:  # stop every thread; each removes the temp file of the shard it was writing
+            self.cancel()
+        return False
+
+    def put(self, slot: int, item):
         while True:
             if self.error is not None:
                 raise self.error
             try:
-                self.q.put(item, timeout=0.1)
+                self.queues[slot].put(item, timeout=0.1)
                 return
             except queue.Full:
                 continue
 
-    def _run(self):
+    def _run(self, q: queue.Queue):
         writer = None
         try:
             while True:
+                if self.abort.is_set():
+                    raise KeyboardInterrupt("export aborted")
                 try:
-                    item = self.q.get(timeout=0.1)
+                    item = q.get(timeout=0.1)
                 except queue.Empty:
-                    if self.abort.is_set():
-                        raise KeyboardInterrupt("export aborted")
                     continue
                 if item is None:
+                    if writer is not None:  # finish() before the shard's close: it is incomplete, not published
+                        raise CachebrewError(f"shard {writer.index} was still open when the export finished")
                     return
                 op = item[0]
                 if op == "open":
                     writer = ShardWriter(self.directory, item[1], self.schema, {**self.meta, "first_row": item[2]},
                                          compression=self.compression)
                     writer.__enter__()
-                    pending = []
+                    pending, pending_rows = [], 0
                 elif op == "rows":
                     # teacher batches are gathered into record batches of record_batch_rows rows
-                    pending.append(self._record_batch(*item[1:]))
-                    if sum(b.num_rows for b in pending) >= self.record_batch_rows:
-                        self._flush(writer, pending)
+                    pending.append(self._stage(*item[1:]))
+                    pending_rows += len(item[1])
+                    if pending_rows >= self.record_batch_rows:
+                        writer.write(self._record_batch(pending))
+                        pending, pending_rows = [], 0
                 elif op == "close":
-                    self._flush(writer, pending)
+                    if pending:
+                        writer.write(self._record_batch(pending))
                     writer.__exit__(None, None, None)
-                    self.infos.append(writer.info)
-                    self.bytes_written += writer.info.bytes
+                    with self._error_lock:
+                        self.infos.append(writer.info)
+                        self.bytes_written += writer.info.bytes
                     writer = None
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
-            self.error = e
+            with self._error_lock:
+                if self.error is None:  # the first failure is the cause; the other threads stop because of it
+                    self.error = e
+            self.abort.set()
             if writer is not None:
                 writer.__exit__(type(e), e, None)  # removes the temp file: no half shard survives
 
-    @staticmethod
-    def _flush(writer, pending):
-        if pending:
-            writer.write(pa.Table.from_batches(pending).combine_chunks().to_batches()[0])
-            pending.clear()
-
-    def _record_batch(self, rows, tokens, tensors, task, ready):
+    def _stage(self, rows, tokens, tensors, task, ready):
+        """One teacher batch, as compact host memory until its record batch is full (`stage_batch`)."""
         if ready is not None:
             ready.synchronize()  # the device-to-host copies of this batch have landed
         lengths = [len(t[INPUT_IDS]) for t in tokens]
+        keys = [row_key(r.id, r.copy) for r in rows] if self.sampled else None
+        staged = {spec.column: stage_batch(spec, tensors[spec.column], lengths, keys) for spec in self.specs}
+        return rows, tokens, staged, task, lengths
+
+    def _record_batch(self, pending: list) -> pa.RecordBatch:
+        """One record batch from the staged teacher batches: each column built once from all their rows."""
+        rows = [r for p in pending for r in p[0]]
+        tokens = [t for p in pending for t in p[1]]
+        lengths = [n for p in pending for n in p[4]]
         cols = {ID: pa.array([r.id for r in rows], pa.string()), COPY: pa.array([r.copy for r in rows], pa.int32()),
-                TASK: pa.array([task] * len(rows), pa.string())}
+                TASK: pa.array([p[3] for p in pending for _ in p[0]], pa.string())}
         names = self.schema.names
         if TEXT in names:
             cols[TEXT] = pa.array([r.text for r in rows], pa.string())
@@ -203,27 +242,46 @@ class _WriterThread:
                 cols[LABELS] = encode_int_rows([t["labels"] for t in tokens], pa.int64())
             else:
                 cols[LABELS] = pa.array([t["labels"] for t in tokens], pa.int64())
-        keys = [row_key(r.id, r.copy) for r in rows] if any(s.sparse == "sampled" for s in self.specs) else None
         for spec in self.specs:
-            t = tensors[spec.column]
-            cols.update(encode_cut(spec, t, lengths) if isinstance(t, dict) else encode_batch(spec, t, lengths, keys))
+            cols.update(encode_staged(spec, [p[2][spec.column] for p in pending], lengths))
         return pa.RecordBatch.from_arrays([cols[n] for n in names], schema=self.schema)
 
-    def finish(self):
-        self.put(None)
-        self.thread.join()
+    def finish(self) -> list[ShardInfo]:
+        """Wait for every shard to be published; their infos, by shard index."""
+        for slot in range(len(self.queues)):
+            self.put(slot, None)
+        for t in self.threads:
+            t.join()
         if self.error is not None:
             raise self.error
+        return sorted(self.infos, key=lambda i: i.index)
 
     def cancel(self):
         self.abort.set()
-        self.thread.join()
+        for t in self.threads:
+            t.join()
+
+
+def deal_batches(shards: list[int], batches: dict, writers: int):
+    """The order the teachers run the batches in: ``(slot, shard, j, last)`` for batch j of each shard.
+
+    The shards go in groups of `writers`, shard i of a group to writer slot i, and their batches are dealt round-robin
+    (batch 0 of each shard of the group, then batch 1, ...): the teachers feed all the slots at once rather than fill
+    one shard's queue while the other threads wait. `batches[s]`: shard s's batches (only their count is used).
+    With one writer this is the plain order, shard after shard.
+    """
+    for g in range(0, len(shards), writers):
+        group = shards[g:g + writers]
+        for j in range(max(len(batches[s]) for s in group)):
+            for slot, s in enumerate(group):
+                if j < len(batches[s]):
+                    yield slot, s, j, j == len(batches[s]) - 1
 
 
 def stage_outputs(specs, outs: dict, lengths: list[int], row_keys: list[int] | None = None) -> dict:
-    """Each spec's teacher output as the writer thread takes it: on a GPU, already cut and cast (`cut_batch`;
+    """Each spec's teacher output as the writer threads take it: on a GPU, already cut and cast (`cut_batch`;
     sparse logits already drawn), so only the stored bytes cross to the host; on the CPU, padded, so the cut
-    runs on the writer thread and not between teacher batches."""
+    runs on a writer thread and not between teacher batches."""
     staged = {}
     for spec in specs:
         t = outs[spec.teacher][(spec.kind, spec.layer)].detach()
@@ -231,23 +289,37 @@ def stage_outputs(specs, outs: dict, lengths: list[int], row_keys: list[int] | N
     return staged
 
 
-def to_host(tensors: dict) -> tuple[dict, torch.cuda.Event | None]:
+def to_host(tensors: dict, stream: torch.cuda.Stream | None = None) -> tuple[dict, torch.cuda.Event | None]:
     """Start copying (nested dicts of) tensors to the host; (host tensors, the event to wait on or None).
 
-    From a GPU the copies go into pinned buffers without blocking the compute thread, which goes on to
-    the next batch; the writer thread waits on the event before it reads them. On the CPU: as they are.
+    From a GPU the copies go into pinned buffers on `stream`, a copy stream of their own, so they overlap the next
+    batch's forward instead of queueing behind it on the compute stream (None: the current stream). The copy
+    stream first waits on an event recorded on the compute stream after this batch's kernels, so it reads
+    finished outputs; each device tensor is marked as used by the copy stream, so the allocator does not hand its
+    memory to the next forward before the copy has read it. The writer thread waits on the returned event before it
+    reads the pinned buffers; nothing here blocks the compute thread. On the CPU: the tensors, as they are.
     """
-    if all(t.device.type != "cuda" for t in iter_tensors(tensors)):
+    cuda = [t for t in iter_tensors(tensors) if t.device.type == "cuda"]
+    if not cuda:
         return tensors, None
+    compute = torch.cuda.current_stream(cuda[0].device)
+    stream = stream or compute
+    computed = torch.cuda.Event()
+    computed.record(compute)
+    stream.wait_event(computed)
 
     def copy(t):
         buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        return buf.copy_(t, non_blocking=True)
+        buf.copy_(t, non_blocking=True)
+        if t.is_cuda:
+            t.record_stream(stream)
+        return buf
 
-    host = {k: {n: copy(t) for n, t in v.items()} if isinstance(v, dict) else copy(v) for k, v in tensors.items()}
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
+    with torch.cuda.stream(stream):
+        host = {k: {n: copy(t) for n, t in v.items()} if isinstance(v, dict) else copy(v) for k, v in tensors.items()}
+        copied = torch.cuda.Event(blocking=True)  # a writer thread waiting on it sleeps rather than spins on a core
+        copied.record(stream)
+    return host, copied
 
 
 def _schema(cfg: ExportConfig, tokens: list[dict], specs, token_level: bool) -> pa.Schema:
@@ -553,7 +625,14 @@ class ExportRecipe:
                           "sep_token) to mark where a packed document ends; set one or packing: false")
 
     def _run_teachers(self, batch_tokens) -> dict:
-        batch = {k: v.to(self.device) for k, v in pad_batch(batch_tokens, self.pad_id, labels=False).items()}
+        batch = pad_batch(batch_tokens, self.pad_id, labels=False)
+        if self.device.type == "cuda":
+            # From pageable memory a host-to-device copy blocks the compute thread until the GPU has taken it; from
+            # pinned memory it is queued like a kernel and the thread goes on (the host allocator keeps the pinned
+            # block until the copy has read it).
+            batch = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        else:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
         outs = {}
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
                     else contextlib.nullcontext())
@@ -563,52 +642,58 @@ class ExportRecipe:
         return outs
 
     def run(self) -> None:
-        """Teachers on the device, batch by batch; the writer thread encodes and writes this rank's shards."""
+        """Teachers on the device, batch by batch; `cfg.writers` writer threads encode and write this rank's shards."""
         cfg, out, order = self.cfg, self.out, self.order
         for model in self.teachers.values():
             model.to(self.device)
         self.pad_id = self.tokenizer.pad_token_id if getattr(self.tokenizer, "pad_token_id", None) is not None else 0
         # output specs from the plan's first batch (the same on every rank)
-        probe = self._run_teachers([self.tokens[i] for i in order[:cfg.batch_size]])
+        probe_idx = list(order[:cfg.batch_size])
+        probe = self._run_teachers([self.tokens[i] for i in probe_idx])
         self.specs = [spec for name, tensors in probe.items() for spec in tensor_specs(name, tensors, cfg)]
         self.schema = _schema(cfg, self.tokens, self.specs, self.token_level)
-        writer = _WriterThread(out, self.schema, {"fingerprint": self.fingerprint, "format_version": FORMAT_VERSION},
-                               self.specs, record_batch_rows=cfg.record_batch_rows, compression=cfg.compression)
-        rows_todo = sum(len(order[s * cfg.shard_rows:(s + 1) * cfg.shard_rows]) for s in self.todo)
+        # device-to-host copies on a stream of their own, beside the teachers' kernels (`to_host`)
+        copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        batches = {}
+        for s in self.todo:
+            shard_order = order[s * cfg.shard_rows:(s + 1) * cfg.shard_rows]
+            batches[s] = [shard_order[i:i + cfg.batch_size] for i in range(0, len(shard_order), cfg.batch_size)]
+        n_writers = max(1, min(cfg.writer_threads(), len(self.todo)))
         progress = None
         if cfg.progress_bar and self.rank == 0:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=rows_todo, desc=f"export {out.name}", unit="ex", dynamic_ncols=True)
+            progress = tqdm(total=sum(len(i) for b in batches.values() for i in b), desc=f"export {out.name}",
+                            unit="ex", dynamic_ncols=True)
         self.written = 0
+        sampled = any(spec.sparse == "sampled" for spec in self.specs)
         try:
-            for s in self.todo:
-                shard_order = order[s * cfg.shard_rows:(s + 1) * cfg.shard_rows]
-                writer.put(("open", s, s * cfg.shard_rows))
-                for start in range(0, len(shard_order), cfg.batch_size):
-                    idx = shard_order[start:start + cfg.batch_size]
+            with ShardWriters(out, self.schema, {"fingerprint": self.fingerprint, "format_version": FORMAT_VERSION},
+                              self.specs, writers=n_writers, record_batch_rows=cfg.record_batch_rows,
+                              compression=cfg.compression) as writers:
+                for slot, s, j, last in deal_batches(self.todo, batches, n_writers):
+                    idx = batches[s][j]
+                    if j == 0:
+                        writers.put(slot, ("open", s, s * cfg.shard_rows))
                     batch_tokens = [self.tokens[i] for i in idx]
-                    # the probe already ran the plan's first batch: reuse it rather than run the teachers twice
-                    outs = probe if (s == 0 and start == 0 and probe is not None) else self._run_teachers(batch_tokens)
+                    # the probe already ran the plan's first batch: reuse it rather than run the teachers twice (it
+                    # is not shard 0's first batch when shard_rows < batch_size)
+                    outs = probe if probe is not None and list(idx) == probe_idx else self._run_teachers(batch_tokens)
                     probe = None
-                    keys = [row_key(self.rows[i].id, self.rows[i].copy) for i in idx] if any(
-                        spec.sparse == "sampled" for spec in self.specs) else None
+                    keys = [row_key(self.rows[i].id, self.rows[i].copy) for i in idx] if sampled else None
                     host, ready = to_host(stage_outputs(self.specs, outs, [len(t[INPUT_IDS]) for t in batch_tokens],
-                                                        keys))
-                    writer.put(("rows", [self.rows[i] for i in idx], batch_tokens, host, cfg.task, ready))
+                                                        keys), copy_stream)
+                    writers.put(slot, ("rows", [self.rows[i] for i in idx], batch_tokens, host, cfg.task, ready))
+                    if last:
+                        writers.put(slot, ("close", s))
                     self.written += len(idx)
                     if progress is not None:
                         progress.update(len(idx))
-                        progress.set_postfix(written=f"{writer.bytes_written / 2**20:.1f}MiB")
-                writer.put(("close", s))
-            writer.finish()
-        except BaseException:
-            writer.cancel()
-            raise
+                        progress.set_postfix(written=f"{writers.bytes_written / 2**20:.1f}MiB")
+                self.shard_infos = writers.finish()
         finally:
             if progress is not None:
                 progress.close()
-        self.shard_infos = writer.infos
 
     def save(self) -> ExportResult:
         """Push (to a URI) and gather every rank's shards; rank 0 checks them and publishes the manifest, last.

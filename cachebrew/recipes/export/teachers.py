@@ -6,6 +6,7 @@ Hugging Face flags output_hidden_states / output_attentions, and returns an obje
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,7 +17,12 @@ from ...cache.format import TensorSpec
 from ...core.models import TOKENIZER_FILES, call_entry_point
 from ...errors import CachebrewError, ConfigError
 from ...core.paths import resolve_path
+from ...core.runtime import launch_env
 from .config import ExportConfig, TeacherConfig
+
+# teachers loaded with a device_map -> the device their inputs go to (that of their first parameters)
+_PLACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 def load_teacher(tc: TeacherConfig, index: int, want_attention: bool):
     """(model, tokenizer or None). Attention maps need eager attention, so it is requested when exported."""
@@ -27,19 +33,64 @@ def load_teacher(tc: TeacherConfig, index: int, want_attention: bool):
         if not isinstance(model, torch.nn.Module):
             raise CachebrewError(f"{where}.entry_point: {tc.entry_point} returned {type(model).__name__}, "
                                  "not a torch.nn.Module (or a (model, tokenizer) tuple)")
+        if tc.dtype not in (None, "auto"):  # auto: as the entry point built it
+            model = model.to(getattr(torch, tc.dtype))
         return model.eval(), tokenizer
     path = Path(resolve_path(tc.path))
     if not (path / "config.json").is_file():
         raise CachebrewError(f"{where}.path: {path} is not a Hugging Face model directory (no config.json)")
+    if tc.device_map is not None and launch_env()[0] > 1:
+        raise ConfigError(f"{where}.device_map: device_map is for one process spanning several GPUs; under torchrun "
+                          "each rank loads the whole teacher (drop device_map, or run one process)")
     import transformers
 
     cls = getattr(transformers, tc.model_class)
     kwargs = {"attn_implementation": "eager"} if want_attention else {}
+    if tc.dtype is not None:
+        kwargs[dtype_keyword(transformers.__version__)] = tc.dtype if tc.dtype == "auto" else getattr(torch, tc.dtype)
+    if tc.device_map is not None:
+        kwargs["device_map"] = tc.device_map
     try:
         model = cls.from_pretrained(str(path), **kwargs)
     except Exception as e:
         raise CachebrewError(f"{where}: cannot load {tc.model_class} from {path}: {e}") from None
+    if tc.device_map is not None:
+        keep_placement(model, where)
     return model.eval(), None
+
+
+def dtype_keyword(transformers_version: str) -> str:
+    """`from_pretrained`'s dtype argument: `dtype` since transformers 4.56, which deprecates `torch_dtype`
+    (older releases know only `torch_dtype` and would pass `dtype` on to the model's config)."""
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers_version) >= Version("4.56") else "torch_dtype"
+
+
+def keep_placement(model: torch.nn.Module, where: str) -> None:
+    """Keep a device_map teacher where accelerate placed it, and remember where its inputs go.
+
+    The export moves every teacher to its device (`model.to(device)`), which would pull a teacher spread
+    over several GPUs onto one, the very thing device_map avoids; so moving this instance is a no-op (as
+    accelerate itself wraps `to` on the models it dispatches). Offloaded weights (cpu beside GPUs: accelerate
+    leaves them on the meta device and loads them per call) are refused: the fingerprint hashes every weight,
+    and there is none to read.
+    """
+    offloaded = sorted({name.rsplit(".", 1)[0] for name, p in model.named_parameters() if p.device.type == "meta"})
+    if offloaded:
+        shown = ", ".join(offloaded[:3]) + (f" and {len(offloaded) - 3} more" if len(offloaded) > 3 else "")
+        raise CachebrewError(f"{where}.device_map: offloads {shown} to the CPU beside the GPUs, which the export does "
+                             "not support; place the whole teacher on GPUs (more GPUs, or dtype: bfloat16)")
+    first = next(model.parameters(), None)
+    _PLACED[model] = first.device if first is not None else torch.device("cpu")
+
+    def stay(*args, **kwargs):
+        if "dtype" in kwargs or any(isinstance(a, torch.dtype) for a in args):
+            raise CachebrewError(f"{where}: a teacher loaded with a device_map keeps its dtype; set {where}.dtype")
+        return model
+
+    model.to = stay
+    model.cuda = stay
 
 
 def load_tokenizer(cfg: ExportConfig, teacher_tokenizers: list):
@@ -75,6 +126,11 @@ def _get(outputs, key):
 
 
 def forward(model, batch: dict, cfg: ExportConfig):
+    """The teacher's outputs for a batch; a device_map teacher takes its inputs where its first layers are
+    (under accelerate hooks each further layer moves what it receives itself)."""
+    device = _PLACED.get(model)
+    if device is not None:
+        batch = {k: v.to(device) for k, v in batch.items()}
     o = cfg.outputs
     return model(**batch, output_hidden_states=bool(o.hidden_layers), output_attentions=bool(o.attention_layers))
 
