@@ -9,7 +9,6 @@ option, missing argument, bad value) or a bad config prints one `error: ...` lin
 from __future__ import annotations
 
 import difflib
-import os
 import sys
 from pathlib import Path
 
@@ -374,7 +373,9 @@ def version():
 
 def _rank0() -> bool:
     """Whether this process prints the job's log and summary: not launched by torchrun, or its rank 0."""
-    return int(os.environ.get("RANK", "0")) == 0
+    from .core.runtime import launch_env
+
+    return launch_env()[1] == 0
 
 
 def _say(line: str) -> None:

@@ -81,8 +81,7 @@ def _verify_caches(readers, local_rank: int):
         if reader.path in seen:
             continue
         seen.add(reader.path)
-        remote = "://" in str(reader.path) and not str(reader.path).startswith("file://")
-        if (get_rank() == 0) if remote else (local_rank <= 0):
+        if (local_rank <= 0) if reader.location.local else (get_rank() == 0):
             bad = reader.verify()
             if bad:
                 problems.append(f"{reader.path}: {len(bad)} bad shard(s), not training on it: " + "; ".join(bad[:5]))
@@ -255,12 +254,12 @@ class DistillRecipe:
         if have[self.rank]:
             return path
         logger.warning("--resume: %s is not on this node; received it from rank 0", path)
-        copy = root / f".from-rank-0.rank-{self.rank}" / name
-        shutil.rmtree(copy.parent, ignore_errors=True)
-        copy.mkdir(parents=True)
+        received = root / f".from-rank-0.rank-{self.rank}" / name
+        shutil.rmtree(received.parent, ignore_errors=True)
+        received.mkdir(parents=True)
         for file_name, data in files.items():
-            (copy / file_name).write_bytes(data)
-        return copy
+            (received / file_name).write_bytes(data)
+        return received
 
     def _setup_data(self) -> None:
         """One loader per task, reading only the teacher outputs the losses use; the eval caches; verification."""
