@@ -10,9 +10,16 @@ independent of the data and a training step never waits for the host to learn ho
 keeps (one sync per selection on a GPU). The mean is TextBrewer's up to float rounding: its sum runs over
 the masked-out zeros too, so in another order (masked cos_loss: within 2.4e-7 relative, bitwise equal about
 half the time; an exact match would need the count on the host, the very sync this removes).
+
+Under ``global_denominators()`` (what `cachebrew distill` uses when ranks split each batch) every batch-wide
+denominator is the whole global batch's: the count is summed over the ranks (an all-reduce, no host sync) and
+divided by their number, so that DDP's gradient mean gives the one-process gradient of the global batch, whose
+rows the ranks hold in unequal token counts. A process group's ranks must then compute the same terms in the
+same order (they do: one config). Per-row denominators (fsp's lengths) stay per row.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -32,9 +39,49 @@ def _f32(*tensors):
     return [t.float() if t.dtype in _LOW_PRECISION else t for t in tensors]
 
 
+_GLOBAL_DENOMINATORS: dict = {}  # set by global_denominators(): {"group": process group or None}
+
+
+@contextlib.contextmanager
+def global_denominators(group=None):
+    """Inside: batch-wide loss denominators are the global batch's (summed over `group`'s ranks / their number).
+
+    Without an initialized process group (one process) it changes nothing."""
+    dist = torch.distributed
+    active = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    previous = dict(_GLOBAL_DENOMINATORS)
+    _GLOBAL_DENOMINATORS.clear()
+    if active:
+        _GLOBAL_DENOMINATORS["group"] = group
+    try:
+        yield
+    finally:
+        _GLOBAL_DENOMINATORS.clear()
+        _GLOBAL_DENOMINATORS.update(previous)
+
+
 def _count(x: torch.Tensor) -> torch.Tensor:
-    # Denominators of masked means: clamp so an all-masked batch yields 0, not 0/0.
+    """The denominator of a batch-wide mean; clamped so an all-masked batch yields 0, not 0/0."""
+    if _GLOBAL_DENOMINATORS:
+        group = _GLOBAL_DENOMINATORS["group"]
+        x = x.detach().to(torch.float32).clone()  # exact for counts below 2**24
+        torch.distributed.all_reduce(x, group=group)
+        x = x / torch.distributed.get_world_size(group)
+        return x.clamp_min(1.0 / torch.distributed.get_world_size(group))
     return x.clamp_min(1)
+
+
+def global_label_mean(loss: torch.Tensor, labels: torch.Tensor | None, shifted: bool = False) -> torch.Tensor:
+    """A model's own label loss (a mean over this rank's labelled positions) as its share of the global mean.
+
+    Hugging Face models average cross-entropy over the labels that are not -100 (`shifted`: a causal LM's,
+    which predict the next token); under ``global_denominators()`` that local mean becomes
+    ``sum / (global count / ranks)``. Outside it, or without labels, the loss is returned as it is."""
+    if not _GLOBAL_DENOMINATORS or labels is None:
+        return loss
+    valid = labels[..., 1:] != -100 if shifted and labels.dim() > 1 else labels != -100
+    n = valid.sum()
+    return loss * n / _count(n)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -45,6 +92,8 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     stays a device tensor (clamped: 0 for an all-masked batch), so nothing here waits for the host.
     """
     if mask is None:
+        if _GLOBAL_DENOMINATORS:  # this rank's rows may be fewer than the global batch's share
+            return values.sum() / _count(torch.tensor(values.numel(), device=values.device))
         return values.mean()
     keep = mask.to(device=values.device, dtype=torch.bool)
     per_position = math.prod(values.shape[keep.dim():])  # elements averaged per position
@@ -186,7 +235,7 @@ def fsp_loss(state_S, state_T, mask=None):
         gram_T = torch.bmm(T0.transpose(1, 2), T1) / T1.size(1)
     else:
         mask = mask.to(S0).unsqueeze(-1)
-        lengths = _count(mask.sum(dim=1, keepdim=True))
+        lengths = mask.sum(dim=1, keepdim=True).clamp_min(1)  # per row: not a batch-wide denominator
         S0, S1, T0, T1 = S0 * mask, S1 * mask, T0 * mask, T1 * mask
         gram_S = torch.bmm(S0.transpose(1, 2), S1) / lengths
         gram_T = torch.bmm(T0.transpose(1, 2), T1) / lengths

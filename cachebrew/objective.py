@@ -28,7 +28,7 @@ from torch import nn
 
 from .configurations import DistillationConfig
 from .errors import BatchError
-from .losses import sparse_kd_loss
+from .losses import global_label_mean, sparse_kd_loss
 from .presets import KD_LOSS_MAP, MATCH_LOSS_MAP, PROJ_MAP
 from .schedulers import constant_temperature_scheduler
 
@@ -161,6 +161,8 @@ class DistillationLoss:
         # a scheduler's per-example temperatures are normalised over the rows it is given (flsw, cwsm).
         self._dense_kd_weights = _takes_mask(self.kd_loss) and distill_config.temperature_scheduler in (
             None, constant_temperature_scheduler)
+        # a causal LM's own loss predicts the next token: its labelled positions are labels[:, 1:]
+        self.causal_labels = False
         self.reset_weights()
 
     # -- weights --------------------------------------------------------------------------------------
@@ -238,8 +240,13 @@ class DistillationLoss:
     def hard_label_term(self, results_S, total_loss, losses_dict):
         if "losses" in results_S:
             total_hl_loss = 0
+            labels = results_S.get("labels")
+            labels = labels[0] if isinstance(labels, (list, tuple)) and len(labels) == 1 else labels
             for loss in results_S["losses"]:
-                total_hl_loss = total_hl_loss + loss.mean()  # .mean(): DataParallel returns one loss per GPU
+                loss = loss.mean()  # .mean(): DataParallel returns one loss per GPU
+                if isinstance(labels, torch.Tensor):  # under global_denominators: this rank's share of the mean
+                    loss = global_label_mean(loss, labels, shifted=self.causal_labels)
+                total_hl_loss = total_hl_loss + loss
             total_loss = total_loss + total_hl_loss * self.hard_label_weight
             losses_dict["unweighted_hard_label_loss"] = total_hl_loss
         return total_loss

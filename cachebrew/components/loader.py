@@ -1,7 +1,12 @@
 """Streaming a cache into training: epoch plans, shuffling, rank/worker streams, decoding, padding.
 
-The rows are cut into *streams*, one per (rank, DataLoader worker), so that each Arrow record batch
-is read and decompressed by one process only: the record batches are dealt to the W ranks in snake
+Ranks split the data in one of two ways (``rank_split``). ``"batch"`` (the default): every rank plans the
+one-process run's batches at the global batch size (per-rank batch x ranks) and takes its share of each,
+rows dealt by length so that every rank holds as many tokens as the others at every step; N ranks then
+train on exactly the rows one process trains on at that batch size (with `losses.global_denominators`,
+the same losses), but every rank decodes the record batches of every batch. ``"records"``: the rows
+are cut into *streams*, one per (rank, DataLoader worker), so that each Arrow record batch is read and
+decompressed by one process only: the record batches are dealt to the W ranks in snake
 order (long and short rows alike on every rank: a cache is sorted by length inside windows) and the
 dealt sequence is cut into W equal row counts (the at most W−1 record batches that straddle a cut are
 the only ones two processes decode; `deal_ranges`), and the rank's record batches are
@@ -11,7 +16,7 @@ rank yields its streams' batches round-robin, which is the order DataLoader's wo
 Record batches are decoded on first use and freed after their last, so memory stays at the shuffle
 buffer's size however large the cache.
 
-The plan is a pure function of (seed, epoch, world size, workers) and of the manifest (no I/O), so a
+The plan is a pure function of (seed, epoch, world size or global batch, workers) and of the manifest (no I/O), so a
 position (epoch, batches consumed) is all that a resumed run needs. The position lives in shared
 memory: DataLoader workers, persistent ones included, read the one the main process set last.
 """
@@ -110,6 +115,25 @@ def _split_rows(ranges: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
     head = np.concatenate([ranges[:j], [[ranges[j, 0], cut]]]).astype(np.int64)
     rest = np.concatenate([[[cut, ranges[j, 1]]], ranges[j + 1:]]).astype(np.int64)
     return head[head[:, 1] > head[:, 0]], rest[rest[:, 1] > rest[:, 0]]
+
+
+def share_of_batch(lengths: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Positions (in batch order) of rank `rank`'s rows of one global batch, balanced in rows and tokens.
+
+    Rows go longest first to the rank with the fewest tokens so far among those still short of their row
+    count (n / world_size, the first n % world_size ranks one more), so no rank waits long for another at
+    this step. A pure function of the lengths, which every rank reads alike: the shares partition the batch.
+    """
+    lengths = np.asarray(lengths)
+    n = len(lengths)
+    quota = [n // world_size + (r < n % world_size) for r in range(world_size)]
+    tokens, counts, owner = [0] * world_size, [0] * world_size, np.empty(n, np.int64)
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        r = min((r for r in range(world_size) if counts[r] < quota[r]), key=lambda r: (tokens[r], r))
+        owner[i] = r
+        tokens[r] += int(lengths[i])
+        counts[r] += 1
+    return np.flatnonzero(owner == rank)
 
 
 def split_at_edges(ranges: np.ndarray, parts: int) -> list[np.ndarray]:
@@ -248,13 +272,17 @@ class CacheBatches(torch.utils.data.IterableDataset):
     ``features`` (pairs such as ``("logits", None), ("hidden", 4)``) limits what is read and decoded to
     what the losses use;
     ``len()`` is the number of batches this rank sees per epoch, the same on every rank (DDP needs
-    it). ``set_epoch`` and ``set_position`` select what the next iteration yields, in this process
+    it). ``rank_split`` says how ranks share the rows (see the module docstring): ``"batch"``, each global batch
+    of ``batch_size x world_size`` rows split by length (N ranks == one process at that batch; a global batch
+    with fewer rows than ranks, the end of a stream, is dropped), or ``"records"``, record batches dealt to
+    ranks (each read by one rank). Evaluation (``even_ranks=False``) always deals records. ``set_epoch`` and ``set_position`` select what the next iteration yields, in this process
     and in DataLoader workers alike.
     """
 
     def __init__(self, caches, batch_size: int, *, shuffle=True, seed=0, buffer_size=2048, drop_last=False,
                  rank=None, world_size=None, teachers=None, teacher_weights=None, with_labels=True,
-                 task: str | None = None, num_workers: int = 0, features=None, even_ranks: bool = True):
+                 task: str | None = None, num_workers: int = 0, features=None, even_ranks: bool = True,
+                 rank_split: str = "batch"):
         self.joined = caches if isinstance(caches, JoinedCaches) else JoinedCaches(
             [caches] if isinstance(caches, (str, Path)) else list(caches), teachers)
         self.batch_size = int(batch_size)
@@ -266,6 +294,11 @@ class CacheBatches(torch.utils.data.IterableDataset):
             ready = dist.is_available() and dist.is_initialized()
             rank, world_size = (dist.get_rank(), dist.get_world_size()) if ready else (0, 1)
         self.rank, self.world_size = rank, world_size
+        if rank_split not in ("batch", "records"):
+            raise CachebrewError(f"rank_split must be 'batch' or 'records', got {rank_split!r}")
+        self.rank_split = rank_split
+        # one global batch split over the ranks (training); evaluation deals record batches (every row once)
+        self.split_batches = rank_split == "batch" and world_size > 1 and even_ranks
         # training: every rank yields as many batches as the shortest (DDP steps together); evaluation
         # (even_ranks=False): every rank yields all of its rows, so each example is scored exactly once
         self.even_ranks = even_ranks
@@ -304,16 +337,27 @@ class CacheBatches(torch.utils.data.IterableDataset):
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise CachebrewError(f"num_workers must be an integer >= 0, got {n!r}")
         self._num_workers = n
-        self._streams = [self._rank_streams(r) for r in range(self.world_size)]
+        if self.split_batches:  # every rank plans the one-process run's streams
+            self._streams = [split_at_edges(self._ranges, max(1, n))] * self.world_size
+        else:
+            self._streams = [self._rank_streams(r) for r in range(self.world_size)]
         per_rank = [sum(self._num_batches(s) for s in streams) for streams in self._streams]
         self._len = min(per_rank) if self.even_ranks else per_rank[self.rank]
 
     def _rank_streams(self, rank: int) -> list[np.ndarray]:
         return split_at_edges(deal_ranges(self._ranges, rank, self.world_size), max(1, self.num_workers))
 
+    @property
+    def planned_batch_size(self) -> int:
+        """Rows in one planned batch: the global batch when ranks split batches, else this rank's batch."""
+        return self.batch_size * self.world_size if self.split_batches else self.batch_size
+
     def _num_batches(self, ranges: np.ndarray) -> int:
         rows = int((ranges[:, 1] - ranges[:, 0]).sum())
-        return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
+        full, rest = divmod(rows, self.planned_batch_size)
+        if self.drop_last or (self.split_batches and rest < self.world_size):  # a rank would get no row
+            return full
+        return full + (rest > 0)
 
     def __len__(self):
         return self._len
@@ -340,13 +384,16 @@ class CacheBatches(torch.utils.data.IterableDataset):
     def _stream_batches(self, epoch: int, s: int) -> list[np.ndarray]:
         """Stream `s`'s batches (global row indices) for `epoch`."""
         streams = self._streams[self.rank]
-        rng = random.Random(f"{self.seed}:{epoch}:{self.rank}/{self.world_size}:{s}/{len(streams)}") \
-            if self.shuffle else None
+        rank, world = (0, 1) if self.split_batches else (self.rank, self.world_size)  # batch split: 1 process's plan
+        rng = random.Random(f"{self.seed}:{epoch}:{rank}/{world}:{s}/{len(streams)}") if self.shuffle else None
         order = stream_order(streams[s], rng, self.buffer_size)
-        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]  # views
+        size = self.planned_batch_size
+        return [order[i:i + size] for i in range(0, len(order), size)]  # views
 
     def plan(self, epoch: int, start: int = 0) -> list[tuple[int, np.ndarray]]:
         """This rank's batches for `epoch` from batch `start`, in yield order: (stream, global row indices).
+
+        When ranks split batches these are the global batches; `share_of_batch` picks this rank's rows of each.
 
         Only the streams that appear are shuffled (a worker plans its own stream alone).
         """
@@ -425,7 +472,9 @@ class CacheBatches(torch.utils.data.IterableDataset):
             g[2].append(pos)
         return Selection(list(groups.values()), len(rows))
 
-    def _collate(self, rows: list[int], decoded: dict) -> dict:
+    def _collate(self, rows, decoded: dict) -> dict:
+        if self.split_batches:
+            rows = np.asarray(rows)[share_of_batch(self._select(0, rows, decoded).lengths, self.rank, self.world_size)]
         primary = self._select(0, rows, decoded)
         lengths = primary.lengths.tolist()
         L = max(lengths)

@@ -10,6 +10,7 @@ from ...errors import ConfigError
 
 
 SHARDINGS = (None, "fsdp")
+RANK_SPLITS = ("batch", "records")  # components.loader.CacheBatches(rank_split=...)
 
 
 @dataclass
@@ -41,6 +42,10 @@ class TrainConfig:
     # under torchrun: None replicates the student on every rank (DDP); fsdp shards its weights, gradients and
     # optimizer state over the ranks (FSDP2, per transformer layer), for students too big for one GPU
     sharding: str | None = None
+    # under torchrun: batch splits each global batch (batch_size x ranks) by length, so N ranks train what one
+    # process does at that batch; records deals record batches to ranks (each read by one rank: for caches
+    # too big for every node to read)
+    rank_split: str = "batch"
 
 
 @dataclass
@@ -103,6 +108,7 @@ class DistillRunConfig(JobConfig):
             e.append(f"tau: must be a number >= 0, got {self.tau!r}")
         check_choice(e, "train.amp", t.amp, AMP_MODES)
         check_choice(e, "train.sharding", t.sharding, SHARDINGS)
+        check_choice(e, "train.rank_split", t.rank_split, RANK_SPLITS)
         if t.sharding == "fsdp" and t.amp == "fp16":
             e.append("train.amp: fp16 is not supported with train.sharding: fsdp (its gradient scaler sees one rank's "
                      "shards only); use bf16 or none")

@@ -36,6 +36,7 @@ from ...distillers.batches import move_to_device
 from ...distillers.loop import (ResumeState, StepState, full_state_dict, is_sharded, load_full_state_dict,
                                 shard_module)
 from ...errors import CacheFormatError, CachebrewError, ConfigError
+from ...losses import global_denominators
 from ...core.paths import resolve_path
 from ...core.runtime import (all_gather_objects, broadcast_object, ensure_process_group, get_rank, get_world_size, resolve_device,
                              resolve_local_rank)
@@ -270,8 +271,10 @@ class DistillRecipe:
         self.train_sets = {name: CacheBatches(t.caches, tc.batch_size, shuffle=True, seed=cfg.seed,
                                               buffer_size=tc.shuffle_buffer, teachers=cfg.teachers,
                                               teacher_weights=cfg.teacher_weights, task=task_of(name),
-                                              features=features)
+                                              features=features, rank=self.rank, world_size=self.world_size,
+                                              rank_split=tc.rank_split)
                            for name, t in self.tasks.items()}
+        self.train_sets_split_batches = any(ds.split_batches for ds in self.train_sets.values())
         self.eval_sets = {name: CacheBatches(t.eval_cache, tc.batch_size, shuffle=False, rank=self.rank,
                                              world_size=self.world_size, even_ranks=False, task=task_of(name),
                                              features={("logits", None)})
@@ -357,6 +360,7 @@ class DistillRecipe:
                                                 {t: hf_adaptor for t in self.tasks})
         else:
             self.distiller = GeneralDistiller(t_config, self.d_config, None, self.student, None, hf_adaptor)
+        self.distiller.loss.causal_labels = self.causal_lm
         self.optimizer = make_optimizer(self.student, tc.lr, tc.weight_decay)
         self.schedule = {"num_warmup_steps": int(tc.warmup_ratio * self.total_steps),
                          "num_training_steps": self.total_steps}
@@ -369,7 +373,9 @@ class DistillRecipe:
         common = dict(scheduler_class=warmup_linear, scheduler_args=self.schedule, max_grad_norm=tc.max_grad_norm,
                       callback=self.evaluate)
         t_train = time.perf_counter()
-        with self.distiller:
+        # ranks splitting each batch: losses averaged over the global batch, so N ranks train what one process does
+        denominators = global_denominators() if self.train_sets_split_batches else contextlib.nullcontext()
+        with self.distiller, denominators:
             if self.multi_task:
                 steps = self.distiller.train(self.optimizer, self.loaders, num_steps=self.total_steps, tau=self.cfg.tau,
                                              **common)
@@ -428,7 +434,10 @@ class DistillRecipe:
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def _loader_split(self) -> dict:
-        return {"world_size": self.world_size, "num_workers": self.num_workers}
+        """What fixes the order of the rows: with batches split over ranks, the global batch, not the ranks."""
+        if self.train_sets_split_batches or self.world_size == 1:
+            return {"global_batch": self.cfg.train.batch_size * self.world_size, "num_workers": self.num_workers}
+        return {"world_size": self.world_size, "num_workers": self.num_workers, "rank_split": "records"}
 
     def save_checkpoint(self, s: StepState, epoch: int, consumed: int) -> None:
         """checkpoints/step-N: weights, projections, optimizer, schedule, every rank's RNG, the reader position."""
@@ -450,9 +459,17 @@ class DistillRecipe:
         """Continue from `ckpt`: the same config is required; the loop resumes at the saved position."""
         # output_dir may differ: a run folder moved or copied, or another node's local path, is the same run
         drop_dir = lambda c: {k: v for k, v in (c or {}).items() if k != "output_dir"}
-        saved, now = drop_dir(read_run_state(ckpt).get("config")), drop_dir(self.cfg.to_dict())
+        run_state = read_run_state(ckpt)
+        saved, now = drop_dir(run_state.get("config")), drop_dir(self.cfg.to_dict())
         if isinstance(saved.get("train"), dict):  # runs checkpointed before train.sharding existed were replicated
             saved["train"].setdefault("sharding", None)
+            saved["train"].setdefault("rank_split", "batch")
+            # ranks splitting each batch: the run is fixed by the global batch, so it may resume on another number
+            # of ranks with batch_size x ranks unchanged
+            then = (run_state.get("loader") or {}).get("global_batch")
+            split = self._loader_split().get("global_batch")
+            if then is not None and split is not None and isinstance(now.get("train"), dict):
+                saved["train"]["batch_size"], now["train"]["batch_size"] = then, split
         if saved != now:
             changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             raise CachebrewError(f"--resume: the config differs from the run in {self.out} (fields {changed}); "

@@ -312,7 +312,7 @@ def test_a_gpu_saved_checkpoint_resumes_on_cpu(world, tmp_path, monkeypatch, cap
     with pytest.raises(RuntimeError, match="CUDA"):  # what a load without map_location does on this machine
         torch.load(ckpt / "optimizer.pt", weights_only=True)
     state = json.loads((ckpt / "state.json").read_text())
-    assert state["loader"] == {"world_size": 1, "num_workers": 0}
+    assert state["loader"] == {"global_batch": 8, "num_workers": 0}
     state["loader"]["num_workers"] = 2  # as if a GPU run (2 workers by default) were resumed here
     (ckpt / "state.json").write_text(json.dumps(state))
     with caplog.at_level("WARNING", logger="cachebrew"):
@@ -359,7 +359,8 @@ def test_eval_shares_cover_every_row_exactly_once(world):
     n = CacheReader(dev).num_rows
     for ranks in (1, 2, 3, 5):
         rows = {even: [int(i) for r in range(ranks) for _, batch in CacheBatches(
-            dev, 4, shuffle=False, rank=r, world_size=ranks, even_ranks=even).plan(0) for i in batch]
+            dev, 4, shuffle=False, rank=r, world_size=ranks, even_ranks=even, rank_split="records").plan(0)
+            for i in batch]
             for even in (True, False)}
         assert sorted(rows[False]) == list(range(n)), ranks
         if ranks == 5:  # 24 rows: shares of 4, 5, 5, 5, 5 rows are 1 and 2 batches of 4
