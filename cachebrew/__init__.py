@@ -16,9 +16,9 @@ _HOMES = {
     "BasicDistiller": "distillers", "BasicTrainer": "distillers", "GeneralDistiller": "distillers",
     "MultiTaskDistiller": "distillers", "MultiTeacherDistiller": "distillers",
     "BatchError": "errors", "CachebrewError": "errors", "ConfigError": "errors",
-    "ADAPTOR_KEYS": "presets", "FEATURES": "presets", "KD_LOSS_MAP": "presets", "MATCH_LOSS_MAP": "presets",
-    "PROJ_MAP": "presets", "TEMPERATURE_SCHEDULER": "presets", "WEIGHT_SCHEDULER": "presets",
-    "register_new": "presets",
+    "ADAPTOR_KEYS": "registry", "FEATURES": "registry", "KD_LOSS_MAP": "registry", "MATCH_LOSS_MAP": "registry",
+    "PROJ_MAP": "registry", "TEMPERATURE_SCHEDULER": "registry", "WEIGHT_SCHEDULER": "registry",
+    "register_new": "registry",
 }
 
 __all__ = [

@@ -17,7 +17,7 @@ import torch
 from .core.config import is_int, is_number, read_config_file
 from .core.training import AMP_DTYPES
 from .errors import ConfigError
-from .presets import (FEATURES, KD_LOSS_MAP, MATCH_LOSS_MAP, PAIR_LOSSES, PROJ_MAP, TEMPERATURE_SCHEDULER,
+from .registry import (FEATURES, KD_LOSS_MAP, MATCH_LOSS_MAP, PAIR_LOSSES, PROJ_MAP, TEMPERATURE_SCHEDULER,
                       WEIGHT_SCHEDULER, split_spec)
 
 _NONE = "none"

@@ -29,7 +29,7 @@ from torch import nn
 from .configurations import DistillationConfig
 from .errors import BatchError
 from .losses import global_label_mean, sparse_kd_loss
-from .presets import KD_LOSS_MAP, MATCH_LOSS_MAP, PROJ_MAP
+from .registry import KD_LOSS_MAP, MATCH_LOSS_MAP, PROJ_MAP
 from .schedulers import constant_temperature_scheduler
 
 # kd_loss_type -> sparse_kd_loss kind, for caches that store sparse logits (INC's CE keeps its T**2)

@@ -3,12 +3,23 @@ from __future__ import annotations
 
 import torch
 
-from .utils import initializer_builder
 
 _ACTIVATIONS = {
     k: v for k, v in vars(torch.nn.modules.activation).items()
     if isinstance(v, type) and issubclass(v, torch.nn.Module) and not k.startswith("_")
 }
+
+
+def initializer_builder(std):
+    """BERT-style init: normal(0, std) weights for Linear/Embedding, zero bias."""
+
+    def init_weights(module):
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=std)
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+
+    return init_weights
 
 
 def linear_projection(dim_in, dim_out):

@@ -38,8 +38,11 @@ def test_no_private_name_crosses_a_module_boundary():
 
 
 RECIPES = ("cachebrew.recipes.export", "cachebrew.recipes.distill", "cachebrew.recipes.finetune")
-TEXTBREWER = tuple(f"cachebrew.{m}" for m in ("configurations", "presets", "losses", "schedulers", "projections",
-                                               "utils", "data_utils", "objective", "distillers"))
+TEXTBREWER = tuple(f"cachebrew.{m}" for m in ("configurations", "registry", "losses", "schedulers", "projections",
+                                               "parameters", "augment", "objective", "distillers",
+                                               "presets", "utils", "data_utils"))
+# TextBrewer's module names kept for TextBrewer scripts: each re-exports from the module named for what it holds
+COMPAT_NAMES = ("cachebrew.presets", "cachebrew.utils", "cachebrew.data_utils")
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -78,3 +81,13 @@ def test_front_ends_use_components_not_recipes(front_end):
 
 def test_hf_knows_nothing_of_the_intel_front_end_built_on_it():
     assert [d for d in deps("cachebrew.hf") if inside(d[1], "cachebrew.inc")] == []
+
+
+def test_textbrewer_module_names_are_for_users_only():
+    """Inside cachebrew, code imports `registry`, `augment`, `parameters`: `presets`, `utils`, `data_utils` are
+    TextBrewer's names, kept as re-exports so that TextBrewer scripts run unchanged."""
+    users = [(m, t, line) for m, t, line in deps("cachebrew") if inside(t, *COMPAT_NAMES) and m not in COMPAT_NAMES]
+    assert users == []
+    import cachebrew.augment, cachebrew.data_utils, cachebrew.presets, cachebrew.registry  # noqa: E401
+    assert cachebrew.presets.MATCH_LOSS_MAP is cachebrew.registry.MATCH_LOSS_MAP  # one registry, two names
+    assert cachebrew.data_utils.masking is cachebrew.augment.masking

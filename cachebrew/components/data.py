@@ -16,7 +16,7 @@ import torch
 
 from ..cache.fingerprint import hash_files
 from ..core.files import sha256_file
-from ..data_utils import AUGMENTATIONS
+from ..augment import AUGMENTATIONS
 from ..errors import CachebrewError, ConfigError
 
 _EXT_FORMAT = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",

@@ -12,7 +12,7 @@ import contextlib
 import inspect
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,16 @@ from ..configurations import TrainingConfig
 from ..core.tensors import scalars_to_host
 from ..errors import ConfigError
 from ..core.runtime import barrier, ensure_process_group, get_rank, resolve_device, resolve_local_rank
-from ..utils import cycle
 from ..version import __version__
 from .batches import prefetch_to_device
 
 logger = logging.getLogger("cachebrew")
+
+
+def cycle(iterable: Iterable) -> Iterator:
+    """Iterate over `iterable` forever, re-entering it (so a shuffling loader reshuffles)."""
+    while True:
+        yield from iterable
 
 
 @dataclass

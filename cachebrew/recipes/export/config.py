@@ -13,7 +13,7 @@ from ...cache.format import STORAGE_DTYPES
 from ...cache.sparse import SPARSE_METHODS
 from ...core.config import AMP_MODES, JobConfig, check_choice, check_int, is_int
 from ...components.data import AugmentConfig, DataConfig
-from ...data_utils import AUGMENTATIONS
+from ...augment import AUGMENTATIONS
 
 MODEL_CLASSES = ("AutoModelForSequenceClassification", "AutoModelForTokenClassification", "AutoModel",
                  "AutoModelForMaskedLM", "AutoModelForCausalLM")
