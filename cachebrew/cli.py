@@ -79,7 +79,8 @@ KINDS = ("export", "distill", "train", "textbrewer")
 
 
 def config_kind(data: dict) -> str | None:
-    """Which kind of config a file holds, from its top-level keys (each kind has a key no other has)."""
+    """Which kind of config a file without `kind:` seems to hold, from its top-level keys: only a hint in the error
+    that asks for the kind (a guess would validate a file as what it is not)."""
     if set(data) & set(SECTIONS):
         return "textbrewer"
     if "teachers" in data and ("output" in data or "data" in data):
@@ -97,12 +98,18 @@ def validate_file(path: Path, kind: str | None = None) -> dict:
     data = read_config_file(path)
     if not isinstance(data, dict):
         raise ConfigError("top level must be a mapping", str(path))
-    kind = kind or config_kind(data)
+    stated = data.get("kind")
+    if kind is not None and stated is not None and kind != stated:
+        raise ConfigError(f"--kind {kind} but the file says kind: {stated}", str(path))
+    kind = kind or stated
     if kind is None:
-        raise ConfigError("cannot tell which kind of config this is; pass --kind (one of "
-                          f"{', '.join(KINDS)})", str(path))
+        looks = config_kind(data)
+        hint = f" (it looks like a{'n' if looks == 'export' else ''} {looks} config)" if looks else ""
+        raise ConfigError(f"no kind: add `kind: <{'|'.join(KINDS)}>` at the top of the file or pass --kind{hint}",
+                          str(path))
     if kind not in KINDS:
-        raise ConfigError(f"--kind: one of {', '.join(KINDS)}, got {kind!r}", str(path))
+        where = "--kind" if stated is None else "kind"
+        raise ConfigError(f"{where}: one of {', '.join(KINDS)}, got {kind!r}", str(path))
     if kind != "textbrewer":
         from .recipes.distill import DistillRunConfig
         from .recipes.export import ExportConfig
@@ -110,7 +117,7 @@ def validate_file(path: Path, kind: str | None = None) -> dict:
 
         cls = {"export": ExportConfig, "distill": DistillRunConfig, "train": FinetuneConfig}[kind]
         return {f"{kind} config": cls.from_dict(data, str(path))}
-    unknown = [k for k in data if k not in SECTIONS]
+    unknown = [k for k in data if k not in (*SECTIONS, "kind")]
     errors = [f"{k}: unknown section (valid: {', '.join(SECTIONS)})" for k in unknown]
     configs = {}
     from .configurations import DistillationConfig, TrainingConfig
@@ -355,7 +362,7 @@ def unpack(bundle: Path = typer.Argument(..., help="a bundle written by `cachebr
 @app.command(rich_help_panel=UTILITIES)
 def validate(config: Path = typer.Argument(..., help="any config file: export, distill, train, or TextBrewer's "
                                                     "train_config / distill_config sections"),
-             kind: str = typer.Option(None, help=f"one of {', '.join(KINDS)}; default: told from the top-level keys")):
+             kind: str = typer.Option(None, help=f"one of {', '.join(KINDS)}; default: the file's `kind:` key")):
     """Check a config file and list every problem, naming the field."""
     configs = validate_file(config, kind)
     for key, cfg in configs.items():

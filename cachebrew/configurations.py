@@ -34,14 +34,15 @@ class Config:
     def from_dict(cls, dict_object: dict, source: str | None = None):
         if not isinstance(dict_object, dict):
             raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(dict_object).__name__}", source)
-        unknown = [k for k in dict_object if k not in cls.field_names()]
-        if unknown:
-            raise ConfigError([f"{cls.__name__}.{k}: unknown field (valid: {', '.join(cls.field_names())})"
-                               for k in unknown], source)
-        try:
-            return cls(**dict_object)
+        names = cls.field_names()
+        errors = [f"{cls.__name__}.{k}: unknown field (valid: {', '.join(names)})" for k in dict_object if k not in names]
+        try:  # the known fields are checked too: every problem at once
+            config = cls(**{k: v for k, v in dict_object.items() if k in names})
         except ConfigError as e:
-            raise ConfigError(e.errors, source) from None
+            errors += e.errors
+        if errors:
+            raise ConfigError(errors, source) from None
+        return config
 
     @classmethod
     def from_json_file(cls, json_filename):

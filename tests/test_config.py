@@ -140,9 +140,10 @@ def test_bad_file_errors(tmp_path):
 
 def test_cli_validate_reports_errors_without_traceback(tmp_path):
     good = tmp_path / "good.yaml"
-    good.write_text("train_config:\n  output_dir: out\ndistill_config:\n  temperature: 8\n")
+    good.write_text("kind: textbrewer\ntrain_config:\n  output_dir: out\ndistill_config:\n  temperature: 8\n")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("train_config:\n  ckpt_frequency: 0\ndistill_config:\n  kd_loss_type: kld\nextra: 1\n")
+    bad.write_text("kind: textbrewer\ntrain_config:\n  ckpt_frequency: 0\ndistill_config:\n  kd_loss_type: kld\n"
+                   "extra: 1\n")
     ok = subprocess.run([sys.executable, "-m", "cachebrew", "validate", str(good)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "distill_config OK" in ok.stdout
@@ -250,7 +251,19 @@ def test_typed_builder_names_nested_paths_and_reports_everything_at_once():
      "train.epochs: must be an integer >= 1"),
 ])
 def test_cli_validate_checks_every_kind_of_config(tmp_path, text, kind, message):
+    """The kind is stated in the file; without it validate asks for it (with what the file looks like), and the
+    job commands refuse a config of another kind by name."""
     path = tmp_path / f"{kind}.yaml"
+    path.write_text(text)
+    res = subprocess.run([sys.executable, "-m", "cachebrew", "validate", str(path)], capture_output=True, text=True)
+    assert res.returncode == 2 and f"no kind: add `kind: <export|distill|train|textbrewer>`" in res.stderr
+    assert f"(it looks like a{'n' if kind == 'export' else ''} {kind} config)" in res.stderr
+    other = "train" if kind == "export" else "export"
+    path.write_text(f"kind: {other}\n" + text)
+    res = subprocess.run([sys.executable, "-m", "cachebrew", kind, str(path)], capture_output=True, text=True)
+    assert res.returncode == 2 and f"kind: this is a '{other}' config; this command reads '{kind}' configs" \
+        in res.stderr, res.stderr
+    text = f"kind: {kind}\n" + text
     path.write_text(text)
     res = subprocess.run([sys.executable, "-m", "cachebrew", "validate", str(path)], capture_output=True, text=True)
     assert res.returncode == 2 and "Traceback" not in res.stderr
@@ -259,3 +272,24 @@ def test_cli_validate_checks_every_kind_of_config(tmp_path, text, kind, message)
     path.write_text(fixed)
     ok = subprocess.run([sys.executable, "-m", "cachebrew", "validate", str(path)], capture_output=True, text=True)
     assert ok.returncode == 0 and f"{kind} config OK" in ok.stdout, ok.stderr
+
+
+def test_a_distill_config_reports_every_problem_at_its_path_in_one_pass():
+    """The `distill:` section is checked with the rest of the config: unknown fields and bad values of it, and of
+    `train:` (whose optimizer fields `cachebrew train` shares), all in one error, each at its path."""
+    from cachebrew.recipes.distill import DistillRunConfig
+    from cachebrew.recipes.finetune import FinetuneConfig
+
+    with pytest.raises(ConfigError) as e:
+        DistillRunConfig.from_dict({
+            "output_dir": "x", "caches": ["c"], "student": {"path": "s"}, "train": {"lr": -1, "warmup_ratio": 1},
+            "distill": {"temperature": "hot", "tempreature": 3, "kd_loss_type": "xx", "intermediate_matches": [
+                {"layer_T": 1, "layer_S": 1, "feature": "hiden", "loss": "hidden_mse", "weight": 1}]}})
+    paths = [m.split(":")[0] for m in e.value.errors]
+    assert paths == ["train.lr", "train.warmup_ratio", "distill.tempreature", "distill.temperature",
+                     "distill.kd_loss_type", "distill.intermediate_matches[0].feature"], e.value.errors
+    with pytest.raises(ConfigError) as e:  # the same optimizer checks, from the one OptimizerConfig
+        FinetuneConfig.from_dict({"output_dir": "x", "model": {"path": "m"}, "data": {"path": "d", "text": "t"},
+                                  "train": {"lr": -1, "warmup_ratio": 1}})
+    assert [m for m in e.value.errors if m.startswith("train.")] == [
+        "train.lr: must be a number > 0, got -1", "train.warmup_ratio: must be a number in [0, 1), got 1"]

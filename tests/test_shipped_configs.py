@@ -24,7 +24,7 @@ def _kind(path: Path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.parent.name}/{p.name}")
 def test_shipped_config_validates_as_its_own_kind(path):
-    """`cachebrew validate` tells the kind from the keys; it must be the kind the pipeline runs the file as."""
+    """The file's `kind:` is the kind the pipeline runs it as, and the file validates as that kind."""
     from cachebrew.cli import validate_file
 
     (what, cfg), = validate_file(path).items()

@@ -182,7 +182,12 @@ def _build_value(tp, value, path: str, errors: list[str]):
 
 
 class JobConfig:
-    """Base of the jobs' dataclass configs: ``from_file`` / ``from_dict`` build, type-check and validate in one pass."""
+    """Base of the jobs' dataclass configs: ``from_file`` / ``from_dict`` build, type-check and validate in one pass.
+
+    A config may state its kind at the top (``kind: distill``); without it the kind is the reading command's
+    (``KIND``), and a config of another kind is refused by name instead of failing field by field."""
+
+    KIND = ""
 
     @classmethod
     def from_file(cls, path, overrides: list[str] | None = None):
@@ -195,6 +200,11 @@ class JobConfig:
     @classmethod
     def from_dict(cls, data: dict, source: str | None = None):
         errors: list[str] = []
+        if isinstance(data, dict) and "kind" in data:
+            stated, data = data["kind"], {k: v for k, v in data.items() if k != "kind"}
+            if stated != cls.KIND:
+                raise ConfigError(f"kind: this is a {stated!r} config; this command reads {cls.KIND!r} configs",
+                                  source)
         cfg = build_dataclass(cls, cls.normalize(copy.deepcopy(data)) if isinstance(data, dict) else data, "", errors)
         if cfg is not None:
             errors += cfg.problems()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .config import is_number
 from .files import publish_dir, unwrap
 from .models import TOKENIZER_FILES, without_training_outputs
 
@@ -54,6 +56,30 @@ def warmup_linear(optimizer, num_warmup_steps: int, num_training_steps: int):
         return max(0.0, (num_training_steps - step) / max(1, num_training_steps - num_warmup_steps))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimisation that `cachebrew distill` and `cachebrew train` share (their `train:` sections extend it):
+    AdamW (`make_optimizer`), warm-up then linear decay (`warmup_linear`) over `warmup_ratio` of the steps, and
+    gradient clipping at `max_grad_norm`."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+
+    def optimizer_problems(self, where: str = "train") -> list[str]:
+        """Every out-of-range field, as `where.field: ...` messages (the config system reports them together)."""
+        e = []
+        if not (is_number(self.lr) and self.lr > 0):
+            e.append(f"{where}.lr: must be a number > 0, got {self.lr!r}")
+        if not (is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
+            e.append(f"{where}.warmup_ratio: must be a number in [0, 1), got {self.warmup_ratio!r}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not (is_number(getattr(self, name)) and getattr(self, name) >= 0):
+                e.append(f"{where}.{name}: must be a number >= 0, got {getattr(self, name)!r}")
+        return e
 
 
 def make_optimizer(model, lr, weight_decay):

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 from ..configurations import TrainingConfig
-from ..core.config import AMP_MODES, JobConfig, check_choice, check_int, config_to_dict, is_number
+from ..core.config import AMP_MODES, JobConfig, check_choice, check_int, config_to_dict
 from ..components.metrics import main_metric, predictions, score
 from ..core.files import atomic_write_text, unwrap
 from ..core.runtime import (barrier, ensure_process_group, get_rank, get_world_size, resolve_device,
                             resolve_local_rank)
-from ..core.training import make_optimizer, resolve_amp, save_student, seed_everything, warmup_linear
+from ..core.training import OptimizerConfig, make_optimizer, resolve_amp, save_student, seed_everything, warmup_linear
 from ..components.students import StudentConfig, build_student, load_multitask_student
 from ..distillers import BasicTrainer
 from ..errors import ConfigError
@@ -43,7 +43,7 @@ logger = logging.getLogger("cachebrew")
 
 
 @dataclass
-class FinetuneTrain:
+class FinetuneTrain(OptimizerConfig):
     """How `cachebrew train` trains.
 
     ``batch_size`` is per process, as in Hugging Face's Trainer: under torchrun with N processes each optimizer
@@ -53,10 +53,7 @@ class FinetuneTrain:
 
     epochs: int = 3
     batch_size: int = 32
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
+    lr: float = 5e-5                 # fine-tuning's usual rate (OptimizerConfig's other fields as they are)
     amp: str | None = "auto"
     device: str | None = None
     progress_bar: bool = True
@@ -64,6 +61,7 @@ class FinetuneTrain:
 
 @dataclass
 class FinetuneConfig(JobConfig):
+    KIND = "train"
     output_dir: str = ""
     model: StudentConfig = field(default_factory=StudentConfig)
     tokenizer: str | None = None     # default: model.path
@@ -88,13 +86,7 @@ class FinetuneConfig(JobConfig):
         t = self.train
         for name in ("epochs", "batch_size"):
             check_int(e, f"train.{name}", getattr(t, name), 1)
-        if not t.lr > 0:
-            e.append(f"train.lr: must be a number > 0, got {t.lr!r}")
-        if not 0 <= t.warmup_ratio < 1:
-            e.append(f"train.warmup_ratio: must be a number in [0, 1), got {t.warmup_ratio!r}")
-        for name in ("weight_decay", "max_grad_norm"):
-            if not (is_number(getattr(t, name)) and getattr(t, name) >= 0):
-                e.append(f"train.{name}: must be a number >= 0, got {getattr(t, name)!r}")
+        e += t.optimizer_problems("train")
         check_choice(e, "train.amp", t.amp, AMP_MODES)
         return e
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from ...components.students import StudentConfig
 from ...configurations import DistillationConfig
+from ...core.training import OptimizerConfig
 from ...core.config import AMP_MODES, JobConfig, check_choice, check_int, is_number
 from ...errors import ConfigError
 
@@ -20,14 +21,10 @@ class TaskConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(OptimizerConfig):  # lr, weight_decay, warmup_ratio, max_grad_norm: shared with `cachebrew train`
     epochs: int | None = 3
     steps: int | None = None
     batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = 1
     amp: str | None = "auto"         # auto: bf16 on Ampere+ GPUs, fp16 on older, none on CPU; none / bf16 / fp16
     shuffle_buffer: int = 2048
@@ -50,6 +47,7 @@ class TrainConfig:
 
 @dataclass
 class DistillRunConfig(JobConfig):
+    KIND = "distill"
     output_dir: str = ""
     seed: int = 42
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -97,13 +95,7 @@ class DistillRunConfig(JobConfig):
         for name in ("batch_size", "gradient_accumulation_steps", "shuffle_buffer", "keep_checkpoints", "log_steps"):
             check_int(e, f"train.{name}", getattr(t, name), 1)
         check_int(e, "train.num_workers", t.num_workers, 0, optional=True)
-        if not (is_number(t.lr) and t.lr > 0):
-            e.append(f"train.lr: must be a number > 0, got {t.lr!r}")
-        if not (is_number(t.warmup_ratio) and 0 <= t.warmup_ratio < 1):
-            e.append(f"train.warmup_ratio: must be a number in [0, 1), got {t.warmup_ratio!r}")
-        for name in ("weight_decay", "max_grad_norm"):
-            if not (is_number(getattr(t, name)) and getattr(t, name) >= 0):
-                e.append(f"train.{name}: must be a number >= 0, got {getattr(t, name)!r}")
+        e += t.optimizer_problems("train")
         if not (is_number(self.tau) and self.tau >= 0):
             e.append(f"tau: must be a number >= 0, got {self.tau!r}")
         check_choice(e, "train.amp", t.amp, AMP_MODES)
@@ -117,10 +109,14 @@ class DistillRunConfig(JobConfig):
                      "other tasks' heads without gradients); drop sharding")
         if self.teacher_weights is not None and any(not is_number(v) or v < 0 for v in self.teacher_weights.values()):
             e.append(f"teacher_weights: a mapping teacher -> weight >= 0, got {self.teacher_weights!r}")
-        try:
-            self.distillation_config()
-        except ConfigError as err:
-            e += [f"distill: {m}" for m in err.errors]
+        if not isinstance(self.distill, dict):
+            e.append(f"distill: must be a mapping of DistillationConfig fields, got {type(self.distill).__name__}")
+        else:
+            try:  # checked with the rest, each error at its path in this config (distill.temperature: ...)
+                self.distillation_config()
+            except ConfigError as err:
+                e += [m.replace("DistillationConfig.", "distill.", 1) if m.startswith("DistillationConfig.")
+                      else f"distill.{m}" for m in err.errors]
         return e
 
     def distillation_config(self) -> DistillationConfig:

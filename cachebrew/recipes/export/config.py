@@ -115,6 +115,7 @@ COMPRESSIONS = ("lz4", "zstd", "none")  # Arrow IPC body codecs (any pyarrow rea
 
 @dataclass
 class ExportConfig(JobConfig):
+    KIND = "export"
     output: str = ""
     task: str = "default"
     teachers: list[TeacherConfig] = field(default_factory=list)
