@@ -52,13 +52,28 @@ def _is_weight(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-class KnowledgeDistillationLossConfig:
+class CriterionConfig:
+    """What INC's two criterion configs share: ITREX's `loss_weight_ratio` name and a repr of their fields."""
+
+    FIELDS: tuple[str, ...] = ()
+
+    @property
+    def loss_weight_ratio(self) -> list:
+        return self.loss_weights
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in self.FIELDS)})"
+
+
+class KnowledgeDistillationLossConfig(CriterionConfig):
     """loss = loss_weights[0] * the student's own loss on labels + loss_weights[1] * T**2 * KD loss (INC's).
 
     loss_types[0] ('CE' or 'MSE') is the loss the model computes from ``labels`` (CE for classification,
     MSE for regression, as Hugging Face models choose); loss_types[1] is the KD loss on the tempered
     logits: 'CE' (soft cross-entropy), 'KL' or 'MSE'. ``loss_weight_ratio`` is ITREX's name for loss_weights.
     """
+
+    FIELDS = ("temperature", "loss_types", "loss_weights")
 
     def __init__(self, temperature=1.0, loss_types=None, loss_weights=None, *, loss_weight_ratio=None):
         p = "KnowledgeDistillationLossConfig."
@@ -88,25 +103,20 @@ class KnowledgeDistillationLossConfig:
         if errors:
             raise ConfigError(errors)
 
-    @property
-    def loss_weight_ratio(self) -> list:
-        return self.loss_weights
-
-    def __repr__(self):
-        return (f"KnowledgeDistillationLossConfig(temperature={self.temperature!r}, loss_types={self.loss_types!r}, "
-                f"loss_weights={self.loss_weights!r})")
 
     def terms(self) -> dict:
         return {"temperature": self.temperature, "kd_loss_type": _KD_LOSSES[str(self.loss_types[1]).upper()],
                 "hard_label_weight": float(self.loss_weights[0]), "kd_loss_weight": float(self.loss_weights[1])}
 
 
-class IntermediateLayersKnowledgeDistillationLossConfig:
+class IntermediateLayersKnowledgeDistillationLossConfig(CriterionConfig):
     """Match student layers to teacher layers: ``layer_mappings=[[student, teacher], ...]``.
 
     loss_types (default 'MSE' each): 'MSE', 'KL' or 'L1' (INC's), or 'COS' for hidden states; loss_weights
     (ITREX: loss_weight_ratio) default to 1/len(layer_mappings) each; add_origin_loss adds the student's own loss.
     """
+
+    FIELDS = ("layer_mappings", "loss_types", "loss_weights", "add_origin_loss")
 
     def __init__(self, layer_mappings=None, loss_types=None, loss_weights=None, add_origin_loss=False, *,
                  loss_weight_ratio=None):
@@ -150,14 +160,6 @@ class IntermediateLayersKnowledgeDistillationLossConfig:
         if errors:
             raise ConfigError(errors)
 
-    @property
-    def loss_weight_ratio(self) -> list:
-        return self.loss_weights
-
-    def __repr__(self):
-        return (f"IntermediateLayersKnowledgeDistillationLossConfig(layer_mappings={self.layer_mappings!r}, "
-                f"loss_types={self.loss_types!r}, loss_weights={self.loss_weights!r}, "
-                f"add_origin_loss={self.add_origin_loss!r})")
 
     def terms(self) -> dict:
         return {"intermediate_matches": [dict(m) for m in self._matches],

@@ -141,25 +141,30 @@ def _every_ranks_batches(model, ds: CacheBatches):
         yield last, False
 
 
+def scored_batches(model, ds: CacheBatches, device):
+    """(student logits, labels, the cache's teacher logits or None) for each batch of this rank's share, the model
+    in eval mode (`eval_mode`); a sharded student's extra forwards (`_every_ranks_batches`) are run, not yielded."""
+    with eval_mode(model) as model:
+        for batch, counted in _every_ranks_batches(model, ds):
+            student = move_to_device(batch["student"], device)
+            labels = student.pop("labels")
+            logits = model(**student).logits
+            if counted:
+                yield logits, labels, batch["teacher_cache"].get("logits")
+
+
 @torch.no_grad()
 def evaluate(model, ds: CacheBatches, device, label_names) -> tuple[dict, dict | None]:
     """(student metrics, teacher metrics from the cached logits or None), both by `components.metrics.score`."""
     if ds.causal_lm:
         return evaluate_lm(model, ds, device)
     preds, golds, t_preds = [], [], []
-    with eval_mode(model) as model:
-        for batch, counted in _every_ranks_batches(model, ds):
-            student = move_to_device(batch["student"], device)
-            labels = student.pop("labels")
-            logits = model(**student).logits
-            if not counted:
-                continue
-            p, g = predictions(logits, labels)
-            preds += p
-            golds += g
-            cached = batch["teacher_cache"].get("logits")
-            if cached is not None:
-                t_preds += predictions(cached, labels.cpu())[0]
+    for logits, labels, cached in scored_batches(model, ds, device):
+        p, g = predictions(logits, labels)
+        preds += p
+        golds += g
+        if cached is not None:
+            t_preds += predictions(cached, labels.cpu())[0]
     # each rank scored its own share of the eval cache (CacheBatches(even_ranks=False)): every rank gets the
     # whole set's score, so all ranks agree on the best step
     shares = all_gather_objects((preds, golds, t_preds))
@@ -172,19 +177,12 @@ def evaluate_lm(model, ds: CacheBatches, device) -> tuple[dict, dict | None]:
     """A causal LM's held-out perplexity and next-token accuracy over the eval cache's rows; the teacher's too when
     the cache holds its dense logits (a sparse cache keeps K slots, not a distribution to score)."""
     student_sums, teacher_sums = [0.0, 0, 0], [0.0, 0, 0]
-    with eval_mode(model) as model:
-        for batch, counted in _every_ranks_batches(model, ds):
-            student = move_to_device(batch["student"], device)
-            labels = student.pop("labels")
-            logits = model(**student).logits
-            if not counted:
-                continue
-            for i, x in enumerate(next_token_counts(logits, labels)):
-                student_sums[i] += x
-            cached = batch["teacher_cache"].get("logits")
-            if isinstance(cached, torch.Tensor):
-                for i, x in enumerate(next_token_counts(cached, labels.cpu())):
-                    teacher_sums[i] += x
+    for logits, labels, cached in scored_batches(model, ds, device):
+        for i, x in enumerate(next_token_counts(logits, labels)):
+            student_sums[i] += x
+        if isinstance(cached, torch.Tensor):
+            for i, x in enumerate(next_token_counts(cached, labels.cpu())):
+                teacher_sums[i] += x
     shares = all_gather_objects((student_sums, teacher_sums))  # each rank's share of the eval cache
     student_sums, teacher_sums = ([sum(share[k][i] for share in shares) for i in range(3)] for k in range(2))
     return lm_score(*student_sums), (lm_score(*teacher_sums) if teacher_sums[2] else None)

@@ -11,7 +11,7 @@ import torch
 
 from ...cache.format import STORAGE_DTYPES
 from ...cache.sparse import SPARSE_METHODS
-from ...core.config import AMP_MODES, JobConfig, check_choice, check_int, is_int
+from ...core.config import AMP_MODES, JobConfig, check_choice, check_int, is_int, is_number
 from ...components.data import AugmentConfig, DataConfig
 from ...augment import AUGMENTATIONS
 
@@ -152,111 +152,18 @@ class ExportConfig(JobConfig):
 
     # -- validation ---------------------------------------------------------------------------------
     def problems(self) -> list[str]:
+        """Every problem, section by section (each section's checks in its own function below)."""
         e = []
         if not self.output:
             e.append("output: required (the cache directory to write)")
-        if not self.teachers:
-            e.append("teachers: at least one teacher is required")
-        names = [t.name for t in self.teachers]
-        if len(set(names)) != len(names):
-            e.append(f"teachers: names must be unique, got {names}")
-        for i, t in enumerate(self.teachers):
-            where = f"teachers[{i}]"
-            if not t.name or not str(t.name).replace("_", "").replace("-", "").isalnum():
-                e.append(f"{where}.name: use letters, digits, '-' and '_' (it names cache columns), got {t.name!r}")
-            if (t.path is None) == (t.entry_point is None):
-                e.append(f"{where}: give exactly one of path (a Hugging Face model directory) or entry_point (module:function)")
-            if t.entry_point is not None and (":" not in t.entry_point or t.entry_point.count(":") != 1):
-                e.append(f"{where}.entry_point: expected 'module:function', got {t.entry_point!r}")
-            if t.model_class not in MODEL_CLASSES:
-                e.append(f"{where}.model_class: one of {MODEL_CLASSES}, got {t.model_class!r}")
-            if t.dtype is not None:
-                check_choice(e, f"{where}.dtype", t.dtype, TEACHER_DTYPES)
-            if t.device_map is not None:
-                if t.entry_point is not None:
-                    e.append(f"{where}.device_map: applies to a Hugging Face directory (path); an entry point "
-                             "places its own model")
-                else:
-                    e += device_map_problems(where, t.device_map)
-        if not self.data.path:
-            e.append("data.path: required")
-        if self.data.format not in (None, "csv", "json", "jsonl", "parquet", "arrow", "saved"):
-            e.append(f"data.format: one of csv, json, jsonl, parquet, arrow, saved (or null), got {self.data.format!r}")
-        given = [k for k in ("text", "tokens", "messages") if getattr(self.data, k) is not None]
-        if len(given) != 1:
-            e.append("data: give exactly one of data.text (a text column), data.tokens (a column of word lists) or "
-                     f"data.messages (a column of chat conversations), got {given or 'none'}")
         for name in ("max_length", "batch_size", "shard_rows", "sort_window", "record_batch_rows"):
             check_int(e, name, getattr(self, name), 1)
-        check_int(e, "data.limit", self.data.limit, 1, optional=True)
         check_int(e, "writers", self.writers, 1, optional=True)
         check_choice(e, "compression", self.compression, COMPRESSIONS)
-        if self.packing:
-            for i, t in enumerate(self.teachers):
-                if t.model_class != "AutoModelForCausalLM":
-                    e.append(f"teachers[{i}].model_class: packing concatenates documents for causal-LM teachers; "
-                             f"{t.model_class!r} reads one example per row (set packing: false)")
-            if self.data.label is not None:
-                e.append(f"data.label: a packed row holds parts of several documents and has no label; set "
-                         f"data.label: null (got {self.data.label!r}) or packing: false")
-            if self.data.tokens is not None or self.data.text_pair is not None:
-                e.append("packing: concatenates plain text or chat documents; data.tokens and data.text_pair "
-                         "have no meaning in a packed row")
-        o = self.outputs
-        if not (o.logits or o.hidden_layers or o.attention_layers):
-            e.append("outputs: nothing to export (logits false and no hidden/attention layers)")
-        for key in ("hidden_layers", "attention_layers"):
-            layers = getattr(o, key)
-            if not isinstance(layers, list) or not all(is_int(x) and x >= 0
-                                                       for x in layers):
-                e.append(f"outputs.{key}: must be a list of layer indices >= 0, got {layers!r}")
-            elif len(set(layers)) != len(layers):
-                e.append(f"outputs.{key}: duplicate layers in {layers}")
-        check_int(e, "outputs.topk_logits", o.topk_logits, 1, optional=True)
-        if o.sparse_logits is not None:
-            sp = o.sparse_logits
-            check_choice(e, "outputs.sparse_logits.method", sp.method, SPARSE_METHODS)
-            check_int(e, "outputs.sparse_logits.k", sp.k, 1)
-            check_int(e, "outputs.sparse_logits.seed", sp.seed, 0)
-            if not isinstance(sp.temperature, (int, float)) or isinstance(sp.temperature, bool) or sp.temperature <= 0:
-                e.append(f"outputs.sparse_logits.temperature: must be a number > 0, got {sp.temperature!r}")
-            pt = sp.proposal_temperature
-            if pt is not None and (not isinstance(pt, (int, float)) or isinstance(pt, bool) or pt <= 0):
-                e.append(f"outputs.sparse_logits.proposal_temperature: must be a number > 0 or null, got {pt!r}")
-            elif pt is not None and sp.method != "sampled":
-                e.append(f"outputs.sparse_logits.proposal_temperature: only 'sampled' draws from a proposal; method is "
-                         f"{sp.method!r}")
-            elif pt is not None and isinstance(sp.temperature, (int, float)) and pt < sp.temperature:
-                e.append(f"outputs.sparse_logits.proposal_temperature: {pt} is below the target's temperature "
-                         f"{sp.temperature}; a proposal sharper than the target gives the tail ids it rarely draws "
-                         "weights p / q that blow up the variance (use a flatter one, >= temperature)")
-            if o.topk_logits is not None:
-                e.append("outputs: topk_logits and sparse_logits both set; sparse_logits (method: topk) supersedes "
-                         "topk_logits")
-            if not o.logits:
-                e.append("outputs.sparse_logits: set, but outputs.logits is false")
-        if o.attention_form not in ("probs", "logits"):
-            e.append(f"outputs.attention_form: 'probs' or 'logits', got {o.attention_form!r}")
-        for kind in ("logits", "hidden", "attention"):
-            v = getattr(self.dtypes, kind)
-            allowed = STORAGE_DTYPES if kind == "hidden" else tuple(x for x in STORAGE_DTYPES if x != "int8")
-            if v not in allowed:
-                e.append(f"dtypes.{kind}: one of {allowed}, got {v!r}")
-        a = self.augment
-        if a.copies < 0:
-            e.append(f"augment.copies: must be an integer >= 0, got {a.copies!r}")
-        elif a.copies == 0 and not a.include_original:
-            e.append("augment: include_original is false and copies is 0, so nothing would be exported")
-        elif a.copies > 0 and not a.ops and getattr(self.outputs.sparse_logits, "method", None) != "sampled":
-            e.append("augment.ops: copies > 0 needs at least one operation (only with sampled sparse logits is a "
-                     "copy without operations useful: the same text with fresh draws)")
-        if a.mode not in ("sequence", "choice"):
-            e.append(f"augment.mode: 'sequence' or 'choice', got {a.mode!r}")
-        for i, op in enumerate(a.ops):
-            if not isinstance(op, dict) or op.get("name") not in AUGMENTATIONS:
-                e.append(f"augment.ops[{i}].name: one of {sorted(AUGMENTATIONS)}, got {op!r}")
         check_choice(e, "amp", self.amp, AMP_MODES)
-        return e
+        return (e + teachers_problems(self.teachers) + data_problems(self.data) + packing_problems(self)
+                + outputs_problems(self.outputs) + dtypes_problems(self.dtypes)
+                + augment_problems(self.augment, self.outputs))
 
     def writer_threads(self) -> int:
         """`writers`, or min(4, the CPUs this process may use): each thread takes a core while it compresses and
@@ -284,3 +191,132 @@ class ExportConfig(JobConfig):
         if sparse and sparse.get("proposal_temperature") is None:
             sparse.pop("proposal_temperature", None)
         return d
+
+
+def teachers_problems(teachers: list[TeacherConfig]) -> list[str]:
+    e = []
+    if not teachers:
+        e.append("teachers: at least one teacher is required")
+    names = [t.name for t in teachers]
+    if len(set(names)) != len(names):
+        e.append(f"teachers: names must be unique, got {names}")
+    for i, t in enumerate(teachers):
+        where = f"teachers[{i}]"
+        if not t.name or not str(t.name).replace("_", "").replace("-", "").isalnum():
+            e.append(f"{where}.name: use letters, digits, '-' and '_' (it names cache columns), got {t.name!r}")
+        if (t.path is None) == (t.entry_point is None):
+            e.append(f"{where}: give exactly one of path (a Hugging Face model directory) or entry_point (module:function)")
+        if t.entry_point is not None and (":" not in t.entry_point or t.entry_point.count(":") != 1):
+            e.append(f"{where}.entry_point: expected 'module:function', got {t.entry_point!r}")
+        if t.model_class not in MODEL_CLASSES:
+            e.append(f"{where}.model_class: one of {MODEL_CLASSES}, got {t.model_class!r}")
+        if t.dtype is not None:
+            check_choice(e, f"{where}.dtype", t.dtype, TEACHER_DTYPES)
+        if t.device_map is not None:
+            if t.entry_point is not None:
+                e.append(f"{where}.device_map: applies to a Hugging Face directory (path); an entry point "
+                         "places its own model")
+            else:
+                e += device_map_problems(where, t.device_map)
+    return e
+
+
+def data_problems(data: DataConfig) -> list[str]:
+    e = []
+    if not data.path:
+        e.append("data.path: required")
+    if data.format not in (None, "csv", "json", "jsonl", "parquet", "arrow", "saved"):
+        e.append(f"data.format: one of csv, json, jsonl, parquet, arrow, saved (or null), got {data.format!r}")
+    given = [k for k in ("text", "tokens", "messages") if getattr(data, k) is not None]
+    if len(given) != 1:
+        e.append("data: give exactly one of data.text (a text column), data.tokens (a column of word lists) or "
+                 f"data.messages (a column of chat conversations), got {given or 'none'}")
+    check_int(e, "data.limit", data.limit, 1, optional=True)
+    return e
+
+
+def packing_problems(cfg: ExportConfig) -> list[str]:
+    """`packing` concatenates causal-LM documents: no labels, no word lists or text pairs."""
+    if not cfg.packing:
+        return []
+    e = [f"teachers[{i}].model_class: packing concatenates documents for causal-LM teachers; "
+         f"{t.model_class!r} reads one example per row (set packing: false)"
+         for i, t in enumerate(cfg.teachers) if t.model_class != "AutoModelForCausalLM"]
+    if cfg.data.label is not None:
+        e.append(f"data.label: a packed row holds parts of several documents and has no label; set "
+                 f"data.label: null (got {cfg.data.label!r}) or packing: false")
+    if cfg.data.tokens is not None or cfg.data.text_pair is not None:
+        e.append("packing: concatenates plain text or chat documents; data.tokens and data.text_pair "
+                 "have no meaning in a packed row")
+    return e
+
+
+def outputs_problems(o: OutputsConfig) -> list[str]:
+    e = []
+    if not (o.logits or o.hidden_layers or o.attention_layers):
+        e.append("outputs: nothing to export (logits false and no hidden/attention layers)")
+    for key in ("hidden_layers", "attention_layers"):
+        layers = getattr(o, key)
+        if not isinstance(layers, list) or not all(is_int(x) and x >= 0 for x in layers):
+            e.append(f"outputs.{key}: must be a list of layer indices >= 0, got {layers!r}")
+        elif len(set(layers)) != len(layers):
+            e.append(f"outputs.{key}: duplicate layers in {layers}")
+    check_int(e, "outputs.topk_logits", o.topk_logits, 1, optional=True)
+    if o.sparse_logits is not None:
+        e += sparse_logits_problems(o)
+    if o.attention_form not in ("probs", "logits"):
+        e.append(f"outputs.attention_form: 'probs' or 'logits', got {o.attention_form!r}")
+    return e
+
+
+def sparse_logits_problems(o: OutputsConfig) -> list[str]:
+    e = []
+    sp = o.sparse_logits
+    check_choice(e, "outputs.sparse_logits.method", sp.method, SPARSE_METHODS)
+    check_int(e, "outputs.sparse_logits.k", sp.k, 1)
+    check_int(e, "outputs.sparse_logits.seed", sp.seed, 0)
+    if not is_number(sp.temperature) or sp.temperature <= 0:
+        e.append(f"outputs.sparse_logits.temperature: must be a number > 0, got {sp.temperature!r}")
+    pt = sp.proposal_temperature
+    if pt is not None and (not is_number(pt) or pt <= 0):
+        e.append(f"outputs.sparse_logits.proposal_temperature: must be a number > 0 or null, got {pt!r}")
+    elif pt is not None and sp.method != "sampled":
+        e.append(f"outputs.sparse_logits.proposal_temperature: only 'sampled' draws from a proposal; method is "
+                 f"{sp.method!r}")
+    elif pt is not None and is_number(sp.temperature) and pt < sp.temperature:
+        e.append(f"outputs.sparse_logits.proposal_temperature: {pt} is below the target's temperature "
+                 f"{sp.temperature}; a proposal sharper than the target gives the tail ids it rarely draws "
+                 "weights p / q that blow up the variance (use a flatter one, >= temperature)")
+    if o.topk_logits is not None:
+        e.append("outputs: topk_logits and sparse_logits both set; sparse_logits (method: topk) supersedes "
+                 "topk_logits")
+    if not o.logits:
+        e.append("outputs.sparse_logits: set, but outputs.logits is false")
+    return e
+
+
+def dtypes_problems(dtypes: DtypesConfig) -> list[str]:
+    e = []
+    for kind in ("logits", "hidden", "attention"):
+        v = getattr(dtypes, kind)
+        allowed = STORAGE_DTYPES if kind == "hidden" else tuple(x for x in STORAGE_DTYPES if x != "int8")
+        if v not in allowed:
+            e.append(f"dtypes.{kind}: one of {allowed}, got {v!r}")
+    return e
+
+
+def augment_problems(a: AugmentConfig, outputs: OutputsConfig) -> list[str]:
+    e = []
+    if a.copies < 0:
+        e.append(f"augment.copies: must be an integer >= 0, got {a.copies!r}")
+    elif a.copies == 0 and not a.include_original:
+        e.append("augment: include_original is false and copies is 0, so nothing would be exported")
+    elif a.copies > 0 and not a.ops and getattr(outputs.sparse_logits, "method", None) != "sampled":
+        e.append("augment.ops: copies > 0 needs at least one operation (only with sampled sparse logits is a "
+                 "copy without operations useful: the same text with fresh draws)")
+    if a.mode not in ("sequence", "choice"):
+        e.append(f"augment.mode: 'sequence' or 'choice', got {a.mode!r}")
+    for i, op in enumerate(a.ops):
+        if not isinstance(op, dict) or op.get("name") not in AUGMENTATIONS:
+            e.append(f"augment.ops[{i}].name: one of {sorted(AUGMENTATIONS)}, got {op!r}")
+    return e

@@ -289,7 +289,7 @@ def test_config_errors():
     text = str(e.value)
     for part in ("output_dir: required", "student: give exactly one", "caches: at least one",
                  "train: give exactly one of epochs or steps", "train.lr", "train.bogus: unknown field",
-                 "distill: DistillationConfig.temperature", "extra: unknown field"):
+                 "distill.temperature: must be a number > 0", "extra: unknown field"):
         assert part in text, part
 
 
