@@ -40,11 +40,16 @@ def cycle(iterable: Iterable) -> Iterator:
 
 @dataclass
 class Plan:
-    """What to iterate and when to stop/save. `batches` yields (epoch, step_in_epoch, batch)."""
+    """What to iterate and when to stop/save. `batches` yields (epoch, step_in_epoch, batch).
+
+    ``is_epoch_end(global_step)``: the step is an epoch's last optimizer step; ``position(epoch, step)``: where a
+    run resumed after micro-batch `step` of `epoch` continues, as (epoch, micro-batches consumed)."""
 
     total_steps: int
     batches: Iterator[tuple[int, int, Any]]
     is_checkpoint: Callable[[int, int], bool]
+    is_epoch_end: Callable[[int], bool] = lambda _global_step: False
+    position: Callable[[int, int], tuple[int, int]] = lambda epoch, step: (epoch, step + 1)
 
 
 def shard_module(module: nn.Module, device: torch.device) -> nn.Module:
@@ -143,7 +148,12 @@ def epoch_plan(dataloader, num_epochs: int, t_config: TrainingConfig, prepare=No
         return (global_step % steps_per_epoch in points
                 and ((epoch + 1) % t_config.ckpt_epoch_frequency == 0 or epoch + 1 == num_epochs))
 
-    return Plan(steps_per_epoch * num_epochs, batches(), is_checkpoint)
+    def position(epoch, step):
+        # micro-batches left over by accumulation follow the epoch's last optimizer step: still this epoch's
+        return (epoch + 1, 0) if step + 1 >= len(dataloader) else (epoch, step + 1)
+
+    return Plan(steps_per_epoch * num_epochs, batches(), is_checkpoint,
+                is_epoch_end=lambda global_step: global_step % steps_per_epoch == 0, position=position)
 
 
 def step_plan(num_steps: int, t_config: TrainingConfig, batch_stream: Iterator, start_step: int = 0) -> Plan:
@@ -191,6 +201,8 @@ class StepState:
     optimizer: Any
     scheduler: Any
     scaler: Any
+    epoch_end: bool = False                  # this was an epoch's last optimizer step (epoch plans)
+    resume_at: tuple[int, int] = (0, 0)      # (epoch, micro-batches consumed): where a resumed run continues
 
 
 @dataclass
@@ -210,12 +222,16 @@ class ResumeState:
 class TrainingLoop:
     """Runtime setup (device, DDP, AMP, tensorboard) and `_fit`, the shared loop.
 
-    Pipelines (``cachebrew distill``) add resumable checkpoints through ``add_step_hook`` and
-    continue a run through ``resume_from``; TextBrewer-style scripts need neither.
+    Pipelines (``cachebrew distill``) write their own resumable checkpoints from a step hook
+    (``add_step_hook``), switch TextBrewer's ``gs{N}.safetensors`` writer off (``write_gs_checkpoints =
+    False``: one checkpoint path a run), read what to save through ``trained_model``, ``projection_modules``,
+    ``optimizer_state`` and ``extra_state``, and continue a run through ``resume_from``; TextBrewer-style scripts
+    need none of it.
     """
 
     t_config: TrainingConfig
     print_freq = 20
+    write_gs_checkpoints = True  # TextBrewer's checkpoints at the plan's points; a pipeline with its own sets False
 
     def _init_runtime(self, train_config: TrainingConfig):
         if not isinstance(train_config, TrainingConfig):
@@ -234,6 +250,19 @@ class TrainingLoop:
     def add_step_hook(self, hook: Callable[[StepState], None]) -> None:
         """Call `hook(state)` after every optimizer step (checkpointing, evaluation, early stop)."""
         self._step_hooks.append(hook)
+
+    # -- what a pipeline saves ------------------------------------------------------------------------
+    def trained_model(self) -> nn.Module:
+        """The student as it trains (DDP- or FSDP-wrapped under torchrun): evaluate it, or save `unwrap` of it."""
+        return self._student()
+
+    def projection_modules(self) -> list[nn.Module | None]:
+        """The trainable modules besides the student (intermediate-match projections), aligned with the matches."""
+        return list(self._extra_modules())
+
+    def extra_state(self) -> dict:
+        """Distiller-specific state a resumable checkpoint keeps (`ResumeState.extra` gives it back)."""
+        return {}
 
     def resume_from(self, state: ResumeState) -> None:
         """The next `train` continues from `state` instead of starting at step 0."""
@@ -459,7 +488,7 @@ class TrainingLoop:
                     self.save_and_callback(global_step, step, epoch, callback)
                 for hook in self._step_hooks:
                     hook(StepState(global_step, plan.total_steps, epoch, step, writer_step, optimizer, scheduler,
-                                   scaler))
+                                   scaler, plan.is_epoch_end(global_step), plan.position(epoch, step)))
                 if global_step >= plan.total_steps:
                     break
         finally:
@@ -476,8 +505,8 @@ class TrainingLoop:
                 "train_config": self.t_config.to_dict()}
 
     def save_and_callback(self, global_step, step, epoch, callback):
-        """Rank 0 writes gs{global_step}.safetensors; every rank then runs the callback."""
-        if self.rank == 0 and self.t_config.keep_checkpoints != 0:
+        """Rank 0 writes gs{global_step}.safetensors (TextBrewer's checkpoint); every rank then runs the callback."""
+        if self.rank == 0 and self.write_gs_checkpoints and self.t_config.keep_checkpoints != 0:
             logger.info("saving at global step %d, epoch step %d, epoch %d", global_step, step + 1, epoch + 1)
             core = self._student()
             core = unwrap(core)

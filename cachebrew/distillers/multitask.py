@@ -74,6 +74,10 @@ class MultiTaskDistiller(GeneralDistiller):
         plan = step_plan(num_steps, self.t_config, task_batches(), start_step=self._resume_position()[1])
         return self._fit(optimizer, scheduler, plan, max_grad_norm, callback, args)
 
+    def extra_state(self) -> dict:
+        """The draws per task so far: a resumed run continues each task's stream where it stopped."""
+        return {"task_counts": dict(self.sampled_tasks)}
+
     def train_on_batch(self, batch_taskname, args):
         batch, taskname = batch_taskname
         model_T = (self.model_T or {}).get(taskname)

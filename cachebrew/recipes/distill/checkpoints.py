@@ -17,14 +17,15 @@ import logging
 import pickle
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-from ...core.files import publish_dir
-from ...core.files import unwrap
+from ...core.files import publish_dir, unwrap
 from ...core.runtime import get_world_size
 from ...errors import CachebrewError
 
@@ -92,24 +93,39 @@ def restore_rng(saved, rank: int = 0, device: torch.device | None = None, world_
         torch.cuda.set_rng_state(_unb64(cuda), device)
 
 
-def save_run_checkpoint(root: Path, global_step: int, student, projections, optimizer_state: dict, scheduler, scaler,
-                        state: dict, keep: int, rng_states: list[dict]) -> Path:
-    """Rank 0 writes; `rng_states` is every rank's (`gather_rng_states`, which all ranks must call).
+@dataclass
+class RunCheckpoint:
+    """What one checkpoints/step-N holds.
 
     `student` is a whole (unsharded) module and `optimizer_state` a whole state dict: a sharded run gathers both
-    first (`TrainingLoop.optimizer_state`), so its checkpoint has the same files as any other."""
+    first (`TrainingLoop.optimizer_state`), so its checkpoint has the same files as any other. `state` is the
+    JSON part (counters, position, history, config); `rng_states` every rank's (`gather_rng_states`)."""
+
+    global_step: int
+    student: Any
+    projections: list
+    optimizer_state: dict
+    scheduler: Any
+    scaler: Any
+    state: dict
+    rng_states: list[dict]
+
+
+def save_run_checkpoint(root: Path, ckpt: RunCheckpoint, keep: int) -> Path:
+    """Rank 0 publishes `ckpt` as root/step-N (complete or absent) and keeps the newest `keep` of them."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{global_step:06d}"
-    tmp = root / f".step-{global_step:06d}.tmp"
+    final = root / f"step-{ckpt.global_step:06d}"
+    tmp = root / f".step-{ckpt.global_step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(unwrap(student), str(tmp / "student.safetensors"))
-    projs = torch.nn.ModuleList([unwrap(p) for p in projections if p is not None])
+    save_model(unwrap(ckpt.student), str(tmp / "student.safetensors"))
+    projs = torch.nn.ModuleList([unwrap(p) for p in ckpt.projections if p is not None])
     save_model(projs, str(tmp / "projections.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save({"scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "scheduler.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "global_step": global_step, "rng": rng_states}))
+    torch.save(ckpt.optimizer_state, tmp / "optimizer.pt")
+    torch.save({"scheduler": ckpt.scheduler.state_dict() if ckpt.scheduler is not None else None,
+                "scaler": ckpt.scaler.state_dict() if ckpt.scaler is not None else None}, tmp / "scheduler.pt")
+    (tmp / "state.json").write_text(json.dumps({**ckpt.state, "global_step": ckpt.global_step,
+                                                "rng": ckpt.rng_states}))
     publish_dir(tmp, final)
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

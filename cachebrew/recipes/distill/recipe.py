@@ -41,8 +41,8 @@ from ...core.paths import resolve_path
 from ...core.runtime import (all_gather_objects, broadcast_object, ensure_process_group, get_rank, get_world_size, resolve_device,
                              resolve_local_rank)
 from ...version import __version__
-from .checkpoints import (gather_rng_states, latest_checkpoint, load_run_checkpoint, read_run_state, restore_rng,
-                          save_run_checkpoint)
+from .checkpoints import (RunCheckpoint, gather_rng_states, latest_checkpoint, load_run_checkpoint, read_run_state,
+                          restore_rng, save_run_checkpoint)
 from .config import DistillRunConfig, TaskConfig
 from ...components.metrics import lm_score, next_token_counts, predictions, score, selection_score
 from ...components.students import build_multitask_student, build_student
@@ -351,13 +351,14 @@ class DistillRecipe:
             output_dir=str(self.out), log_dir=str(self.out / "tb") if self.rank == 0 else None, device=str(self.device),
             amp=amp, gradient_accumulation_steps=accum,
             ckpt_steps=self.eval_every if tc.steps is not None else None, progress_bar=tc.progress_bar,
-            keep_checkpoints=0,  # the loop's plan checkpoints only evaluate; checkpoints/step-N are the run's
             local_rank=local_rank, log_steps=tc.log_steps)
         if self.multi_task:
             self.distiller = MultiTaskDistiller(t_config, self.d_config, None, self.student, None,
                                                 {t: hf_adaptor for t in self.tasks})
         else:
             self.distiller = GeneralDistiller(t_config, self.d_config, None, self.student, None, hf_adaptor)
+        # one checkpoint path: checkpoints/step-N from the step hook; the plan's checkpoint points only evaluate
+        self.distiller.write_gs_checkpoints = False
         self.distiller.loss.causal_labels = self.causal_lm
         self.optimizer = make_optimizer(self.student, tc.lr, tc.weight_decay)
         self.schedule = {"num_warmup_steps": int(tc.warmup_ratio * self.total_steps),
@@ -418,17 +419,12 @@ class DistillRecipe:
     def _on_step(self, s: StepState) -> None:
         """After each optimizer step: extra evaluations inside epochs (`eval_every`), and checkpoints when due."""
         tc = self.cfg.train
-        epoch, consumed = s.epoch, s.step + 1
-        # the epoch's last optimizer step; micro-batches left over by accumulation still follow it
-        epoch_end = tc.steps is None and consumed >= s.total_steps // tc.epochs * tc.gradient_accumulation_steps
-        if tc.steps is None and consumed >= len(self.loaders["default"]):
-            epoch, consumed = epoch + 1, 0
-        if tc.steps is None and tc.eval_every and s.global_step % tc.eval_every == 0 and not epoch_end:
-            self.evaluate(self.distiller.model_S, s.global_step)
+        if tc.steps is None and tc.eval_every and s.global_step % tc.eval_every == 0 and not s.epoch_end:
+            self.evaluate(self.distiller.trained_model(), s.global_step)  # epoch ends evaluate through the callback
         due = (s.global_step == s.total_steps or (self.save_every is not None and s.global_step % self.save_every == 0)
-               or (self.save_every is None and epoch_end))
+               or (self.save_every is None and s.epoch_end))
         if due:
-            self.save_checkpoint(s, epoch, consumed)
+            self.save_checkpoint(s)
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def _loader_split(self) -> dict:
@@ -437,21 +433,20 @@ class DistillRecipe:
             return {"global_batch": self.cfg.train.batch_size * self.world_size, "num_workers": self.num_workers}
         return {"world_size": self.world_size, "num_workers": self.num_workers, "rank_split": "records"}
 
-    def save_checkpoint(self, s: StepState, epoch: int, consumed: int) -> None:
+    def save_checkpoint(self, s: StepState) -> None:
         """checkpoints/step-N: weights, projections, optimizer, schedule, every rank's RNG, the reader position."""
         rng_states = gather_rng_states(self.device)  # a collective: every rank's dropout stream, so each resumes its own
-        student = self._whole_student(self.distiller.model_S)  # collectives too when the student is sharded
+        student = self._whole_student(self.distiller.trained_model())  # collectives too when the student is sharded
         optimizer_state = self.distiller.optimizer_state(s.optimizer)
         if self.rank != 0:
             return
+        epoch, consumed = s.resume_at
         state = {"writer_step": s.writer_step, "epoch": epoch, "step": consumed, "history": self.history,
                  "best": self.best, "teacher": self.teacher_metric, "cachebrew": __version__,
-                 "config": self.cfg.to_dict(), "loader": self._loader_split()}
-        if self.multi_task:
-            state["task_counts"] = dict(self.distiller.sampled_tasks)
-        save_run_checkpoint(self.out / "checkpoints", s.global_step, student,
-                            getattr(self.distiller, "projs", []), optimizer_state, s.scheduler, s.scaler, state,
-                            self.cfg.train.keep_checkpoints, rng_states)
+                 "config": self.cfg.to_dict(), "loader": self._loader_split(), **self.distiller.extra_state()}
+        ckpt = RunCheckpoint(s.global_step, student, self.distiller.projection_modules(), optimizer_state,
+                             s.scheduler, s.scaler, state, rng_states)
+        save_run_checkpoint(self.out / "checkpoints", ckpt, self.cfg.train.keep_checkpoints)
 
     def load_checkpoint(self, ckpt: Path) -> None:
         """Continue from `ckpt`: the same config is required; the loop resumes at the saved position."""
@@ -475,7 +470,7 @@ class DistillRecipe:
         sharded = is_sharded(self.student)
         # sharded: rank 0 reads the weights into its whole copy and scatters them, each rank keeping its shard
         state = load_run_checkpoint(ckpt, self.replica if sharded else self.student,
-                                    getattr(self.distiller, "projs", []))
+                                    self.distiller.projection_modules())
         if sharded:
             load_full_state_dict(self.student, self.replica.state_dict() if self.rank == 0 else {})
         loader_then = state.get("loader", self._loader_split())
@@ -499,7 +494,7 @@ class DistillRecipe:
         examples = (steps - self.start_step) * tc.batch_size * tc.gradient_accumulation_steps * self.world_size
         speed = examples / self.train_seconds if self.train_seconds else 0.0
         final = self.history[-1] if self.history and self.history[-1]["step"] == steps else None
-        whole = self._whole_student(self.distiller.model_S)  # every rank: gathering a sharded student is a collective
+        whole = self._whole_student(self.distiller.trained_model())  # every rank: gathering a sharded student is a collective
         if self.rank == 0:
             save_student(whole, self.out / "last", self.tokenizer_source)
             if self.best is None:

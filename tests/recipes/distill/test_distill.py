@@ -433,3 +433,23 @@ def test_resume_on_two_nodes_without_a_shared_output_dir(world, tmp_path):
     a, b = (load_file(tmp_path / n / "last" / "model.safetensors") for n in ("full0", "cut0"))
     assert all(torch.equal(a[k], b[k]) for k in a), "a resumed 2-node run ended with different weights"
     assert not list((tmp_path / "cut1").rglob("*.from-rank-0*")), "the received copy is left behind"
+
+
+def test_a_run_writes_one_kind_of_checkpoint(world, tmp_path):
+    """The files a `cachebrew distill` run writes: its checkpoints/step-N (the one checkpoint path), best/, last/,
+    results.json and tensorboard logs, and nothing else: TextBrewer's gs{N}.safetensors stay with TextBrewer's API."""
+    cfg = distill_cfg(world, tmp_path / "run", train={"epochs": 2, "save_every": 4, "eval_every": 4})
+    run_distill(DistillRunConfig.from_dict(cfg))
+    out = tmp_path / "run"
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert not [f for f in files if Path(f).name.startswith("gs")], files
+    assert sorted({f.split("/")[0] for f in files}) == ["best", "checkpoints", "last", "results.json", "tb"]
+    steps = sorted({f.split("/")[1] for f in files if f.startswith("checkpoints/")})
+    assert steps == ["step-000012", "step-000016"]  # every 4 steps (16 in all), the newest keep_checkpoints=2
+    for step in steps:
+        assert sorted(f.split("/")[2] for f in files if f.startswith(f"checkpoints/{step}/")) == [
+            "optimizer.pt", "projections.safetensors", "scheduler.pt", "state.json", "student.safetensors"]
+    state = json.loads((out / "checkpoints" / "step-000016" / "state.json").read_text())
+    assert (state["epoch"], state["step"]) == (2, 0)  # after the last step of epoch 2: the plan's position
+    state = json.loads((out / "checkpoints" / "step-000012" / "state.json").read_text())
+    assert (state["epoch"], state["step"]) == (1, 4)
