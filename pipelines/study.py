@@ -538,7 +538,8 @@ def train_textbrewer_online(cfg, teacher_dir: str) -> int:
     loader = CacheLoader(ds, num_workers=0, generator=torch.Generator().manual_seed(cfg.seed))
     logits_spec = next(spec for _, spec in ds.joined.specs if spec.kind == "logits")
     manifest = ds.joined.manifest
-    student = build_student(cfg.student, ds.token_level, int(logits_spec.shape[-1]), False, manifest.label_names)
+    student = build_student(cfg.student, token_level=ds.token_level, num_labels=int(logits_spec.shape[-1]),
+                            label_names=manifest.label_names)
 
     class Epochs:
         """The cache loader's epoch order with the teacher outputs dropped: TextBrewer's teacher computes them."""

@@ -10,7 +10,7 @@ sys.path[:0] = [os.path.dirname(__file__), os.path.join(os.path.dirname(__file__
 import torch  # noqa: E402
 from safetensors.torch import save_model  # noqa: E402
 
-from cachebrew.components import CacheBatches  # noqa: E402
+from cachebrew.components import CacheBatches, RankShare  # noqa: E402
 from cachebrew.hf import DistillationTrainer  # noqa: E402
 from test_hf_trainer import INC, args, student  # noqa: E402
 
@@ -19,8 +19,8 @@ class TwoRanksInOne(CacheBatches):
     """What two ranks see, in one process: rank 0's batch k, then rank 1's (each rank reads its own rows)."""
 
     def __init__(self, cache, batch_size):
-        super().__init__(cache, batch_size, shuffle=False, rank=0, world_size=2)
-        self.other = CacheBatches(cache, batch_size, shuffle=False, rank=1, world_size=2)
+        super().__init__(cache, batch_size, shuffle=False, ranks=RankShare(0, 2, "records"))
+        self.other = CacheBatches(cache, batch_size, shuffle=False, ranks=RankShare(1, 2, "records"))
 
     def __len__(self):
         return 2 * super().__len__()

@@ -49,7 +49,7 @@ def test_textbrewer_online_arm_trains_the_same_weights_as_the_cache_arm(textbrew
     assert steps == result.global_step == 12
     online, cached = (load_file(tmp_path / arm / "last" / "model.safetensors") for arm in ("online", "cached"))
     seed_everything(5)  # the initial student both arms started from
-    init = build_student(StudentConfig(config=dict(STUDENT)), False, 2, False).state_dict()
+    init = build_student(StudentConfig(config=dict(STUDENT)), num_labels=2).state_dict()
     assert sorted(online) == sorted(cached)
     diff = max((online[k] - cached[k]).abs().max().item() for k in online)
     moved = max((online[k] - init[k]).abs().max().item() for k in online)

@@ -1,6 +1,6 @@
 """Streaming a cache into training: epoch plans, shuffling, rank/worker streams, decoding, padding.
 
-Ranks split the data in one of two ways (``rank_split``). ``"batch"`` (the default): every rank plans the
+Ranks split the data in one of two ways (`RankShare.split`). ``"batch"`` (the default): every rank plans the
 one-process run's batches at the global batch size (per-rank batch x ranks) and takes its share of each,
 rows dealt by length so that every rank holds as many tokens as the others at every step; N ranks then
 train on exactly the rows one process trains on at that batch size (with `losses.global_denominators`,
@@ -26,12 +26,14 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from ..core.runtime import get_rank, get_world_size
 from ..core.tensors import iter_tensors
 from ..errors import CacheFormatError, CachebrewError
 from ..cache.format import (ATTENTION_MASK, COPY, ID, INPUT_IDS, LABELS, TOKEN_TYPE_IDS, ColumnViews, Selection,
@@ -259,6 +261,30 @@ class JoinedCaches:
         return mapping
 
 
+@dataclass(frozen=True)
+class RankShare:
+    """Which share of the rows this process reads (`CacheBatches(ranks=...)`).
+
+    ``rank`` / ``world_size``: None reads them from the process group (one process without one). ``split``:
+    ``"batch"`` (each global batch split over the ranks: N ranks == one process) or ``"records"`` (record batches
+    dealt to ranks); see the module docstring. ``evaluation``: every rank reads all of its rows (each row is
+    read by exactly one rank; ranks may get different batch counts), always dealing record batches; training
+    gives every rank as many batches as the shortest (DDP steps together)."""
+
+    rank: int | None = None
+    world_size: int | None = None
+    split: str = "batch"
+    evaluation: bool = False
+
+    def resolved(self) -> RankShare:
+        """This share with rank and world size filled in from the process group where not given."""
+        if self.split not in ("batch", "records"):
+            raise CachebrewError(f"RankShare.split must be 'batch' or 'records', got {self.split!r}")
+        if self.rank is not None and self.world_size is not None:
+            return self
+        return RankShare(get_rank(), get_world_size(), self.split, self.evaluation)
+
+
 def identity_collate(batch):
     """collate_fn for DataLoader(CacheBatches, batch_size=None): batches are complete; skip default_convert's walk."""
     return batch
@@ -272,36 +298,25 @@ class CacheBatches(torch.utils.data.IterableDataset):
     ``features`` (pairs such as ``("logits", None), ("hidden", 4)``) limits what is read and decoded to
     what the losses use;
     ``len()`` is the number of batches this rank sees per epoch, the same on every rank (DDP needs
-    it). ``rank_split`` says how ranks share the rows (see the module docstring): ``"batch"``, each global batch
-    of ``batch_size x world_size`` rows split by length (N ranks == one process at that batch; a global batch
-    with fewer rows than ranks, the end of a stream, is dropped), or ``"records"``, record batches dealt to
-    ranks (each read by one rank). Evaluation (``even_ranks=False``) always deals records. ``set_epoch`` and ``set_position`` select what the next iteration yields, in this process
+    it). ``ranks`` (a `RankShare`) says which rows are this process's: by default, under torchrun, each global
+    batch of ``batch_size x world_size`` rows split by length (N ranks == one process at that batch; a global
+    batch with fewer rows than ranks, the end of a stream, is dropped). ``set_epoch`` and ``set_position`` select what the next iteration yields, in this process
     and in DataLoader workers alike.
     """
 
     def __init__(self, caches, batch_size: int, *, shuffle=True, seed=0, buffer_size=2048, drop_last=False,
-                 rank=None, world_size=None, teachers=None, teacher_weights=None, with_labels=True,
-                 task: str | None = None, num_workers: int = 0, features=None, even_ranks: bool = True,
-                 rank_split: str = "batch"):
+                 teachers=None, teacher_weights=None, features=None, with_labels=True, task: str | None = None,
+                 num_workers: int = 0, ranks: RankShare | None = None):
         self.joined = caches if isinstance(caches, JoinedCaches) else JoinedCaches(
             [caches] if isinstance(caches, (str, Path)) else list(caches), teachers)
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise CachebrewError(f"batch_size must be >= 1, got {batch_size!r}")
         self.shuffle, self.seed, self.buffer_size, self.drop_last = shuffle, seed, buffer_size, drop_last
-        if rank is None or world_size is None:
-            dist = torch.distributed
-            ready = dist.is_available() and dist.is_initialized()
-            rank, world_size = (dist.get_rank(), dist.get_world_size()) if ready else (0, 1)
-        self.rank, self.world_size = rank, world_size
-        if rank_split not in ("batch", "records"):
-            raise CachebrewError(f"rank_split must be 'batch' or 'records', got {rank_split!r}")
-        self.rank_split = rank_split
+        self.ranks = (ranks or RankShare()).resolved()
+        self.rank, self.world_size = self.ranks.rank, self.ranks.world_size
         # one global batch split over the ranks (training); evaluation deals record batches (every row once)
-        self.split_batches = rank_split == "batch" and world_size > 1 and even_ranks
-        # training: every rank yields as many batches as the shortest (DDP steps together); evaluation
-        # (even_ranks=False): every rank yields all of its rows, so each example is scored exactly once
-        self.even_ranks = even_ranks
+        self.split_batches = self.ranks.split == "batch" and self.world_size > 1 and not self.ranks.evaluation
         self.teacher_weights = teacher_weights
         self.with_labels = with_labels
         self.task = task
@@ -342,7 +357,7 @@ class CacheBatches(torch.utils.data.IterableDataset):
         else:
             self._streams = [self._rank_streams(r) for r in range(self.world_size)]
         per_rank = [sum(self._num_batches(s) for s in streams) for streams in self._streams]
-        self._len = min(per_rank) if self.even_ranks else per_rank[self.rank]
+        self._len = per_rank[self.rank] if self.ranks.evaluation else min(per_rank)
 
     def _rank_streams(self, rank: int) -> list[np.ndarray]:
         return split_at_edges(deal_ranges(self._ranges, rank, self.world_size), max(1, self.num_workers))

@@ -59,8 +59,8 @@ def _hf_config(spec: StudentConfig, num_labels: int | None, want_attention: bool
     return cfg
 
 
-def build_student(spec: StudentConfig, token_level: bool, num_labels: int | None, want_attention: bool,
-                  label_names: list | None = None):
+def build_student(spec: StudentConfig, *, token_level: bool = False, num_labels: int | None = None,
+                  want_attention: bool = False, label_names: list | None = None):
     if spec.entry_point is not None:
         model = call_entry_point(spec.entry_point, "student.entry_point")
         if not isinstance(model, nn.Module):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from ..components.loader import CacheBatches, CacheLoader
+from ..components.loader import CacheBatches, CacheLoader, RankShare
 from ..configurations import DistillationConfig
 from ..core.models import hf_adaptor
 from ..core.tensors import scalars_to_host
@@ -96,7 +96,7 @@ class DistillationTrainer(Trainer):
             train_dataset = self.cache_dataset(args, teacher_cache, teachers, teacher_weights, shuffle_buffer)
         if eval_cache is not None:
             eval_dataset = CacheBatches(_cache_paths(eval_cache), args.per_device_eval_batch_size, shuffle=False,
-                                        rank=args.process_index, world_size=args.world_size)
+                                        ranks=RankShare(args.process_index, args.world_size, "records"))
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
         self.distillation_loss = self.distillation_config = self.teacher_model = None
         if configure_now:
@@ -110,7 +110,9 @@ class DistillationTrainer(Trainer):
         return CacheBatches(
             _cache_paths(teacher_cache), a.per_device_train_batch_size, shuffle=a.train_sampling_strategy != "sequential",
             seed=a.data_seed if a.data_seed is not None else a.seed, buffer_size=shuffle_buffer,
-            drop_last=a.dataloader_drop_last, rank=a.process_index, world_size=a.world_size,
+            # records: the Trainer averages each rank's loss itself (no global denominators), so a split batch would
+            # not make N ranks equal one process here; each rank reads its own record batches
+            drop_last=a.dataloader_drop_last, ranks=RankShare(a.process_index, a.world_size, "records"),
             teachers=teachers, teacher_weights=teacher_weights)
 
     def configure_distillation(self, distillation_config, teacher_model=None, adaptor_S=hf_adaptor, adaptor_T=None):

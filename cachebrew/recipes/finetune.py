@@ -137,7 +137,8 @@ class FinetuneRecipe:
         self.dev = encode(eval_data, tokenizer, cfg.max_length, label_map)[0] if eval_data else None
         num_labels = len(self.label_names) if self.label_names else int(max(
             max(t["labels"]) if isinstance(t["labels"], list) else t["labels"] for t in self.train_examples)) + 1
-        self.model = build_student(cfg.model, cfg.data.tokens is not None, num_labels, False, self.label_names)
+        self.model = build_student(cfg.model, token_level=cfg.data.tokens is not None, num_labels=num_labels,
+                                   label_names=self.label_names)
         local_rank = resolve_local_rank(None)
         self.device = resolve_device(tc.device, local_rank)  # under torchrun: this rank's own GPU
         if local_rank != -1:

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from cachebrew.components import CacheBatches, CacheLoader
+from cachebrew.components import CacheBatches, CacheLoader, RankShare
 from cachebrew.errors import CachebrewError
 from cachebrew.recipes.export import ExportConfig, run_export
 from fixtures import export_config, make_teacher_dir, make_text_data
@@ -32,7 +32,7 @@ def ids(batch):
 def plan_ids(ds, epoch):
     """What the plan says, read batch by batch in this process (no workers)."""
     reference = CacheBatches(ds.joined, ds.batch_size, seed=ds.seed, buffer_size=ds.buffer_size,
-                             rank=ds.rank, world_size=ds.world_size, num_workers=ds.num_workers)
+                             ranks=ds.ranks, num_workers=ds.num_workers)
     expected = []
     for stream, rows in reference.plan(epoch):
         decoded = {}
@@ -97,7 +97,8 @@ def test_persistent_workers_follow_epochs_and_positions(cache):
 
 def test_ranks_split_rows_evenly_with_equal_lengths(cache):
     for world in (2, 3):
-        ranks = [CacheBatches(cache, 8, seed=1, buffer_size=12, rank=r, world_size=world, num_workers=2)
+        ranks = [CacheBatches(cache, 8, seed=1, buffer_size=12, ranks=RankShare(r, world, "records"),
+                              num_workers=2)
                  for r in range(world)]
         assert len({len(r) for r in ranks}) == 1
         seen = [k for r in ranks for b in r for k in ids(b)]

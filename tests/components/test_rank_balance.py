@@ -4,7 +4,7 @@ plans exactly as before."""
 import numpy as np
 import pytest
 
-from cachebrew.components.loader import CacheBatches, deal_ranges, record_batch_ranges
+from cachebrew.components.loader import CacheBatches, RankShare, deal_ranges, record_batch_ranges
 
 
 @pytest.mark.parametrize("sizes", [[[5, 7, 3], [8, 8], [2]],               # fewer record batches than 4 a rank
@@ -41,7 +41,7 @@ def sorted_cache(tmp_path_factory):
 def test_tokens_per_rank_balance_on_a_length_sorted_cache(sorted_cache, world):
     tokens = []
     for rank in range(world):
-        ds = CacheBatches(str(sorted_cache), 8, seed=0, rank=rank, world_size=world)
+        ds = CacheBatches(str(sorted_cache), 8, seed=0, ranks=RankShare(rank, world, "records"))
         tokens.append(sum(int(b["student"]["attention_mask"].sum()) for b in ds))
     assert max(tokens) <= 1.1 * min(tokens), tokens
     # the contiguous split it replaces: rank 0 took the first (longest) rows
@@ -53,11 +53,11 @@ def test_tokens_per_rank_balance_on_a_length_sorted_cache(sorted_cache, world):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_split_batches_partition_the_one_process_batches_with_balanced_tokens(sorted_cache, world):
-    """rank_split='batch': at every step the ranks' rows are exactly one process's batch at batch_size x ranks,
+    """RankShare.split='batch': at every step the ranks' rows are exactly one process's batch at batch_size x ranks,
     each rank with the same row count (±1 in an epoch's last batch) and, over the epoch, tokens within 10 % of the others (the length-sorted
     cache's contiguous split gave 12-15 vs 6-9 tokens a row); at each step, within one row's length."""
     one = [sorted(b["ids"]) for b in CacheBatches(str(sorted_cache), 4 * world, seed=5, buffer_size=32)]
-    ranks = [list(CacheBatches(str(sorted_cache), 4, seed=5, buffer_size=32, rank=r, world_size=world))
+    ranks = [list(CacheBatches(str(sorted_cache), 4, seed=5, buffer_size=32, ranks=RankShare(r, world)))
              for r in range(world)]
     assert all(len(r) == len(one) for r in ranks)
     totals = [0] * world

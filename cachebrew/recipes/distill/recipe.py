@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ...components.loader import CacheBatches, CacheLoader
+from ...components.loader import CacheBatches, CacheLoader, RankShare
 from ...configurations import TrainingConfig
 from ...core.files import atomic_write_text
 from ...core.files import unwrap
@@ -165,7 +165,7 @@ def evaluate(model, ds: CacheBatches, device, label_names) -> tuple[dict, dict |
         golds += g
         if cached is not None:
             t_preds += predictions(cached, labels.cpu())[0]
-    # each rank scored its own share of the eval cache (CacheBatches(even_ranks=False)): every rank gets the
+    # each rank scored its own share of the eval cache (RankShare(evaluation=True)): every rank gets the
     # whole set's score, so all ranks agree on the best step
     shares = all_gather_objects((preds, golds, t_preds))
     preds, golds, t_preds = ([x for share in shares for x in share[i]] for i in range(3))
@@ -269,12 +269,12 @@ class DistillRecipe:
         self.train_sets = {name: CacheBatches(t.caches, tc.batch_size, shuffle=True, seed=cfg.seed,
                                               buffer_size=tc.shuffle_buffer, teachers=cfg.teachers,
                                               teacher_weights=cfg.teacher_weights, task=task_of(name),
-                                              features=features, rank=self.rank, world_size=self.world_size,
-                                              rank_split=tc.rank_split)
+                                              features=features,
+                                              ranks=RankShare(self.rank, self.world_size, tc.rank_split))
                            for name, t in self.tasks.items()}
         self.train_sets_split_batches = any(ds.split_batches for ds in self.train_sets.values())
-        self.eval_sets = {name: CacheBatches(t.eval_cache, tc.batch_size, shuffle=False, rank=self.rank,
-                                             world_size=self.world_size, even_ranks=False, task=task_of(name),
+        self.eval_sets = {name: CacheBatches(t.eval_cache, tc.batch_size, shuffle=False, task=task_of(name),
+                                             ranks=RankShare(self.rank, self.world_size, evaluation=True),
                                              features={("logits", None)})
                           for name, t in self.tasks.items() if t.eval_cache}
         # Each DataLoader iterator draws a base seed; from its own generator, not the global RNG, so that a
@@ -306,14 +306,15 @@ class DistillRecipe:
             spec = self.cfg.student
             if spec.model_class is None:
                 spec = dataclasses.replace(spec, model_class="AutoModelForCausalLM")
-            self.student = build_student(spec, False, None, want_attention)
+            self.student = build_student(spec, want_attention=want_attention)
         elif self.multi_task:
             num_labels = {name: _num_labels(ds) for name, ds in self.train_sets.items()}
             self.student = build_multitask_student(self.cfg.student, num_labels, token_level, want_attention)
         else:
             default = self.train_sets["default"]
-            self.student = build_student(self.cfg.student, token_level["default"], _num_labels(default), want_attention,
-                                         default.joined.manifest.label_names)
+            self.student = build_student(self.cfg.student, token_level=token_level["default"],
+                                         num_labels=_num_labels(default), want_attention=want_attention,
+                                         label_names=default.joined.manifest.label_names)
         self.replica = None
         if self.cfg.train.sharding == "fsdp":
             # whole weights are saved (best/, last/, checkpoints) and loaded through an unsharded copy on rank 0's

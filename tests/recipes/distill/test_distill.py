@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from cachebrew import ConfigError, DistillationConfig, GeneralDistiller, TrainingConfig
 from cachebrew.cache import CacheReader
-from cachebrew.components.loader import CacheBatches
+from cachebrew.components.loader import CacheBatches, RankShare
 from cachebrew.core.models import hf_adaptor
 from cachebrew.core.training import make_optimizer, seed_everything, warmup_linear
 from cachebrew.recipes.distill import DistillRunConfig, run_distill
@@ -69,7 +69,7 @@ def test_cache_distill_equals_online_distillation(world, tmp_path):
     teacher = AutoModelForSequenceClassification.from_pretrained(str(world["teacher"]), output_hidden_states=True).eval()
     seed_everything(cfg.seed)
     ds = CacheBatches(cfg.caches, 8, shuffle=True, seed=cfg.seed, buffer_size=16)
-    student = build_student(cfg.student, False, 2, False)
+    student = build_student(cfg.student, num_labels=2)
     init = copy.deepcopy(student.state_dict())
 
     class Epochs:  # the cache loader's epoch-dependent order, with the teacher cache removed
@@ -134,7 +134,8 @@ def test_evaluation_runs_an_attention_matching_student_without_its_training_outp
     from cachebrew.recipes.distill.recipe import eval_mode
 
     torch.manual_seed(0)
-    model = build_student(StudentConfig(config=dict(STUDENT, num_hidden_layers=2)), False, 3, True)
+    model = build_student(StudentConfig(config=dict(STUDENT, num_hidden_layers=2)), num_labels=3,
+                          want_attention=True)
     x = {"input_ids": torch.randint(1, 88, (4, 9)), "attention_mask": torch.ones(4, 9, dtype=torch.long)}
     x["attention_mask"][0, 5:] = 0
     model.eval()
@@ -226,7 +227,7 @@ def test_loader_orders_ranks_workers_and_positions(world):
     ds.set_position(0, 5)
     assert [key(b) for b in ds] == e0[5:]
     assert [key(b) for b in ds] == e0[5:]  # a position holds until it is changed
-    ranks = [CacheBatches(path, 8, seed=5, buffer_size=16, rank=r, world_size=2) for r in (0, 1)]
+    ranks = [CacheBatches(path, 8, seed=5, buffer_size=16, ranks=RankShare(r, 2, "records")) for r in (0, 1)]
     seen = [k for r in ranks for b in r for k in key(b)]
     assert len(seen) == 64 and len(set(seen)) == 64 and all(len(r) == 4 for r in ranks)
     plain = CacheBatches(path, 8, shuffle=False)
@@ -352,14 +353,14 @@ def test_two_rank_resume_restores_each_ranks_own_rng(world, tmp_path):
 
 
 def test_eval_shares_cover_every_row_exactly_once(world):
-    """Evaluation is split over ranks (`even_ranks=False`): every eval row is scored by exactly one rank, also when
+    """Evaluation is split over ranks (`RankShare(evaluation=True)`): every eval row is scored by exactly one rank, also when
     the ranks' shares differ in batch count — where a training split (every rank as many batches as the shortest)
     would drop rows."""
     dev = world["caches"]["dev"]
     n = CacheReader(dev).num_rows
     for ranks in (1, 2, 3, 5):
         rows = {even: [int(i) for r in range(ranks) for _, batch in CacheBatches(
-            dev, 4, shuffle=False, rank=r, world_size=ranks, even_ranks=even, rank_split="records").plan(0)
+            dev, 4, shuffle=False, ranks=RankShare(r, ranks, "records", evaluation=not even)).plan(0)
             for i in batch]
             for even in (True, False)}
         assert sorted(rows[False]) == list(range(n)), ranks
