@@ -17,15 +17,16 @@ class Import:
     local: bool        # inside a function (runs later, but is still a dependency)
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+def module_name(path: Path, base: Path = PACKAGE.parent) -> str:
+    parts = list(path.relative_to(base).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports() -> list[Import]:
+def imports(paths=None, root: Path = PACKAGE.parent) -> list[Import]:
+    """The imports of cachebrew names in `paths` (default: the package's own files), modules named from `root`."""
     found = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        module = module_name(path)
+    for path in sorted(paths if paths is not None else PACKAGE.rglob("*.py")):
+        module = module_name(path, root)
         package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
         tree = ast.parse(path.read_text(encoding="utf-8"))
         local_nodes = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
@@ -88,3 +89,16 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return out
+
+
+def exported_names(module: str) -> set[str] | None:
+    """The literal `__all__` of a cachebrew module or package, None when it has none."""
+    rel = Path(*module.split("."))
+    path = PACKAGE.parent / rel / "__init__.py"
+    path = path if path.exists() else (PACKAGE.parent / rel).with_suffix(".py")
+    if not path.exists():
+        return None
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    return None

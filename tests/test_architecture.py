@@ -91,3 +91,40 @@ def test_textbrewer_module_names_are_for_users_only():
     import cachebrew.augment, cachebrew.data_utils, cachebrew.presets, cachebrew.registry  # noqa: E401
     assert cachebrew.presets.MATCH_LOSS_MAP is cachebrew.registry.MATCH_LOSS_MAP  # one registry, two names
     assert cachebrew.data_utils.masking is cachebrew.augment.masking
+
+
+ROOT = arch.PACKAGE.parent
+STUDY = ROOT / "pipelines" / "study"
+
+
+def test_nothing_outside_the_study_imports_it():
+    """The study is a pipeline on top of cachebrew: no package module, other pipeline, benchmark or example uses it."""
+    import ast
+
+    users = []
+    for folder in ("cachebrew", "pipelines", "benchmarks", "examples"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if STUDY in path.parents:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                    [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                users += [f"{path.relative_to(ROOT)}:{node.lineno}" for n in names if n.startswith("pipelines.study")]
+    assert users == []
+
+
+def test_the_study_imports_only_names_cachebrew_exports():
+    """What the study imports from cachebrew is in the `__all__` of the module it names or of its nearest package
+    that has one (a recipe's internals, e.g. `recipes.distill.recipe.evaluate`, are not): a reorganisation inside
+    a package cannot break the study silently."""
+    found = arch.imports(STUDY.rglob("*.py"), root=ROOT)
+    assert len(found) >= 10  # the rule below would pass on nothing
+    bad = []
+    for i in found:
+        if i.name is None:
+            continue
+        chain = [i.target] + [i.target.rsplit(".", k)[0] for k in range(1, i.target.count("."))]
+        declared = next((names for names in map(arch.exported_names, chain) if names is not None), None)
+        if i.name.startswith("_") or (declared is not None and i.name not in declared):
+            bad.append(f"{i.module}:{i.line} imports {i.name} from {i.target}")
+    assert bad == []

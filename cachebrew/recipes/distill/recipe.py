@@ -33,8 +33,8 @@ from ...core.models import hf_adaptor, without_training_outputs
 from ...core.training import make_optimizer, resolve_amp, save_student, seed_everything, warmup_linear
 from ...distillers import GeneralDistiller, MultiTaskDistiller
 from ...distillers.batches import move_to_device
-from ...distillers.loop import (ResumeState, StepState, full_state_dict, is_sharded, load_full_state_dict,
-                                shard_module)
+from ...distillers.loop import (ResumeState, StepState, TrainingLoop, full_state_dict, is_sharded,
+                                load_full_state_dict, shard_module)
 from ...errors import CacheFormatError, CachebrewError, ConfigError
 from ...losses import global_denominators
 from ...core.paths import resolve_path
@@ -221,6 +221,8 @@ class DistillRecipe:
         self._setup_data()
         self._setup_student()
         self._setup_distiller(local_rank)
+        if resume and not self.resumable:
+            raise CachebrewError(f"--resume: {type(self.distiller).__name__} writes no resumable checkpoints")
         if resume:
             if ckpt is None:  # killed before its first checkpoint: `--resume` is always safe to pass
                 logger.info("--resume: no complete checkpoint under %s yet; starting from step 0",
@@ -353,18 +355,40 @@ class DistillRecipe:
             amp=amp, gradient_accumulation_steps=accum,
             ckpt_steps=self.eval_every if tc.steps is not None else None, progress_bar=tc.progress_bar,
             local_rank=local_rank, log_steps=tc.log_steps)
-        if self.multi_task:
-            self.distiller = MultiTaskDistiller(t_config, self.d_config, None, self.student, None,
-                                                {t: hf_adaptor for t in self.tasks})
+        self.distiller = self.make_distiller(t_config)
+        self.resumable = isinstance(self.distiller, TrainingLoop)
+        if self.resumable:
+            # one checkpoint path: checkpoints/step-N from the step hook; the plan's checkpoint points only evaluate
+            self.distiller.write_gs_checkpoints = False
+            self.distiller.loss.causal_labels = self.causal_lm
+            self.distiller.add_step_hook(self._on_step)
         else:
-            self.distiller = GeneralDistiller(t_config, self.d_config, None, self.student, None, hf_adaptor)
-        # one checkpoint path: checkpoints/step-N from the step hook; the plan's checkpoint points only evaluate
-        self.distiller.write_gs_checkpoints = False
-        self.distiller.loss.causal_labels = self.causal_lm
+            logger.info("distiller %s: evaluation at its checkpoints only, no resumable checkpoints",
+                        type(self.distiller).__name__)
         self.optimizer = make_optimizer(self.student, tc.lr, tc.weight_decay)
         self.schedule = {"num_warmup_steps": int(tc.warmup_ratio * self.total_steps),
                          "num_training_steps": self.total_steps}
-        self.distiller.add_step_hook(self._on_step)
+
+    # -- hooks: a subclass swaps the distiller and keeps the rest of the recipe -----------------------------
+    def make_distiller(self, t_config: TrainingConfig):
+        """The distiller that trains ``self.student``: cachebrew's GeneralDistiller (MultiTaskDistiller for tasks).
+
+        A subclass may return any distiller with TextBrewer's ``train(optimizer, dataloader, num_epochs=...,
+        num_steps=..., scheduler_class=..., scheduler_args=..., max_grad_norm=..., callback=...)``, e.g. TextBrewer's
+        own with a teacher in memory (with `train_batches` giving it the teacher's inputs). The rest of the run
+        stays this recipe's: seed, loaders and their order, student, optimizer, schedule, evaluation keeping
+        ``best/``, ``last/``, ``results.json``; resumable checkpoints need a cachebrew distiller (its step hook)."""
+        if self.multi_task:
+            return MultiTaskDistiller(t_config, self.d_config, None, self.student, None,
+                                      {t: hf_adaptor for t in self.tasks})
+        return GeneralDistiller(t_config, self.d_config, None, self.student, None, hf_adaptor)
+
+    def train_batches(self, task: str):
+        """What the distiller iterates for `task`: its cache loader (batches of student inputs + teacher_cache)."""
+        return self.loaders[task]
+
+    def _trained_model(self):
+        return self.distiller.trained_model() if self.resumable else self.student
 
     # -- train --------------------------------------------------------------------------------------
     def train(self) -> int:
@@ -377,13 +401,16 @@ class DistillRecipe:
         denominators = global_denominators() if self.train_sets_split_batches else contextlib.nullcontext()
         with self.distiller, denominators:
             if self.multi_task:
-                steps = self.distiller.train(self.optimizer, self.loaders, num_steps=self.total_steps, tau=self.cfg.tau,
-                                             **common)
+                steps = self.distiller.train(self.optimizer, {t: self.train_batches(t) for t in self.loaders},
+                                             num_steps=self.total_steps, tau=self.cfg.tau, **common)
             elif tc.steps is not None:
-                steps = self.distiller.train(self.optimizer, self.loaders["default"], num_steps=self.total_steps,
+                steps = self.distiller.train(self.optimizer, self.train_batches("default"), num_steps=self.total_steps,
                                              **common)
             else:
-                steps = self.distiller.train(self.optimizer, self.loaders["default"], num_epochs=tc.epochs, **common)
+                steps = self.distiller.train(self.optimizer, self.train_batches("default"), num_epochs=tc.epochs,
+                                             **common)
+        if steps is None:  # TextBrewer's distillers return nothing; they run the whole plan
+            steps = self.total_steps
         self.train_seconds = time.perf_counter() - t_train
         return steps
 
@@ -421,7 +448,7 @@ class DistillRecipe:
         """After each optimizer step: extra evaluations inside epochs (`eval_every`), and checkpoints when due."""
         tc = self.cfg.train
         if tc.steps is None and tc.eval_every and s.global_step % tc.eval_every == 0 and not s.epoch_end:
-            self.evaluate(self.distiller.trained_model(), s.global_step)  # epoch ends evaluate through the callback
+            self.evaluate(self._trained_model(), s.global_step)  # epoch ends evaluate through the callback
         due = (s.global_step == s.total_steps or (self.save_every is not None and s.global_step % self.save_every == 0)
                or (self.save_every is None and s.epoch_end))
         if due:
@@ -437,7 +464,7 @@ class DistillRecipe:
     def save_checkpoint(self, s: StepState) -> None:
         """checkpoints/step-N: weights, projections, optimizer, schedule, every rank's RNG, the reader position."""
         rng_states = gather_rng_states(self.device)  # a collective: every rank's dropout stream, so each resumes its own
-        student = self._whole_student(self.distiller.trained_model())  # collectives too when the student is sharded
+        student = self._whole_student(self._trained_model())  # collectives too when the student is sharded
         optimizer_state = self.distiller.optimizer_state(s.optimizer)
         if self.rank != 0:
             return
@@ -495,7 +522,7 @@ class DistillRecipe:
         examples = (steps - self.start_step) * tc.batch_size * tc.gradient_accumulation_steps * self.world_size
         speed = examples / self.train_seconds if self.train_seconds else 0.0
         final = self.history[-1] if self.history and self.history[-1]["step"] == steps else None
-        whole = self._whole_student(self.distiller.trained_model())  # every rank: gathering a sharded student is a collective
+        whole = self._whole_student(self._trained_model())  # every rank: gathering a sharded student is a collective
         if self.rank == 0:
             save_student(whole, self.out / "last", self.tokenizer_source)
             if self.best is None:

@@ -1,0 +1,1 @@
+"""The study: does distilling from the cache pay off? (`python -m pipelines.study --help`; docs/study.md)."""
