@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
@@ -39,19 +38,8 @@ def copy_shard(src: Location, dest: Location, info: ShardInfo) -> int:
     so a shard name at the destination never shows a partial or corrupt shard: an interrupted copy is redone.
     `copy_cache` uses it for whole caches, `export` to a URI for the shards each rank wrote.
     """
-    tmp = dest.join(f".{info.path}.{os.getpid()}.tmp")
-    with src.fs.open_input_stream(src.join(info.path)) as fin, dest.fs.open_output_stream(tmp) as fout:
-        try:
-            n = _copy_verified(fin.read, fout.write, info.sha256, src.where(info.path))
-        except BaseException:
-            fout.close()
-            dest.fs.delete_file(tmp)
-            raise
-    if dest.local:
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    dest.fs.move(tmp, dest.join(info.path))
-    return n
+    with src.fs.open_input_stream(src.join(info.path)) as fin, dest.atomic_output(info.path) as fout:
+        return _copy_verified(fin.read, fout.write, info.sha256, src.where(info.path))
 
 
 @dataclass

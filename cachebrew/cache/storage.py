@@ -6,6 +6,7 @@ Copying whole caches between locations (`push` / `pull`) is `sharing.py`'s, buil
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,11 +70,27 @@ class Location:
         with self.fs.open_input_stream(self.join(name)) as f:
             return hash_stream(f).hexdigest()
 
-    def write_atomic(self, name: str, data: bytes):
+    @contextlib.contextmanager
+    def atomic_output(self, name: str):
+        """An output stream whose bytes appear as `name` only when the block completes: written under a temporary
+        name (fsynced when local) and then moved; on an error the temporary is deleted and nothing is published."""
         tmp = self.join(f".{name}.{os.getpid()}.tmp")
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
+        out = self.fs.open_output_stream(tmp)
+        try:
+            yield out
+        except BaseException:
+            out.close()
+            self.fs.delete_file(tmp)
+            raise
+        out.close()
+        if self.local:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         self.fs.move(tmp, self.join(name))
+
+    def write_atomic(self, name: str, data: bytes):
+        with self.atomic_output(name) as f:
+            f.write(data)
 
 
 def locate(location) -> Location:
