@@ -3,7 +3,6 @@ is one `error: ...` line on stderr and exit status 2, never a traceback or a box
 that pip installs and with the oldest one pyproject.toml allows (typer 0.9 on click 8.1)."""
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -256,7 +256,7 @@ def test_cli_validate_checks_every_kind_of_config(tmp_path, text, kind, message)
     path = tmp_path / f"{kind}.yaml"
     path.write_text(text)
     res = subprocess.run([sys.executable, "-m", "cachebrew", "validate", str(path)], capture_output=True, text=True)
-    assert res.returncode == 2 and f"no kind: add `kind: <export|distill|train|textbrewer>`" in res.stderr
+    assert res.returncode == 2 and "no kind: add `kind: <export|distill|train|textbrewer>`" in res.stderr
     assert f"(it looks like a{'n' if kind == 'export' else ''} {kind} config)" in res.stderr
     other = "train" if kind == "export" else "export"
     path.write_text(f"kind: {other}\n" + text)
