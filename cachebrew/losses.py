@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "kd_mse_loss", "kd_ce_loss", "att_mse_loss", "att_mse_sum_loss", "att_ce_loss", "att_ce_mean_loss",
-    "hid_mse_loss", "cos_loss", "pkd_loss", "fsp_loss", "mmd_loss",
+    "hid_mse_loss", "cos_loss", "cls_mse_loss", "pkd_loss", "fsp_loss", "mmd_loss",
     "inc_kd_ce_loss", "inc_kd_kl_loss", "inc_kd_mse_loss", "inc_mse_feature_loss", "inc_l1_feature_loss",
     "inc_kl_feature_loss", "sparse_kd_loss",
 ]
@@ -214,6 +214,15 @@ def cos_loss(state_S, state_T, mask=None):
         return F.cosine_embedding_loss(rows_S, rows_T, target, reduction="mean")
     per_position = F.cosine_embedding_loss(rows_S, rows_T, target, reduction="none")
     return _masked_mean(per_position.view(state_S.shape[:-1]), mask)
+
+
+def cls_mse_loss(state_S, state_T, mask=None):
+    """MSE between the first position's vectors ([CLS] / <s>; TinyBERT's prediction-layer-free variant): it pairs
+    no other positions, so teacher and student may tokenize the text differently. The mask is ignored."""
+    state_S, state_T = _f32(state_S, state_T)
+    cls_S = state_S[:, 0] if state_S.dim() == 3 else state_S
+    cls_T = state_T[:, 0] if state_T.dim() == 3 else state_T
+    return F.mse_loss(cls_S, cls_T)
 
 
 def pkd_loss(state_S, state_T, mask=None):

@@ -11,7 +11,7 @@ are validated against the registry contents at construction time.
 from __future__ import annotations
 
 from .losses import (att_ce_loss, att_ce_mean_loss, att_mse_loss, att_mse_sum_loss, cos_loss, fsp_loss,
-                     hid_mse_loss, inc_kd_ce_loss, inc_kd_kl_loss, inc_kd_mse_loss, inc_kl_feature_loss,
+                     cls_mse_loss, hid_mse_loss, inc_kd_ce_loss, inc_kd_kl_loss, inc_kd_mse_loss, inc_kl_feature_loss,
                      inc_l1_feature_loss, inc_mse_feature_loss, kd_ce_loss, kd_kl_loss, kd_mse_loss, mmd_loss,
                      pkd_loss)
 from .projections import linear_projection, projection_with_activation
@@ -98,6 +98,7 @@ MATCH_LOSS_MAP = Registry("match loss", {
     "hidden_mse": hid_mse_loss,
     "cos": cos_loss,
     "pkd": pkd_loss,
+    "cls_mse": cls_mse_loss,  # cachebrew's: position 0 only, so it also serves students with another tokenizer
     "gram": fsp_loss,
     "fsp": fsp_loss,
     "mmd": mmd_loss,

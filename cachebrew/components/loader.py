@@ -35,8 +35,9 @@ import torch
 from ..core.runtime import get_rank, get_world_size
 from ..core.tensors import iter_tensors
 from ..errors import CacheFormatError, CachebrewError
-from ..cache.format import (ATTENTION_MASK, COPY, ID, INPUT_IDS, LABELS, TOKEN_TYPE_IDS, ColumnViews, Selection,
-                     TensorSpec, decode_selection, decode_sparse_selection, decode_tensor_column, pad_ints)
+from ..cache.format import (ATTENTION_MASK, COPY, ID, INPUT_IDS, LABELS, TEXT, TEXT_PAIR, TOKEN_TYPE_IDS, ColumnViews,
+                            Selection, TensorSpec, decode_selection, decode_sparse_selection, decode_tensor_column,
+                            pad_ints)
 from ..cache.reader import CacheReader
 
 
@@ -299,13 +300,15 @@ class CacheBatches(torch.utils.data.IterableDataset):
     ``len()`` is the number of batches this rank sees per epoch, the same on every rank (DDP needs
     it). ``ranks`` (a `RankShare`) says which rows are this process's: by default, under torchrun, each global
     batch of ``batch_size x world_size`` rows split by length (N ranks == one process at that batch; a global
-    batch with fewer rows than ranks, the end of a stream, is dropped). ``set_epoch`` and ``set_position`` select what the next iteration yields, in this process
+    batch with fewer rows than ranks, the end of a stream, is dropped). ``student_tokenizer`` (a
+    `retokenize.StudentTokenizer`): the student reads the rows' text through its own tokenizer, unless that is the
+    cache's (same fingerprint: the cached ids are used); the teacher's outputs are the cache's either way. ``set_epoch`` and ``set_position`` select what the next iteration yields, in this process
     and in DataLoader workers alike.
     """
 
     def __init__(self, caches, batch_size: int, *, shuffle=True, seed=0, buffer_size=2048, drop_last=False,
                  teachers=None, teacher_weights=None, features=None, with_labels=True, task: str | None = None,
-                 num_workers: int = 0, ranks: RankShare | None = None):
+                 num_workers: int = 0, ranks: RankShare | None = None, student_tokenizer=None):
         self.joined = caches if isinstance(caches, JoinedCaches) else JoinedCaches(
             [caches] if isinstance(caches, (str, Path)) else list(caches), teachers)
         self.batch_size = int(batch_size)
@@ -335,7 +338,13 @@ class CacheBatches(torch.utils.data.IterableDataset):
         self.specs = [(ci, spec) for ci, spec in self.joined.specs
                       if (spec.kind == "logits" or spec.teacher == first)
                       and (wanted is None or (spec.kind, spec.layer) in wanted)]
+        cached_tokenizer = self.joined.manifest.fingerprint_inputs.get("tokenizer")
+        # the student's own tokenizer, where it is not the cache's (same fingerprint: a no-op)
+        self.student_tokenizer = student_tokenizer if student_tokenizer is not None and \
+            student_tokenizer.fingerprint != cached_tokenizer else None
         inputs = {ID, COPY, INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS} | ({LABELS} if with_labels else set())
+        if self.student_tokenizer is not None:
+            inputs |= {TEXT, TEXT_PAIR}
         self._needed = [inputs | {c for cj, spec in self.specs if cj == ci
                                   for c in (spec.column, *spec.aux_columns())}
                         for ci in range(len(self.joined.readers))]
@@ -493,10 +502,14 @@ class CacheBatches(torch.utils.data.IterableDataset):
         lengths = primary.lengths.tolist()
         L = max(lengths)
         names = self.joined.readers[0].manifest.columns
-        student = {INPUT_IDS: pad_ints(primary, INPUT_IDS, L, 0)}
-        for name in (ATTENTION_MASK, TOKEN_TYPE_IDS):
-            if name in names:
-                student[name] = pad_ints(primary, name, L, 0)
+        if self.student_tokenizer is not None:  # the rows' text in the student's tokens; teacher tensors keep L
+            student = self.student_tokenizer.encode(
+                primary.scalars(TEXT), primary.scalars(TEXT_PAIR) if TEXT_PAIR in names else None)
+        else:
+            student = {INPUT_IDS: pad_ints(primary, INPUT_IDS, L, 0)}
+            for name in (ATTENTION_MASK, TOKEN_TYPE_IDS):
+                if name in names:
+                    student[name] = pad_ints(primary, name, L, 0)
         if self.with_labels and self.causal_lm and LABELS not in names:
             labels = student[INPUT_IDS].clone()
             if ATTENTION_MASK in student:

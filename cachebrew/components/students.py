@@ -25,6 +25,9 @@ class StudentConfig:
     entry_point: str | None = None   # "module:function" returning an nn.Module
     model_class: str | None = None   # default: sequence or token classification from the cache
     overrides: dict | None = None    # config fields to change, e.g. {num_hidden_layers: 3}: keep the first layers
+    # the student's own tokenizer (a directory): where it is not the cache's, the student reads the cached text
+    # through it (components.retokenize); None: the cache's token ids, i.e. the teacher's tokenizer
+    tokenizer: str | None = None
 
 
 def _hf_config(spec: StudentConfig, num_labels: int | None, want_attention: bool):

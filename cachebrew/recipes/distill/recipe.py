@@ -45,6 +45,7 @@ from .checkpoints import (RunCheckpoint, gather_rng_states, latest_checkpoint, l
                           restore_rng, save_run_checkpoint)
 from .config import DistillRunConfig, TaskConfig
 from ...components.metrics import lm_score, next_token_counts, predictions, score, selection_score
+from ...components.retokenize import StudentTokenizer, cross_tokenizer_problems
 from ...components.students import build_multitask_student, build_student
 
 logger = logging.getLogger("cachebrew")
@@ -268,16 +269,17 @@ class DistillRecipe:
         features = {("logits", None)} | {(im.feature, layer) for im in self.d_config.intermediate_matches
                                          for layer in (im.layer_T if isinstance(im.layer_T, list) else [im.layer_T])}
         task_of = lambda name: name if self.multi_task else None
+        student_tokenizer = StudentTokenizer.load(cfg.student.tokenizer) if cfg.student.tokenizer else None
         self.train_sets = {name: CacheBatches(t.caches, tc.batch_size, shuffle=True, seed=cfg.seed,
                                               buffer_size=tc.shuffle_buffer, teachers=cfg.teachers,
                                               teacher_weights=cfg.teacher_weights, task=task_of(name),
-                                              features=features,
+                                              features=features, student_tokenizer=student_tokenizer,
                                               ranks=RankShare(self.rank, self.world_size, tc.rank_split))
                            for name, t in self.tasks.items()}
         self.train_sets_split_batches = any(ds.split_batches for ds in self.train_sets.values())
         self.eval_sets = {name: CacheBatches(t.eval_cache, tc.batch_size, shuffle=False, task=task_of(name),
                                              ranks=RankShare(self.rank, self.world_size, evaluation=True),
-                                             features={("logits", None)})
+                                             features={("logits", None)}, student_tokenizer=student_tokenizer)
                           for name, t in self.tasks.items() if t.eval_cache}
         # Each DataLoader iterator draws a base seed; from its own generator, not the global RNG, so that a
         # resumed run (which creates its first iterator mid-epoch) sees the same dropout masks.
@@ -296,9 +298,33 @@ class DistillRecipe:
             kinds = ", ".join(f"{path} ({'causal LM' if c else 'classification'})" for path, c in causal.items())
             raise ConfigError(f"caches: a causal-LM student trains from causal-LM caches only, one task "
                               f"(multi-task heads are classification heads); got {kinds}")
+        if student_tokenizer is not None:  # the student's text as long as the teacher's was (export max_length)
+            student_tokenizer.max_length = next(iter(self.train_sets.values())).joined.manifest.config.get("max_length")
+        self._check_student_tokenizer(student_tokenizer)
         for name, ds in self.train_sets.items():
             logger.info("task %s: %d rows, %d batches per epoch on this rank, teachers %s", name, ds.joined.num_rows,
                         len(ds), ds.joined.teachers)
+
+    def _check_student_tokenizer(self, student_tokenizer) -> None:
+        """A student with its own tokenizer: what it reads (the cached ids, or the text re-tokenized), refusals."""
+        self.student_tokenizer = None
+        if student_tokenizer is None:
+            return
+        sets = {**{f"caches ({n})": ds for n, ds in self.train_sets.items()},
+                **{f"eval_cache ({n})": ds for n, ds in self.eval_sets.items()}}
+        retokenized = {where: ds.student_tokenizer is not None for where, ds in sets.items()}
+        problems = []
+        for where, ds in sets.items():
+            if retokenized[where]:
+                problems += cross_tokenizer_problems(where, ds.token_level, ds.causal_lm,
+                                                     self.d_config.intermediate_matches if where.startswith("caches")
+                                                     else [])
+        if problems:
+            raise ConfigError(list(dict.fromkeys(problems)))
+        self.student_tokenizer = {"path": student_tokenizer.path, "fingerprint": student_tokenizer.fingerprint,
+                                  "retokenized": retokenized}
+        logger.info("student.tokenizer %s: %s", student_tokenizer.path,
+                    "the cached text re-tokenized" if any(retokenized.values()) else "the cache's own: its ids used")
 
     def _setup_student(self) -> None:
         """The student, its head sized from the caches; the tokenizer files saved with it come from the export."""
@@ -328,8 +354,9 @@ class DistillRecipe:
         else:
             self.student.to(self.device)
         first = self.train_sets[next(iter(self.tasks))].joined.manifest
-        source = first.config.get("tokenizer") or next((t.get("source") for t in first.teachers.values()), None)
-        self.tokenizer_source = resolve_path(source) if source else None
+        source = self.cfg.student.tokenizer or first.config.get("tokenizer") or \
+            next((t.get("source") for t in first.teachers.values()), None)
+        self.tokenizer_source = resolve_path(source) if source else None  # saved with the student: what it reads
 
     def _setup_distiller(self, local_rank: int) -> None:
         """The distiller (its loop, losses and projections), AdamW and the warm-up/linear schedule."""
@@ -532,7 +559,8 @@ class DistillRecipe:
                        "examples_per_second": speed if self.train_seconds else None,
                        "caches": {n: [r.manifest.fingerprint for r in ds.joined.readers]
                                   for n, ds in self.train_sets.items()},
-                       "cachebrew": __version__, "config": self.cfg.to_dict()}
+                       "student_tokenizer": self.student_tokenizer, "cachebrew": __version__,
+                       "config": self.cfg.to_dict()}
             atomic_write_text(self.out / "results.json", json.dumps(results, indent=2))
         return DistillResult(str(self.out), steps, self.best, final, self.teacher_metric,
                              time.perf_counter() - self.t_start, speed)
