@@ -98,7 +98,8 @@ def test_presets_have_textbrewer_names(textbrewer):
     assert presets.FEATURES == tp.FEATURES
     # additions: 'kl' (KL(teacher || student), batch mean) and INC's numerics for cachebrew.inc / hf criteria
     assert set(presets.KD_LOSS_MAP) == set(tp.KD_LOSS_MAP) | {"kl", "inc_ce", "inc_kl", "inc_mse"}
-    assert set(presets.MATCH_LOSS_MAP) == set(tp.MATCH_LOSS_MAP) | {"inc_mse", "inc_kl", "inc_l1"}
+    # and cls_mse: [CLS] vectors only, for students with another tokenizer
+    assert set(presets.MATCH_LOSS_MAP) == set(tp.MATCH_LOSS_MAP) | {"inc_mse", "inc_kl", "inc_l1", "cls_mse"}
     assert set(presets.PROJ_MAP) == set(tp.PROJ_MAP)
     assert set(presets.WEIGHT_SCHEDULER) == set(tp.WEIGHT_SCHEDULER)
     assert set(presets.TEMPERATURE_SCHEDULER.keys()) == set(tp.TEMPERATURE_SCHEDULER.store)
@@ -209,3 +210,15 @@ def test_a_missing_oracle_fails_unless_skipping_is_asked_for(monkeypatch):
         import_oracle("textbrewer")
     monkeypatch.undo()
     assert import_oracle("textbrewer").__name__ == "textbrewer"  # installed here: the real module comes back
+
+
+def test_cls_mse_reads_position_zero_only():
+    """cls_mse: the MSE of the [CLS] vectors, whatever the other positions (and lengths) hold; 0 when they agree."""
+    from cachebrew.losses import cls_mse_loss
+
+    s, t = torch.randn(3, 5, 4), torch.randn(3, 7, 4)
+    assert float(cls_mse_loss(s, t)) == pytest.approx(float(((s[:, 0] - t[:, 0]) ** 2).mean()))
+    t2 = t.clone()
+    t2[:, 1:] = 99.0
+    t2[:, 0] = s[:, 0]
+    assert float(cls_mse_loss(s, t2)) == 0.0
