@@ -17,6 +17,13 @@ def write_vocab(path: Path):
     return len(tokens)
 
 
+def tiny_student(**over) -> dict:
+    """Config fields of the distill tests' tiny BERT student (the fixtures' vocabulary, dropout off), with `over`."""
+    return {"model_type": "bert", "vocab_size": 88, "hidden_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64,
+            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, **over}
+
+
 def make_teacher_dir(path: Path, layers=2, hidden=32, heads=2, num_labels=2, seed=0, token_level=False) -> Path:
     import torch
     from transformers import (BertConfig, BertForSequenceClassification, BertForTokenClassification,

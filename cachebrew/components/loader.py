@@ -302,8 +302,9 @@ class CacheBatches(torch.utils.data.IterableDataset):
     batch of ``batch_size x world_size`` rows split by length (N ranks == one process at that batch; a global
     batch with fewer rows than ranks, the end of a stream, is dropped). ``student_tokenizer`` (a
     `retokenize.StudentTokenizer`): the student reads the rows' text through its own tokenizer, unless that is the
-    cache's (same fingerprint: the cached ids are used); the teacher's outputs are the cache's either way. ``set_epoch`` and ``set_position`` select what the next iteration yields, in this process
-    and in DataLoader workers alike.
+    cache's (same fingerprint: the cached ids are used); the teacher's outputs are the cache's either way.
+    ``set_epoch`` and ``set_position`` select what the next iteration yields, in this process and in DataLoader
+    workers alike.
     """
 
     def __init__(self, caches, batch_size: int, *, shuffle=True, seed=0, buffer_size=2048, drop_last=False,

@@ -18,7 +18,7 @@ from cachebrew.components import CacheBatches
 from cachebrew.components.retokenize import StudentTokenizer
 from cachebrew.recipes.distill import DistillRunConfig, run_distill
 from cachebrew.recipes.export import ExportConfig, run_export
-from fixtures import export_config, make_ner_data, make_teacher_dir, make_text_data
+from fixtures import export_config, make_ner_data, make_teacher_dir, make_text_data, tiny_student
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -53,9 +53,7 @@ def world(tmp_path_factory):
 
 
 def config(world, out, tokenizer=None, vocab_size=88, loss="cls_mse"):
-    student = {"config": {"model_type": "bert", "vocab_size": vocab_size, "hidden_size": 16, "num_hidden_layers": 1,
-                          "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 128,
-                          "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
+    student = {"config": tiny_student(vocab_size=vocab_size, max_position_embeddings=128)}
     if tokenizer is not None:
         student["tokenizer"] = str(tokenizer)
     return DistillRunConfig.from_dict({

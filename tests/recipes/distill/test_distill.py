@@ -23,12 +23,10 @@ from cachebrew.recipes.distill import DistillRunConfig, run_distill
 from cachebrew.components.students import build_student
 from cachebrew.errors import CacheFormatError, CachebrewError
 from cachebrew.recipes.export import ExportConfig, run_export
-from fixtures import export_config, make_ner_data, make_teacher_dir, make_text_data
+from fixtures import export_config, make_ner_data, make_teacher_dir, make_text_data, tiny_student
 
 TESTS = Path(__file__).resolve().parents[2]  # cwd of subprocesses: entry points such as slow_teacher:build
-STUDENT = {"model_type": "bert", "vocab_size": 88, "hidden_size": 16, "num_hidden_layers": 1,
-           "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64,
-           "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+STUDENT = tiny_student()
 MATCH = [{"layer_T": 2, "layer_S": 1, "feature": "hidden", "loss": "hidden_mse", "weight": 1,
           "proj": ["linear", 16, 32]}]
 

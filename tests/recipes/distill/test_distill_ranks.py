@@ -18,13 +18,11 @@ from safetensors.torch import load_file
 
 from cachebrew.recipes.distill import DistillRunConfig, run_distill
 from cachebrew.recipes.export import ExportConfig, run_export
-from fixtures import export_config, make_ner_data, make_teacher_dir, make_text_data
+from fixtures import export_config, make_ner_data, make_teacher_dir, make_text_data, tiny_student
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parents[2]
-STUDENT = {"model_type": "bert", "vocab_size": 88, "hidden_size": 16, "num_hidden_layers": 1,
-           "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64,
-           "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # dropout: each rank draws its own masks
+STUDENT = tiny_student()  # dropout off: each rank would draw its own masks
 GLOBAL_BATCH = 6
 
 

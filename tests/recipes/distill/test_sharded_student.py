@@ -22,12 +22,10 @@ from safetensors.torch import load_file
 from cachebrew.errors import ConfigError
 from cachebrew.recipes.distill import DistillRunConfig, run_distill
 from cachebrew.recipes.export import ExportConfig, run_export
-from fixtures import export_config, make_teacher_dir, make_text_data
+from fixtures import export_config, make_teacher_dir, make_text_data, tiny_student
 
 TESTS = Path(__file__).resolve().parents[2]
-STUDENT = {"model_type": "bert", "vocab_size": 88, "hidden_size": 16, "num_hidden_layers": 2,
-           "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64,
-           "hidden_dropout_prob": 0.2, "attention_probs_dropout_prob": 0.0}
+STUDENT = tiny_student(num_hidden_layers=2, hidden_dropout_prob=0.2)
 MATCH = [{"layer_T": 2, "layer_S": 2, "feature": "hidden", "loss": "hidden_mse", "weight": 1,
           "proj": ["linear", 16, 32]}]
 
