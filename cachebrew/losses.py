@@ -363,3 +363,43 @@ def sparse_kd_loss(logits_S, target: dict, temperature=1, kind: str = "ce", mask
     elif kind != "ce":
         raise ValueError(f"sparse KD loss kind {kind!r} is not 'ce' or 'kl'")
     return _masked_mean(ce, mask)
+
+
+def cross_tokenizer_kd_loss(logits_S, target: dict, temperature=1, mask=None):
+    """KD of a student against a teacher with another tokenizer: the teacher's sparse next-token targets carried
+    onto the student's positions and vocabulary (components/loader.py ``CacheBatches._aligned``: ``ids`` in the
+    student's vocabulary, ``matched`` where a teacher token's text is a student token's, ``mass``, ``tail``).
+
+    Two parts, after GOLD (TRL's cross-tokenizer distillation), which pairs exact vocabulary matches with ULD
+    (Boizard et al., arXiv 2402.12030) for the rest:
+
+    - **matched mass**, as KL: each matched token's probability, and everything else lumped into one bucket
+      (``1 - sum matched``, which holds the unmatched slots and a top-k tail): the forward KL of those coarse
+      distributions, ``sum_m p_m log(p_m / q_m) + p_rest log(p_rest / q_rest)``;
+    - **unmatched mass**, as ULD: the teacher's unmatched slot probabilities sorted, against the student's largest
+      probabilities among tokens no matched slot names, sorted: their L1 distance (Wasserstein-1 between the two
+      sorted distributions, which needs no token correspondence), smoothed below `ULD_SMOOTHING`.
+
+    Both are 0, with a vanishing gradient, when the student's distribution equals the teacher's carried one.
+    Averaged over the positions ``mask`` keeps (those aligned with a teacher position).
+    """
+    s = _f32(logits_S)[0] / temperature
+    log_q = F.log_softmax(s, dim=-1)
+    ids, mass = target["ids"], target["mass"]
+    matched = target["matched"].to(mass.dtype)
+    log_q_k = log_q.gather(-1, ids)
+    p_m = mass * matched
+    p_rest = (1.0 - p_m.sum(dim=-1)).clamp_min(0.0)
+    q_rest = (1.0 - (log_q_k.exp() * matched).sum(dim=-1)).clamp_min(1e-12)
+    kl = (torch.xlogy(p_m, p_m) - p_m * log_q_k).sum(dim=-1) + torch.xlogy(p_rest, p_rest) - p_rest * torch.log(q_rest)
+    named = torch.zeros_like(log_q).scatter_add_(-1, ids, matched) > 0
+    k = ids.size(-1)
+    q_other = torch.topk(log_q.masked_fill(named, float("-inf")).exp(), k, dim=-1).values
+    p_other = torch.sort(mass * (1.0 - matched), dim=-1, descending=True).values
+    uld = F.smooth_l1_loss(q_other, p_other, reduction="none", beta=ULD_SMOOTHING).sum(dim=-1)
+    return _masked_mean(kl + uld, mask)
+
+
+# Below this distance the ULD term is quadratic (Huber): the L1 distance elsewhere, but its gradient goes to 0 as
+# the student matches, instead of staying +-1 on float rounding
+ULD_SMOOTHING = 1e-3

@@ -28,7 +28,7 @@ from torch import nn
 
 from .configurations import DistillationConfig
 from .errors import BatchError
-from .losses import global_label_mean, sparse_kd_loss
+from .losses import cross_tokenizer_kd_loss, global_label_mean, sparse_kd_loss
 from .registry import KD_LOSS_MAP, MATCH_LOSS_MAP, PROJ_MAP
 from .schedulers import constant_temperature_scheduler
 
@@ -78,10 +78,10 @@ def _position_shape(logits):
 def paired_logits(results_S, results_T, can_weight: Callable[[object], bool] = lambda _l_T: True):
     """Both sides' logits and, per pair, the (batch, len) mask that weights its positions (None: all rows count).
 
-    A pair is weighted by the student's mask when both sides give a logits_mask and logits, teacher logits and
-    both masks share one (batch, len) shape: the teacher's mask is then taken to mark the same positions, as it
-    does wherever both come from one batch (cachebrew's loader and distillers copy the student's mask to the
-    teacher side). Otherwise, or when ``can_weight(teacher_logits)`` says the KD term needs the rows themselves,
+    A pair is weighted by the positions both masks keep when both sides give a logits_mask and logits, teacher
+    logits and both masks share one (batch, len) shape: the masks then mark the same positions, as they do wherever
+    both come from one batch (cachebrew's loader and distillers copy the student's mask to the teacher side; for a
+    student with another tokenizer the teacher's keeps the student positions aligned with teacher tokens). Otherwise, or when ``can_weight(teacher_logits)`` says the KD term needs the rows themselves,
     each side is cut to its own mask as TextBrewer does (a host sync).
     """
     logits_S, logits_T = list(results_S["logits"]), list(results_T["logits"])
@@ -95,7 +95,7 @@ def paired_logits(results_S, results_T, can_weight: Callable[[object], bool] = l
         shape = _position_shape(logits_S[i])
         if (m_S is not None and m_T is not None and shape is not None and shape == _position_shape(logits_T[i])
                 == tuple(m_S.shape) == tuple(m_T.shape) and can_weight(logits_T[i])):
-            weights[i] = m_S
+            weights[i] = m_S * m_T  # the teacher's mask may keep fewer (a student of another tokenizer)
     for logits, masks in ((logits_S, masks_S), (logits_T, masks_T)):
         if masks is None:
             continue
@@ -228,6 +228,8 @@ class DistillationLoss:
         if kind is None:
             raise BatchError(f"kd_loss_type {c.kd_loss_type!r} needs dense teacher logits; with sparse logits use "
                              f"one of {sorted(SPARSE_KD_KINDS)}")
+        if "matched" in target:  # carried from a teacher with another tokenizer (components/loader.py)
+            return cross_tokenizer_kd_loss(logits_S, target, T, mask=mask)
         loss = sparse_kd_loss(logits_S, target, T, kind, mask=mask)
         return loss * T ** 2 if c.kd_loss_type == "inc_ce" else loss
 
@@ -274,7 +276,8 @@ class DistillationLoss:
             logits_S, logits_T, masks = self.paired_logits(results_S, results_T)
             total_loss = self.weighted_kd(logits_S, logits_T, results_S, losses_dict, masks)
 
-        inputs_mask_S = results_S.get("inputs_mask")
+        # the student's positions; with a teacher of another tokenizer, those aligned with teacher tokens
+        inputs_mask_S = results_T.get("match_mask", results_S.get("inputs_mask"))
         for ith, im in enumerate(self.config.intermediate_matches):
             inter_S, inter_T = match_features(ith, im, results_S, results_T)
             proj = self.projections[ith]

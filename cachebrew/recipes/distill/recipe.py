@@ -316,9 +316,9 @@ class DistillRecipe:
         problems = []
         for where, ds in sets.items():
             if retokenized[where]:
-                problems += cross_tokenizer_problems(where, ds.token_level, ds.causal_lm,
+                problems += cross_tokenizer_problems(where, ds.alignment_inputs,
                                                      self.d_config.intermediate_matches if where.startswith("caches")
-                                                     else [])
+                                                     else [], student_tokenizer.gives_spans)
         if problems:
             raise ConfigError(list(dict.fromkeys(problems)))
         self.student_tokenizer = {"path": student_tokenizer.path, "fingerprint": student_tokenizer.fingerprint,

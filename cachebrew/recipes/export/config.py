@@ -101,6 +101,9 @@ class OutputsConfig:
     hidden_layers: list = field(default_factory=list)
     attention_layers: list = field(default_factory=list)
     attention_form: str = "probs"      # probs | logits (log-probabilities: pre-softmax scores up to a row constant)
+    # each token's character span (token-level rows: its word), what students with another tokenizer align by
+    # (components/alignment.py); ~2 bytes per token compressed. Needs a fast tokenizer (else not written)
+    token_spans: bool = True
 
 
 @dataclass
@@ -187,6 +190,8 @@ class ExportConfig(JobConfig):
         # settings added later count only when set: caches exported before they existed stay up to date
         if not d.get("packing"):
             d.pop("packing", None)
+        if d["outputs"].get("token_spans", True):
+            d["outputs"].pop("token_spans", None)
         sparse = d["outputs"].get("sparse_logits")
         if sparse and sparse.get("proposal_temperature") is None:
             sparse.pop("proposal_temperature", None)

@@ -55,6 +55,7 @@ from ...version import __version__
 from .config import ExportConfig
 from ...components.data import (build_rows, chat_renderer, data_fingerprint, label_vocabulary, load_table, pack_rows,
                                 pad_batch, sorted_order, tokenize_rows)
+from ...components.alignment import token_texts
 from .teachers import forward, load_teacher, load_tokenizer, teacher_tensors, tensor_specs
 
 logger = logging.getLogger("cachebrew")
@@ -603,10 +604,10 @@ class ExportRecipe:
         self.rows = build_rows(self.ds, cfg.data, cfg.augment, getattr(self.tokenizer, "mask_token", None) or "[MASK]",
                                chat)
         self.tokens = tokenize_rows(self.rows, self.tokenizer, None if cfg.packing else cfg.max_length, label_map,
-                                    self.token_level, add_special_tokens=chat is None)
+                                    self.token_level, add_special_tokens=chat is None, spans=cfg.outputs.token_spans)
         if cfg.packing:
             self.rows, self.tokens = pack_rows(self.rows, self.tokens, cfg.max_length, self._separator_id(),
-                                               self.tokenizer.decode)
+                                               self.tokenizer.decode, spans=cfg.outputs.token_spans)
         self.order = sorted_order([len(t[INPUT_IDS]) for t in self.tokens], cfg.sort_window * cfg.batch_size)
         self.n_shards = math.ceil(len(self.order) / cfg.shard_rows)
         mine = [s for s in range(self.n_shards) if s % self.world == self.rank]
@@ -615,6 +616,13 @@ class ExportRecipe:
         self.todo = [s for s in mine if s not in self.on_disk]
         if self.done:
             logger.info("resuming: %d of this rank's %d shards are already complete", len(self.done), len(mine))
+
+    def _vocabulary(self) -> list[str] | None:
+        """A causal-LM teacher's token texts by id (each decoded alone), for students with another tokenizer."""
+        if not any(tc.model_class == "AutoModelForCausalLM" for tc in self.cfg.teachers) or \
+                not self.cfg.outputs.token_spans or not getattr(self.tokenizer, "is_fast", False):
+            return None
+        return token_texts(self.tokenizer)
 
     def _separator_id(self) -> int:
         """The token that ends each packed document: the tokenizer's EOS (else its SEP)."""
@@ -744,7 +752,7 @@ class ExportRecipe:
                                 "model_class": tc.model_class} for tc in cfg.teachers},
             shards=shard_infos, tasks={cfg.task: len(self.order)}, config=cfg.to_dict(),
             token_level=self.token_level, label_names=self.label_names, num_examples=len(self.ds),
-            created=datetime.now(timezone.utc).isoformat())
+            created=datetime.now(timezone.utc).isoformat(), vocabulary=self._vocabulary())
         if self.destination is None:
             manifest.write(self.out)
         else:
