@@ -53,24 +53,20 @@ def span_alignment(teacher: Sequence[Span], student: Sequence[Span]) -> np.ndarr
     """(len(student), len(teacher)) weights: row j averages the teacher tokens aligned with student token j.
 
     A row of zeros: the student token meets no teacher token."""
-    w = np.zeros((len(student), len(teacher)), np.float32)
-    t_keys, s_keys = _special_keys(teacher), _special_keys(student)
+    t = np.asarray(teacher, np.int64).reshape(-1, 2)
+    s = np.asarray(student, np.int64).reshape(-1, 2)
+    t_real, s_real = t[:, 1] > t[:, 0], s[:, 1] > s[:, 0]
+    hit = (s_real[:, None] & t_real[None, :]
+           & (np.maximum(s[:, None, 0], t[None, :, 0]) < np.minimum(s[:, None, 1], t[None, :, 1])))
     specials = defaultdict(list)
-    for i, key in enumerate(t_keys):
+    for i, key in enumerate(_special_keys(teacher)):
         if key is not None:
             specials[key].append(i)
-    t_starts = np.asarray([s for s, _ in teacher], np.int64)
-    t_ends = np.asarray([e for _, e in teacher], np.int64)
-    t_real = t_ends > t_starts
-    for j, (s, e) in enumerate(student):
-        key = s_keys[j]
-        if key is None:
-            hit = np.flatnonzero(t_real & (np.maximum(t_starts, s) < np.minimum(t_ends, e)))
-        else:
-            hit = np.asarray(specials.get(key, ()), np.int64)
-        if hit.size:
-            w[j, hit] = 1.0 / hit.size
-    return w
+    for j, key in enumerate(_special_keys(student)):
+        if key is not None:
+            hit[j, specials.get(key, [])] = True
+    counts = hit.sum(axis=1, keepdims=True)
+    return (hit / np.maximum(counts, 1)).astype(np.float32)
 
 
 def first_subtoken_alignment(teacher_word_ids: Sequence[int | None], student_word_ids: Sequence[int | None]) -> np.ndarray:

