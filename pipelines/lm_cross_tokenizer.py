@@ -6,7 +6,7 @@
 Real text: BBC News (data/bbc), cut into ~70-word chunks as in pipelines/lm_study.py, whose teacher recipe this
 reuses. Two tokenizers trained on the train split with `tokenizers`, both lower-casing and splitting on
 whitespace and punctuation, otherwise unlike: **A**, BPE with 8,000 tokens (the teacher's); **B**, WordPiece with
-2,000 tokens ("##" continuation pieces: other ids, other lengths, about a third of A's token texts in common).
+2,000 tokens ("##" continuation pieces: other ids, other lengths; 16 % of A's token texts are also B's).
 
 1. The teacher (GPT-2 architecture, 3 x 192, tokenizer A) is trained on every train chunk; `cachebrew export`
    writes its top-16 next-token distributions (T = 1; exact masses and the tail) over the students' 600 chunks,

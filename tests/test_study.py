@@ -372,6 +372,24 @@ def test_lm_study_smoke_runs_every_arm(tmp_path):
 
 
 @pytest.mark.slow
+def test_lm_cross_tokenizer_smoke_runs_every_arm(tmp_path):
+    """pipelines/lm_cross_tokenizer.py at toy size: two tokenizers, the teacher's cache with spans and token texts,
+    the four student arms at equal steps, bits per character, the table."""
+    out = tmp_path / "lmx"
+    r = subprocess.run([sys.executable, "-m", "pipelines.lm_cross_tokenizer", "--smoke", "--seeds", "1",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads((out / "runs" / "teacher.json").read_text())
+    assert 0 < info["matched_vocabulary"] < 1  # the tokenizers share some token texts, not all
+    runs = {arm: json.loads((out / "runs" / arm / "seed-1.json").read_text())
+            for arm in ("B_hard", "B_cross_kd", "A_hard", "A_kd")}
+    assert len({run["steps"] for run in runs.values()}) == 1 and runs["B_hard"]["steps"] > 0
+    assert all(0 < run["test"]["bits_per_char"] < 20 for run in runs.values())
+    assert runs["B_cross_kd"]["test"] != runs["B_hard"]["test"]  # the cache's targets reached the B student
+    assert "cross-tokenizer" in (out / "table.md").read_text()
+
+
+@pytest.mark.slow
 def test_cross_tokenizer_study_smoke_runs_every_arm(tmp_path):
     """pipelines/study/cross_tokenizer.py at toy size with a small stand-in for MPNet (another tokenizer: characters),
     the real MiniLM-L6 student reading the cached text through its own tokenizer, its hidden states matched to the
@@ -394,9 +412,12 @@ def test_cross_tokenizer_study_smoke_runs_every_arm(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "trec.json").read_text())
-    assert set(summary["arms"]) == {"no_kd", "mpnet", "minilm"} and summary["recipe"] == "T4-hidden"  # span-aligned
+    assert set(summary["arms"]) == {"no_kd", "mpnet", "minilm", "mpnet_transfer"}
+    assert summary["recipe"] == "T4-hidden"  # span-aligned hidden states win the toy screen
     assert summary["teacher_parameters"]["mpnet"] < 1e6 < summary["student_parameters"]  # the stand-in, the real student
     record = tmp_path / "out" / "runs" / "trec" / "mpnet" / "T4-hidden-lr5e-05" / "seed-1.json"
-    assert json.loads(record.read_text())["steps"] > 0
+    steps = json.loads(record.read_text())["steps"]
+    transfer = record.parents[2] / "mpnet_transfer" / "T4-hidden-lr5e-05" / "seed-1.json"
+    assert 0 < steps < json.loads(transfer.read_text())["steps"]  # the transfer cache holds more rows than the labelled
     assert "MiniLM-L6 from the MPNet cache (own tokenizer)" in (tmp_path / "out" / "table.md").read_text()
     assert not list((tmp_path / "out" / "work" / "trec" / "students").rglob("*.safetensors"))  # records, not weights

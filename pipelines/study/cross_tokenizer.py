@@ -13,7 +13,11 @@ MiniLM-L6 (22M, BERT tokenizer), whole, reading the cached text through its own 
 - ``mpnet``: `cachebrew distill` from the MPNet cache at that rate, the recipe chosen on dev (seed 0) from
   `RECIPES`: temperature x what is matched besides the logits (nothing; [CLS], `cls_mse`; every position's last
   hidden state, `hidden_mse`, carried across the tokenizers by character spans, or by words for NER rows);
-- ``minilm``: for reference, the same recipe from a same-tokenizer teacher (MiniLM-L6 fine-tuned like MPNet).
+- ``minilm``: for reference, the same recipe from a same-tokenizer teacher (MiniLM-L6 fine-tuned like MPNet);
+- ``mpnet_transfer``: what the cache is for when a team has unlabelled text: the MPNet teacher (still trained on
+  the labelled subset only) is also exported over the first `TRANSFER["rows"]` rows of the train split and the
+  student learns all of them from the teacher alone (hard-label weight 0: the extra rows' gold labels, present in
+  the cache, are never used), the chosen recipe otherwise, `TRANSFER["epochs"]` epochs.
 
 Every run is a record under ``<out>/runs/<task>/<arm>/<variant>/seed-<n>.json`` (a rerun trains only what is
 missing); the summary is ``<out>/<task>.json`` and ``<out>/table.md``. Smaller than the main study's protocol
@@ -53,8 +57,10 @@ RECIPES = {f"T{t}-{m}": {"temperature": t, "hard_label_weight": 1.0, "kd_loss_we
                          "intermediate_matches": [{"layer_T": -1, "layer_S": 6, "feature": "hidden",
                                                    "loss": MATCH_LOSS[m], "weight": 1}] if MATCH_LOSS[m] else []}
            for t in (1, 4) for m in MATCH_LOSS}
+# the transfer arm: rows of the train split the teacher labels (the labelled subset first), epochs over them
+TRANSFER = dict(rows=4000, epochs=3)
 TUNE_SEED = 0
-SMOKE = dict(train_size=48, dev_size=16, test_size=16)
+SMOKE = dict(train_size=48, dev_size=16, test_size=16, transfer_rows=96)
 STUDENT_HIDDEN = 384  # MiniLM-L6
 
 
@@ -90,6 +96,8 @@ class XTask:
         self.train = DataConfig(path=str(DATA / name / "train.parquet"), limit=sizes["train_size"], **cols)
         self.dev = DataConfig(path=str(DATA / name / "dev.parquet"), limit=sizes.get("dev_size"), **cols)
         self.test = DataConfig(path=str(DATA / name / "test.parquet"), limit=sizes.get("test_size"), **cols)
+        self.transfer = DataConfig(path=str(DATA / name / "train.parquet"),
+                                   limit=SMOKE["transfer_rows"] if smoke else TRANSFER["rows"], **cols)
         self.work, self.runs = out / "work" / name, out / "runs" / name
         self.epochs = 1 if smoke else EPOCHS
 
@@ -108,9 +116,11 @@ class XTask:
     # -- teachers and caches ---------------------------------------------------------------------------------
     def teacher(self, name: str, path: str) -> dict:
         """Fine-tune a teacher into work/<name> and export its train and dev caches (once each)."""
-        best = self.work / name / "best"
-        if not best.exists():  # a record without its weights (another checkout) cannot export: train again
-            self._record(f"{name}.json").unlink(missing_ok=True)
+        best, record = self.work / name / "best", self._record(f"{name}.json")
+        recorded = None
+        if not best.exists() and record.exists():  # a record without its weights (another checkout): train again,
+            recorded = json.loads(record.read_text())["teacher_test"]  # and it must be the recorded teacher
+            record.unlink()
 
         def fine_tune():
             t = time.perf_counter()
@@ -123,19 +133,27 @@ class XTask:
             test = run_evaluate(str(self.work / name / "best"), self.test, self.L)
             return {"teacher_test": test, "finetune_seconds": time.perf_counter() - t}
 
-        info = dict(self._memo(self._record(f"{name}.json"), fine_tune))
+        info = dict(self._memo(record, fine_tune))
+        if recorded is not None and main_score(recorded) != main_score(info["teacher_test"]):
+            raise SystemExit(f"{name}: the retrained teacher scores {main_score(info['teacher_test']):.4f} on test, the "
+                             f"recorded one {main_score(recorded):.4f}; remove {self.runs} to rerun every arm")
         config = json.loads((best / "config.json").read_text())
         info["layers"], info["hidden"] = config["num_hidden_layers"], config["hidden_size"]
         layers = info["layers"]
         for split, data in (("train", self.train), ("dev", self.dev)):
-            cache = self.work / f"cache_{name}_{split}"
-            if not (cache / "manifest.json").exists():
-                run_export(ExportConfig.from_dict({
-                    "output": str(cache), "task": self.name, "max_length": self.L, "batch_size": 64,
-                    "teachers": [{"name": name, "path": str(self.work / name / "best")}], "data": dict(vars(data)),
-                    "progress_bar": False, "outputs": {"hidden_layers": [layers] if split == "train" else []},
-                    "dtypes": {"logits": "fp32", "hidden": "fp16"}}))
+            self.export(name, split, data, hidden_layers=[layers] if split == "train" else [])
         return info
+
+    def export(self, name: str, split: str, data: DataConfig, hidden_layers: list[int]) -> Path:
+        """The teacher `name`'s cache of `data` (logits, these hidden layers, each token's span), once."""
+        cache = self.work / f"cache_{name}_{split}"
+        if not (cache / "manifest.json").exists():
+            run_export(ExportConfig.from_dict({
+                "output": str(cache), "task": self.name, "max_length": self.L, "batch_size": 64,
+                "teachers": [{"name": name, "path": str(self.work / name / "best")}], "data": dict(vars(data)),
+                "progress_bar": False, "outputs": {"hidden_layers": hidden_layers},
+                "dtypes": {"logits": "fp32", "hidden": "fp16"}}))
+        return cache
 
     # -- students ----------------------------------------------------------------------------------------------
     def run(self, arm: str, variant: str, seed: int, train) -> dict:
@@ -165,8 +183,13 @@ class XTask:
 
         return self.run("no_kd", f"lr{lr:g}", seed, train)
 
-    def distill(self, teacher: str, info: dict, seed: int, lr: float, recipe_name: str) -> dict:
+    def distill(self, teacher: str, info: dict, seed: int, lr: float, recipe_name: str, transfer: bool = False) -> dict:
         recipe = copy.deepcopy(RECIPES[recipe_name])
+        split, epochs, arm = "train", self.epochs, teacher
+        if transfer:  # the teacher alone teaches every row, the labelled ones included
+            recipe["hard_label_weight"] = 0.0
+            split, epochs, arm = "transfer", 1 if self.smoke else TRANSFER["epochs"], f"{teacher}_transfer"
+            self.export(teacher, split, self.transfer, hidden_layers=[info["layers"]])
         for m in recipe["intermediate_matches"]:
             m["layer_T"] = info["layers"]
             if info["hidden"] != STUDENT_HIDDEN:
@@ -177,12 +200,12 @@ class XTask:
 
         def train(out):
             return run_distill(DistillRunConfig.from_dict({
-                "output_dir": str(out), "seed": seed, "caches": [str(self.work / f"cache_{teacher}_train")],
+                "output_dir": str(out), "seed": seed, "caches": [str(self.work / f"cache_{teacher}_{split}")],
                 "eval_cache": str(self.work / f"cache_{teacher}_dev"), "student": student, "distill": recipe,
-                "train": {"epochs": self.epochs, "batch_size": self.bs, "lr": lr, "progress_bar": False,
+                "train": {"epochs": epochs, "batch_size": self.bs, "lr": lr, "progress_bar": False,
                           "shuffle_buffer": 4096}})).global_step
 
-        return self.run(teacher, f"{recipe_name}-lr{lr:g}", seed, train)
+        return self.run(arm, f"{recipe_name}-lr{lr:g}", seed, train)
 
 
 def run_task(task: XTask, seeds: list[int], teacher_path: str) -> dict:
@@ -200,17 +223,20 @@ def run_task(task: XTask, seeds: list[int], teacher_path: str) -> dict:
     chosen = max(recipes, key=lambda r: r["dev"])["variant"].split("-lr")[0]
     runs = {"no_kd": [task.no_kd(s, lr) for s in seeds],
             "mpnet": [task.distill("mpnet", mpnet, s, lr, chosen) for s in seeds],
-            "minilm": [task.distill("minilm", minilm, s, lr, chosen) for s in seeds]}
+            "minilm": [task.distill("minilm", minilm, s, lr, chosen) for s in seeds],
+            "mpnet_transfer": [task.distill("mpnet", mpnet, s, lr, chosen, transfer=True) for s in seeds]}
     no_kd = statistics.mean(r["test"] for r in runs["no_kd"])
     teachers = {"mpnet": main_score(mpnet["teacher_test"]), "minilm": main_score(minilm["teacher_test"])}
     arms = {}
     for arm, recs in runs.items():
         m, sd = mean_sd([r["test"] for r in recs])
+        teacher = {"mpnet": "mpnet", "mpnet_transfer": "mpnet", "minilm": "minilm"}.get(arm)
         arms[arm] = {"mean": m, "sd": sd, "per_seed": {r["seed"]: r["test"] for r in recs},
-                     "gap_closed": gap_closed(m, no_kd, teachers[arm]) if arm in teachers else None,
-                     "of_teacher": m / teachers[arm] if arm in teachers else None,
+                     "gap_closed": gap_closed(m, no_kd, teachers[teacher]) if teacher else None,
+                     "of_teacher": m / teachers[teacher] if teacher else None,
                      "train_seconds": statistics.median(r["train_seconds"] for r in recs)}
     return {"task": task.name, "seeds": seeds, "lr": lr, "recipe": chosen, "teachers": teachers,
+            "transfer_rows": task.transfer.limit,
             "teacher_parameters": {"mpnet": mpnet["teacher_test"]["parameters"],
                                    "minilm": minilm["teacher_test"]["parameters"]},
             "student_parameters": runs["no_kd"][0]["test_metrics"]["parameters"],
@@ -233,7 +259,8 @@ def inference_speed(task: XTask, repeats: int = 3) -> dict:
 def table(summaries: list[dict]) -> str:
     lines = ["| task | model | test, mean ± sd | gap closed | % of its teacher | per seed |", "|---|---|---:|---:|---:|---|"]
     label = {"no_kd": "MiniLM-L6, no KD (rate tuned on dev)", "mpnet": "MiniLM-L6 from the MPNet cache (own tokenizer)",
-             "minilm": "MiniLM-L6 from a MiniLM-L6 teacher (same tokenizer)"}
+             "minilm": "MiniLM-L6 from a MiniLM-L6 teacher (same tokenizer)",
+             "mpnet_transfer": "MiniLM-L6 from the MPNet cache of the labelled rows and more, unlabelled (transfer set)"}
     for s in summaries:
         p, speed = s["teacher_parameters"], s.get("inference")
         size = (lambda m: f", {speed[m]['size_mb']:.0f} MB, {speed[m]['examples_per_second']:.0f} ex/s") if speed \
@@ -246,7 +273,8 @@ def table(summaries: list[dict]) -> str:
             gap = f"{100 * a['gap_closed']:.0f} %" if a["gap_closed"] is not None else ""
             of = f"{100 * a['of_teacher']:.1f} %" if a["of_teacher"] is not None else ""
             per = ", ".join(f"{100 * v:.2f}" for v in a["per_seed"].values())
-            lines.append(f"| | {label[arm]} [{s['recipe'] if arm != 'no_kd' else ''} lr {s['lr']:g}] | "
+            rows = f", {s['transfer_rows']:,} rows, hard-label weight 0" if arm == "mpnet_transfer" else ""
+            lines.append(f"| | {label[arm]} [{s['recipe'] if arm != 'no_kd' else ''} lr {s['lr']:g}{rows}] | "
                          f"{100 * a['mean']:.2f} ± {100 * a['sd']:.2f} | {gap} | {of} | {per} |")
     return "\n".join(lines) + "\n"
 
