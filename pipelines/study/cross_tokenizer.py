@@ -220,7 +220,7 @@ def run_task(task: XTask, seeds: list[int], teacher_path: str) -> dict:
         lr = float(max(screen, key=lambda r: r["dev"])["variant"][2:])
     candidates = [n for n in RECIPES if not (task.token_level and n.endswith("-cls"))]  # no [CLS] for NER
     recipes = [task.distill("mpnet", mpnet, TUNE_SEED, lr, name) for name in (candidates[-1:] if task.smoke else candidates)]
-    chosen = max(recipes, key=lambda r: r["dev"])["variant"].split("-lr")[0]
+    chosen = max(recipes, key=lambda r: r["dev"])["variant"].split("-lr")[0]  # a tie: the first, simpler, recipe
     runs = {"no_kd": [task.no_kd(s, lr) for s in seeds],
             "mpnet": [task.distill("mpnet", mpnet, s, lr, chosen) for s in seeds],
             "minilm": [task.distill("minilm", minilm, s, lr, chosen) for s in seeds],
