@@ -25,16 +25,14 @@ whitespace and punctuation, otherwise unlike: **A**, BPE with 8,000 tokens (the 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from pipelines.lm_study import FULL, SMOKE, chunks, train_teacher, train_tokenizer
+from pipelines.lm_study import arm_runs, mean_sd_text, setup, train_teacher, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT_VOCAB = {"full": 2000, "smoke": 200}
@@ -43,22 +41,6 @@ LABELS = {"B_hard": "tokenizer B (WordPiece 2k), hard labels only",
           "B_cross_kd": "tokenizer B, + KD from the A-teacher's cache (cross-tokenizer)",
           "A_hard": "tokenizer A (the teacher's BPE 8k), hard labels only",
           "A_kd": "tokenizer A, + KD from the cache (same tokenizer)"}
-
-
-def train_wordpiece(texts: list[str], vocab: int, out: Path):
-    """Tokenizer B: WordPiece, lower-cased, whitespace/punctuation split like A, no special tokens added."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab, special_tokens=["[PAD]", "[UNK]"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   model_input_names=["input_ids", "attention_mask"])
-    fast.save_pretrained(str(out))
-    return fast
 
 
 @torch.no_grad()
@@ -116,9 +98,8 @@ def train_student(cfg: dict, arm: str, cache: Path, tokenizers: dict, seed: int,
 
 
 def summarise(out: Path, seeds: list[int], info: dict) -> str:
-    runs = {arm: [json.loads((out / "runs" / arm / f"seed-{s}.json").read_text()) for s in seeds
-                  if (out / "runs" / arm / f"seed-{s}.json").is_file()] for arm in ARMS}
-    ms = lambda xs: f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
+    runs = arm_runs(out, ARMS, seeds)
+    ms = lambda xs: mean_sd_text(xs, 4)
     t = info["teacher_test"]
     lines = [f"Teacher (tokenizer A): {t['bits_per_char']:.4f} bits/char (perplexity {t['perplexity']:.1f}). "
              f"Token texts of A also in B: {info['matched_vocabulary']:.0%} of A's ids. Seeds {seeds}; mean ± sd.", "",
@@ -135,22 +116,9 @@ def summarise(out: Path, seeds: list[int], info: dict) -> str:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--out", default=str(ROOT / "pipelines" / "study_results" / "lm_xtok"))
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args()
-    cfg = SMOKE if args.smoke else FULL
-    out = Path(args.out)
+    args, cfg, out, train_rows, _, test_rows, data = setup(__doc__.splitlines()[0],
+                                                           ROOT / "pipelines" / "study_results" / "lm_xtok")
     work, runs = out / "work", out / "runs"
-    work.mkdir(parents=True, exist_ok=True)
-    runs.mkdir(parents=True, exist_ok=True)
-
-    train_rows = chunks("train", cfg["chunk_words"])
-    student_rows = train_rows[:cfg["student_chunks"]]
-    test_rows = chunks("test", cfg["chunk_words"], cfg["eval_chunks"])
-    data = work / "student_train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in student_rows))
     teacher_dir, cache = work / "teacher", work / "cache_topk"
     record = runs / "teacher.json"
     info = json.loads(record.read_text()) if record.is_file() else {}
@@ -162,8 +130,8 @@ def main():
     tok_a = AutoTokenizer.from_pretrained(str(teacher_dir))
     tok_a.save_pretrained(str(work / "tokenizer_A"))
     if not (work / "tokenizer_B" / "tokenizer.json").is_file():
-        train_wordpiece([r["text"] for r in train_rows], STUDENT_VOCAB["smoke" if args.smoke else "full"],
-                        work / "tokenizer_B")
+        train_tokenizer([r["text"] for r in train_rows], STUDENT_VOCAB["smoke" if args.smoke else "full"],
+                        work / "tokenizer_B", kind="wordpiece")
     tokenizers = {"A": tok_a, "B": AutoTokenizer.from_pretrained(str(work / "tokenizer_B"))}
     test = bits_per_character(GPT2LMHeadModel.from_pretrained(str(teacher_dir)), tok_a, test_rows, cfg["max_length"])
     if "teacher_test" in info and not math.isclose(test["bits_per_char"], info["teacher_test"]["bits_per_char"],

@@ -57,14 +57,21 @@ def chunks(split: str, words: int, limit: int | None = None) -> list[dict]:
     return out[:limit] if limit else out
 
 
-def train_tokenizer(texts: list[str], vocab: int, out: Path):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+def train_tokenizer(texts: list[str], vocab: int, out: Path, kind: str = "bpe"):
+    """A tokenizer trained on `texts`: lower-cased, split on whitespace and punctuation, no special tokens added;
+    `kind` "bpe" (this study's, and the teacher's in lm_cross_tokenizer) or "wordpiece" ("##" continuation pieces:
+    lm_cross_tokenizer's other vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    if kind == "bpe":
+        tok, trainer = Tokenizer(models.BPE(unk_token="[UNK]")), trainers.BpeTrainer
+    else:
+        tok, trainer = Tokenizer(models.WordPiece(unk_token="[UNK]")), trainers.WordPieceTrainer
+        tok.decoder = decoders.WordPiece()
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["[PAD]", "[UNK]"]))
+    tok.train_from_iterator(texts, trainer(vocab_size=vocab, special_tokens=["[PAD]", "[UNK]"]))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
                                    model_input_names=["input_ids", "attention_mask"])
     fast.save_pretrained(str(out))
@@ -172,11 +179,44 @@ def train_student(cfg: dict, arm: str, cache: Path, vocab: int, seed: int, out: 
     return model, steps, time.perf_counter() - t0
 
 
+def arm_runs(out: Path, arms, seeds: list[int]) -> dict[str, list[dict]]:
+    """Each arm's finished runs (``<out>/runs/<arm>/seed-<n>.json``) in seed order: what a table summarises."""
+    return {arm: [json.loads(path.read_text()) for s in seeds
+                  if (path := out / "runs" / arm / f"seed-{s}.json").is_file()] for arm in arms}
+
+
+def mean_sd_text(xs: list[float], digits: int) -> str:
+    """'mean ± sd' over seeds, the value alone for one seed."""
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f}"
+    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
+
+
+def setup(description: str, default_out: Path):
+    """The LM studies' common start: --seeds / --out / --smoke; ``work/`` and ``runs/`` under the output folder;
+    BBC's train and test chunks; the students' share of the train chunks written as JSONL (the data every cache is
+    exported over). Returns (args, cfg, out, train_rows, student_rows, test_rows, data)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--out", default=str(default_out))
+    ap.add_argument("--smoke", action="store_true", help="every arm at toy size (CI)")
+    args = ap.parse_args()
+    cfg = SMOKE if args.smoke else FULL
+    out = Path(args.out)
+    (out / "work").mkdir(parents=True, exist_ok=True)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    train_rows = chunks("train", cfg["chunk_words"])
+    student_rows = train_rows[:cfg["student_chunks"]]
+    test_rows = chunks("test", cfg["chunk_words"], cfg["eval_chunks"])
+    data = out / "work" / "student_train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in student_rows))
+    return args, cfg, out, train_rows, student_rows, test_rows, data
+
+
 def summarise(out: Path, seeds: list[int]) -> str:
-    runs = {arm: [json.loads((out / "runs" / arm / f"seed-{s}.json").read_text()) for s in seeds
-                  if (out / "runs" / arm / f"seed-{s}.json").is_file()] for arm in ARMS}
+    runs = arm_runs(out, ARMS, seeds)
     info = json.loads((out / "runs" / "teacher.json").read_text())
-    ms = lambda xs: f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
+    ms = lambda xs: mean_sd_text(xs, 2)
     lines = [f"Teacher: perplexity {info['test']['perplexity']:.2f}, ECE {100 * info['test']['ece']:.2f} % "
              f"({info['test']['tokens']:,} test tokens). Seeds {seeds}; mean ± sd.", "",
              "| student trained on | cache bytes / token | perplexity | ECE (%) | next-token accuracy (%) | steps |",
@@ -201,23 +241,11 @@ def summarise(out: Path, seeds: list[int]) -> str:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--out", default=str(ROOT / "pipelines" / "study_results" / "lm"))
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args()
-    cfg = SMOKE if args.smoke else FULL
-    out = Path(args.out)
+    args, cfg, out, train_rows, student_rows, test_rows, data = setup(
+        __doc__.splitlines()[0], ROOT / "pipelines" / "study_results" / "lm")
     work, runs = out / "work", out / "runs"
-    work.mkdir(parents=True, exist_ok=True)
-    runs.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(torch.get_num_threads())
 
-    train_rows = chunks("train", cfg["chunk_words"])
-    student_rows = train_rows[:cfg["student_chunks"]]
-    test_rows = chunks("test", cfg["chunk_words"], cfg["eval_chunks"])
-    data = work / "student_train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in student_rows))
     teacher_dir = work / "teacher"
     record = runs / "teacher.json"
     info = json.loads(record.read_text()) if record.is_file() else None
