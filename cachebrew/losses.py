@@ -376,9 +376,10 @@ def cross_tokenizer_kd_loss(logits_S, target: dict, temperature=1, mask=None):
     - **matched mass**, as KL: each matched token's probability, and everything else lumped into one bucket
       (``1 - sum matched``, which holds the unmatched slots and a top-k tail): the forward KL of those coarse
       distributions, ``sum_m p_m log(p_m / q_m) + p_rest log(p_rest / q_rest)``;
-    - **unmatched mass**, as ULD: the teacher's unmatched slot probabilities sorted, against the student's largest
-      probabilities among tokens no matched slot names, sorted: their L1 distance (Wasserstein-1 between the two
-      sorted distributions, which needs no token correspondence), smoothed below `ULD_SMOOTHING`.
+    - **unmatched mass**, as ULD: the teacher's u unmatched slot probabilities sorted, against the student's u
+      largest probabilities among tokens no matched slot names, sorted: their L1 distance (Wasserstein-1 between
+      the two sorted distributions, which needs no token correspondence), smoothed below `ULD_SMOOTHING`. A top-k
+      cache's tail names no token and asks nothing of the student's other probabilities.
 
     Both are 0, with a vanishing gradient, when the student's distribution equals the teacher's carried one.
     Averaged over the positions ``mask`` keeps (those aligned with a teacher position).
@@ -396,7 +397,9 @@ def cross_tokenizer_kd_loss(logits_S, target: dict, temperature=1, mask=None):
     k = ids.size(-1)
     q_other = torch.topk(log_q.masked_fill(named, float("-inf")).exp(), k, dim=-1).values
     p_other = torch.sort(mass * (1.0 - matched), dim=-1, descending=True).values
-    uld = F.smooth_l1_loss(q_other, p_other, reduction="none", beta=ULD_SMOOTHING).sum(dim=-1)
+    # as many of the student's as the teacher has unmatched slots with mass: a top-k cache's tail and its matched
+    # slots name no unmatched token, so they ask nothing of the student's other probabilities
+    uld = (F.smooth_l1_loss(q_other, p_other, reduction="none", beta=ULD_SMOOTHING) * (p_other > 0)).sum(dim=-1)
     return _masked_mean(kl + uld, mask)
 
 

@@ -81,8 +81,10 @@ def paired_logits(results_S, results_T, can_weight: Callable[[object], bool] = l
     A pair is weighted by the positions both masks keep when both sides give a logits_mask and logits, teacher
     logits and both masks share one (batch, len) shape: the masks then mark the same positions, as they do wherever
     both come from one batch (cachebrew's loader and distillers copy the student's mask to the teacher side; for a
-    student with another tokenizer the teacher's keeps the student positions aligned with teacher tokens). Otherwise, or when ``can_weight(teacher_logits)`` says the KD term needs the rows themselves,
-    each side is cut to its own mask as TextBrewer does (a host sync).
+    student with another tokenizer the teacher's keeps the student positions aligned with teacher tokens). Otherwise, or
+    when ``can_weight(teacher_logits)`` says the KD term needs the rows themselves, both sides are cut to rows (a
+    host sync): to the positions both masks keep where they share a shape (equal masks: TextBrewer's cut), else each
+    side to its own mask as TextBrewer does.
     """
     logits_S, logits_T = list(results_S["logits"]), list(results_T["logits"])
     masks_S, masks_T = results_S.get("logits_mask"), results_T.get("logits_mask")
@@ -96,12 +98,19 @@ def paired_logits(results_S, results_T, can_weight: Callable[[object], bool] = l
         if (m_S is not None and m_T is not None and shape is not None and shape == _position_shape(logits_T[i])
                 == tuple(m_S.shape) == tuple(m_T.shape) and can_weight(logits_T[i])):
             weights[i] = m_S * m_T  # the teacher's mask may keep fewer (a student of another tokenizer)
-    for logits, masks in ((logits_S, masks_S), (logits_T, masks_T)):
-        if masks is None:
-            continue
-        for i, l in enumerate(logits):
-            if i >= len(weights) or weights[i] is None:
-                logits[i] = _select(l, _mask_at(masks, i))
+    for i in range(len(weights)):  # cut to rows; where both masks share a shape, to the positions both keep (equal
+        if weights[i] is None:      # masks: TextBrewer's cut; a student of another tokenizer: the aligned ones)
+            m_S, m_T = _mask_at(masks_S, i), (_mask_at(masks_T, i) if i < len(logits_T) else None)
+            if m_S is not None and m_T is not None and m_S.shape == m_T.shape:
+                m_S = m_T = m_S * m_T
+            if m_S is not None:
+                logits_S[i] = _select(logits_S[i], m_S)
+            if m_T is not None:
+                logits_T[i] = _select(logits_T[i], m_T)
+    for logits, masks in ((logits_S, masks_S), (logits_T, masks_T)):  # logits beyond the pairs: their own mask
+        if masks is not None:
+            for i in range(len(weights), len(logits)):
+                logits[i] = _select(logits[i], _mask_at(masks, i))
     return logits_S, logits_T, weights
 
 

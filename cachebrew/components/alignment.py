@@ -131,16 +131,21 @@ def gather_positions(values: torch.Tensor, index: torch.Tensor, fill=0) -> torch
     the index is -1."""
     keep = index >= 0
     safe = index.clamp(min=0)
-    picked = values[torch.arange(values.size(0)).unsqueeze(1), safe]
+    picked = values[torch.arange(values.size(0), device=values.device).unsqueeze(1), safe]
     shape = keep.shape + (1,) * (picked.dim() - 2)
-    return torch.where(keep.view(shape), picked, torch.as_tensor(fill, dtype=picked.dtype))
+    return torch.where(keep.view(shape), picked, torch.as_tensor(fill, dtype=picked.dtype, device=picked.device))
 
 
 def token_texts(tokenizer) -> list[str]:
     """Each token id's text, decoded alone, for ids 0 .. the largest id (a vocabulary file with a repeated line
-    has fewer tokens than ids): what `vocabulary_map` compares."""
+    has fewer tokens than ids): what `vocabulary_map` compares. Decoded without the clean-up that joins " ." to
+    "."; a SentencePiece word-start piece ("▁the", whose decoder drops the space when it stands alone) keeps its
+    leading space, so it stays apart from the same letters inside a word."""
     size = max(max(tokenizer.get_vocab().values()) + 1, len(tokenizer))
-    return tokenizer.batch_decode([[i] for i in range(size)])
+    texts = tokenizer.batch_decode([[i] for i in range(size)], clean_up_tokenization_spaces=False)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
+    return [" " + t if (piece or "").startswith("\u2581") and not t.startswith(" ") else t
+            for t, piece in zip(texts, pieces)]
 
 
 def vocabulary_map(teacher_strings: Sequence[str], student_strings: Sequence[str]) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -297,6 +298,11 @@ def pack_rows(rows: list[PlanRow], tokens: list[dict], max_length: int, separato
                 found = decoded_spans(chunk, text, decode)
                 packed_tokens[-1]["offsets"] = None if found is None else encode_spans(found)
     if spans and any(t["offsets"] is None for t in packed_tokens):  # all rows or none: a cache's columns are whole
+        bad = next(r.id for r, t in zip(packed_rows, packed_tokens) if t["offsets"] is None)
+        logging.getLogger("cachebrew").warning(
+            "packed rows carry no token spans: the tokens of row %s, decoded one by one, do not join into its text "
+            "(byte pieces or a tokenizer that rewrites spaces); students with another tokenizer cannot align "
+            "positions with this cache", bad)
         for t in packed_tokens:
             del t["offsets"]
     return packed_rows, packed_tokens

@@ -388,7 +388,8 @@ class CacheBatches(torch.utils.data.IterableDataset):
         columns = self.joined.manifest.columns
         return {"token_level": self.token_level, "causal_lm": self.causal_lm, "offsets": OFFSETS in columns,
                 "word_ids": WORD_IDS in columns, "vocabulary": self.joined.manifest.vocabulary,
-                "sparse_logits": any(spec.sparse for _, spec in self.specs if spec.kind == "logits")}
+                "sparse_logits": any(spec.sparse for _, spec in self.specs if spec.kind == "logits"),
+                "teachers": len({spec.teacher for _, spec in self.specs if spec.kind == "logits"})}
 
     def _num_batches(self, ranges: np.ndarray) -> int:
         rows = int((ranges[:, 1] - ranges[:, 0]).sum())

@@ -60,6 +60,12 @@ class StudentTokenizer:
             tok = AutoTokenizer.from_pretrained(local)
         except Exception as e:  # noqa: BLE001 - transformers raises many kinds; the user needs the path and why
             raise CachebrewError(f"student.tokenizer: cannot load a tokenizer from {path}: {e}") from None
+        tok.padding_side = "right"  # the alignment reads each row's first n positions (Llama's tokenizers pad left)
+        if tok.pad_token is None:  # GPT-2 and Llama have none: pad with the end of text, masked out all the same
+            if tok.eos_token is None:
+                raise CachebrewError(f"student.tokenizer: {path} has neither a pad token nor an end-of-text token "
+                                     "to pad batches with; set pad_token in its tokenizer_config.json")
+            tok.pad_token = tok.eos_token
         return cls(str(path), tok, fingerprint, max_length)
 
     @property
@@ -99,7 +105,7 @@ def cross_tokenizer_problems(where: str, cache: dict, matches, gives_spans: bool
     """Why a cache cannot train a student with another tokenizer, one line each (empty: it can).
 
     ``cache``: what the cache holds, {"token_level", "causal_lm", "offsets", "word_ids", "vocabulary",
-    "sparse_logits"} (`CacheBatches.alignment_inputs`); ``gives_spans``: whether the student's tokenizer
+    "sparse_logits", "teachers"} (`CacheBatches.alignment_inputs`); ``gives_spans``: whether the student's tokenizer
     reports where its tokens lie."""
     problems = []
     reexport = ("export it again into a new output directory with outputs.token_spans on and a fast tokenizer "
@@ -109,15 +115,24 @@ def cross_tokenizer_problems(where: str, cache: dict, matches, gives_spans: bool
         if not cache["word_ids"]:
             problems.append(f"{where}: the cache's token labels sit on the teacher's tokens and it has no word ids "
                             f"to carry them onto the student's; {reexport}")
+        elif not gives_spans:
+            problems.append(f"{where}: the student's tokenizer gives no word ids (use a Hugging Face fast "
+                            "tokenizer, tokenizer.json)")
     elif cache["causal_lm"]:
         if not (cache["offsets"] and cache["vocabulary"] is not None):
             problems.append(f"{where}: the cache's next-token distributions sit on the teacher's tokens and it has "
-                            f"no token spans or vocabulary to carry them onto the student's; {reexport}")
+                            f"no token spans or vocabulary to carry them onto the student's; {reexport}, and, for "
+                            "packed rows, a teacher tokenizer whose tokens decode one by one into the text (the "
+                            "export's log says when they do not)")
         elif not cache["sparse_logits"]:
             problems.append(f"{where}: a causal LM's distributions cross tokenizers from sparse logits only (export "
                             "with outputs.sparse_logits: top-k or sampled)")
         elif not gives_spans:
             problems.append(f"{where}: {fast}")
+        elif cache["teachers"] > 1:
+            problems.append(f"{where}: next-token distributions of {cache['teachers']} teachers cross tokenizers one "
+                            "teacher at a time (their ids would meet on the student's vocabulary twice); distil from "
+                            "one teacher's cache, or select one with the caches' teacher filter")
     for i, im in enumerate(matches):
         if im.loss in POSITION_FREE_LOSSES:
             continue

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cachebrew.components.alignment import (end_alignment, first_subtoken_alignment, gather_positions, span_alignment,
-                                            vocabulary_map)
+                                            token_texts, vocabulary_map)
 from cachebrew.cache.format import decode_spans, encode_spans
 from cachebrew.components.data import token_spans
 from cachebrew.losses import cross_tokenizer_kd_loss
@@ -156,8 +156,37 @@ def test_cross_tokenizer_loss_value_and_gradient_elsewhere():
     loss.backward()
     loss = loss.item()
     # matched KL with the rest lumped: 0.4 ln 4 + 0.2 ln 2 + 0.4 ln(0.4 / 0.8);
-    # ULD: teacher unmatched sorted (0.3, 0.1, 0, 0) vs the student's 4 largest others (0.1 each): L1 0.2 + 0 + 0.1 + 0.1
-    expected = 0.4 * np.log(4) + 0.2 * np.log(2) + 0.4 * np.log(0.5) + (0.2 - 0.0005) + 0 + (0.1 - 0.0005) * 2
+    # ULD: the teacher's 2 unmatched slots sorted (0.3, 0.1) vs the student's 2 largest others (0.1 each): 0.2 + 0
+    expected = 0.4 * np.log(4) + 0.2 * np.log(2) + 0.4 * np.log(0.5) + (0.2 - 0.0005) + 0
     assert loss == pytest.approx(expected, abs=1e-5)
     assert float(logits.grad.abs().max()) > 1e-2
     assert float(logits.grad[0, 0, 2]) < 0  # the under-weighted matched token is pushed up
+
+
+def test_a_top_k_tail_asks_nothing_of_the_students_other_tokens():
+    """A top-k cache of the teacher's own tokenizer: every slot matched, 0.4 of the mass in the tail. The student
+    that puts the matched masses where the teacher does and spreads the rest over the other tokens is at 0, with no
+    gradient (ULD has no unmatched slot to compare its other probabilities with)."""
+    target = {"ids": torch.tensor([[[2, 5]]]), "mass": torch.tensor([[[0.4, 0.2]]]),
+              "matched": torch.tensor([[[True, True]]])}
+    q = torch.full((10,), 0.05)
+    q[2], q[5] = 0.4, 0.2
+    logits = q.log().view(1, 1, 10).requires_grad_()
+    loss = cross_tokenizer_kd_loss(logits, target)
+    loss.backward()
+    assert loss.item() < 1e-6
+    assert float(logits.grad.abs().max()) < 1e-5
+
+
+def test_sentencepiece_word_starts_keep_their_space():
+    """A Metaspace tokenizer's "▁the" decodes alone to "the": its text keeps the space, so it maps to a byte-level
+    BPE's " the" and not to the same letters inside a word."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = Tokenizer(models.WordLevel({"<unk>": 0, "\u2581the": 1, "the": 2, "\u2581.": 3}, unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace()
+    sp.decoder = decoders.Metaspace()
+    texts = token_texts(PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>"))
+    assert texts[1:] == [" the", "the", " ."]
+    assert vocabulary_map([" the", "the", "x"], texts).tolist() == [1, 2, -1]
