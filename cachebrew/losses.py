@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "kd_mse_loss", "kd_ce_loss", "att_mse_loss", "att_mse_sum_loss", "att_ce_loss", "att_ce_mean_loss",
-    "hid_mse_loss", "cos_loss", "cls_mse_loss", "pkd_loss", "fsp_loss", "mmd_loss",
+    "hid_mse_loss", "cos_loss", "cls_mse_loss", "mean_mse_loss", "pkd_loss", "fsp_loss", "mmd_loss",
     "inc_kd_ce_loss", "inc_kd_kl_loss", "inc_kd_mse_loss", "inc_mse_feature_loss", "inc_l1_feature_loss",
     "inc_kl_feature_loss", "sparse_kd_loss",
 ]
@@ -223,6 +223,20 @@ def cls_mse_loss(state_S, state_T, mask=None):
     cls_S = state_S[:, 0] if state_S.dim() == 3 else state_S
     cls_T = state_T[:, 0] if state_T.dim() == 3 else state_T
     return F.mse_loss(cls_S, cls_T)
+
+
+def mean_mse_loss(state_S, state_T, mask=None):
+    """MSE between each row's mean hidden state over its unmasked positions: the mean pooling sentence encoders
+    such as all-mpnet-base-v2 are trained with, so it matches what such a teacher's embedding is. With a teacher of
+    another tokenizer the teacher's states arrive aligned to the student's tokens by character spans (each student
+    token the mean of the teacher tokens it overlaps) and the mask is the student's aligned positions, so the pooled
+    teacher vector is the teacher's tokens weighted by how many student tokens overlap them."""
+    state_S, state_T = _f32(state_S, state_T)
+    if mask is None:
+        return F.mse_loss(state_S.mean(dim=1), state_T.mean(dim=1))
+    weights = mask.to(state_S).unsqueeze(-1)
+    count = weights.sum(dim=1).clamp_min(1)
+    return F.mse_loss((state_S * weights).sum(dim=1) / count, (state_T * weights).sum(dim=1) / count)
 
 
 def pkd_loss(state_S, state_T, mask=None):

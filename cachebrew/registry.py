@@ -10,10 +10,10 @@ are validated against the registry contents at construction time.
 """
 from __future__ import annotations
 
-from .losses import (att_ce_loss, att_ce_mean_loss, att_mse_loss, att_mse_sum_loss, cos_loss, fsp_loss,
-                     cls_mse_loss, hid_mse_loss, inc_kd_ce_loss, inc_kd_kl_loss, inc_kd_mse_loss, inc_kl_feature_loss,
-                     inc_l1_feature_loss, inc_mse_feature_loss, kd_ce_loss, kd_kl_loss, kd_mse_loss, mmd_loss,
-                     pkd_loss)
+from .losses import (att_ce_loss, att_ce_mean_loss, att_mse_loss, att_mse_sum_loss, cls_mse_loss, cos_loss,
+                     fsp_loss, hid_mse_loss, inc_kd_ce_loss, inc_kd_kl_loss, inc_kd_mse_loss, inc_kl_feature_loss,
+                     inc_l1_feature_loss, inc_mse_feature_loss, kd_ce_loss, kd_kl_loss, kd_mse_loss, mean_mse_loss,
+                     mmd_loss, pkd_loss)
 from .projections import linear_projection, projection_with_activation
 from .schedulers import (constant_temperature_scheduler, cwsm_temperature_scheduler_builder,
                          flsw_temperature_scheduler_builder, linear_decay_weight_scheduler,
@@ -99,6 +99,7 @@ MATCH_LOSS_MAP = Registry("match loss", {
     "cos": cos_loss,
     "pkd": pkd_loss,
     "cls_mse": cls_mse_loss,  # cachebrew's: position 0 only, so it also serves students with another tokenizer
+    "mean_mse": mean_mse_loss,  # cachebrew's: mean-pooled states (sentence encoders' pooling); spans across tokenizers
     "gram": fsp_loss,
     "fsp": fsp_loss,
     "mmd": mmd_loss,

@@ -222,3 +222,23 @@ def test_cls_mse_reads_position_zero_only():
     t2[:, 1:] = 99.0
     t2[:, 0] = s[:, 0]
     assert float(cls_mse_loss(s, t2)) == 0.0
+
+
+def test_mean_mse_compares_the_mean_of_each_rows_unmasked_states():
+    """mean_mse: the MSE of mean-pooled vectors over the mask's positions; padding holds anything, and states that
+    differ position by position but share their mean score 0."""
+    from cachebrew.losses import mean_mse_loss
+
+    s, t = torch.randn(3, 6, 4), torch.randn(3, 6, 4)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    n = mask.sum(1, keepdim=True)
+    expected = (((s * mask[..., None]).sum(1) / n - (t * mask[..., None]).sum(1) / n) ** 2).mean()
+    assert float(mean_mse_loss(s, t, mask)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(mean_mse_loss(s, t)) == pytest.approx(float(((s.mean(1) - t.mean(1)) ** 2).mean()), rel=1e-6)
+    padded = t.clone()
+    padded[mask == 0] = 1e4
+    assert float(mean_mse_loss(s, padded, mask)) == pytest.approx(float(expected), rel=1e-6)
+    shuffled = s[:, [1, 0, 2, 3, 4, 5]].clone()  # rows 1 and 2 too: positions 0 and 1 are kept in all three
+    assert float(mean_mse_loss(s, shuffled, mask)) == pytest.approx(0.0, abs=1e-12)
+    assert float(mean_mse_loss(s, shuffled)) == pytest.approx(0.0, abs=1e-12)
+    assert float(mean_mse_loss(s, s + 1.0, mask)) == pytest.approx(1.0, rel=1e-6)  # every mean 1 apart

@@ -236,7 +236,7 @@ def run_task(task: XTask, seeds: list[int], teacher_path: str) -> dict:
                      "of_teacher": m / teachers[teacher] if teacher else None,
                      "train_seconds": statistics.median(r["train_seconds"] for r in recs)}
     return {"task": task.name, "seeds": seeds, "lr": lr, "recipe": chosen, "teachers": teachers,
-            "transfer_rows": task.transfer.limit,
+            "transfer_rows": json.loads((task.work / "cache_mpnet_transfer" / "manifest.json").read_text())["num_rows"],
             "teacher_parameters": {"mpnet": mpnet["teacher_test"]["parameters"],
                                    "minilm": minilm["teacher_test"]["parameters"]},
             "student_parameters": runs["no_kd"][0]["test_metrics"]["parameters"],

@@ -137,8 +137,10 @@ def test_hidden_states_follow_character_spans(world):
     assert aligned.shape[:2] == mine["student"]["input_ids"].shape
 
 
-def test_distill_with_a_hidden_state_match_across_tokenizers(world, tmp_path):
-    result = run_distill(config(world, tmp_path / "hid", world["chars"], world["vocab_size"], loss="hidden_mse"))
+@pytest.mark.parametrize("loss", ["hidden_mse", "mean_mse"])
+def test_distill_with_a_hidden_state_match_across_tokenizers(world, tmp_path, loss):
+    """Per-token (hidden_mse) and mean-pooled (mean_mse) matches read the span-aligned teacher states."""
+    result = run_distill(config(world, tmp_path / "hid", world["chars"], world["vocab_size"], loss=loss))
     assert result.global_step == 8
     last = load_file(tmp_path / "hid" / "last" / "model.safetensors")
     plain = run_distill(config(world, tmp_path / "cls", world["chars"], world["vocab_size"]))
