@@ -417,7 +417,13 @@ def test_cross_tokenizer_study_smoke_runs_every_arm(tmp_path):
     assert summary["teacher_parameters"]["mpnet"] < 1e6 < summary["student_parameters"]  # the stand-in, the real student
     record = tmp_path / "out" / "runs" / "trec" / "mpnet" / "T4-hidden-lr5e-05" / "seed-1.json"
     steps = json.loads(record.read_text())["steps"]
-    transfer = record.parents[2] / "mpnet_transfer" / "T4-hidden-lr5e-05" / "seed-1.json"
-    assert 0 < steps < json.loads(transfer.read_text())["steps"]  # the transfer cache holds more rows than the labelled
+    # the transfer set's size is chosen on dev (seed 0) from two candidates, and the cache holds more rows than the
+    # labelled subset
+    assert set(summary["tuning"]["mpnet_transfer"]) == {"T4-hidden-lr5e-05-rows96", "T4-hidden-lr5e-05-rows128"}
+    assert summary["transfer_rows"] in (96, 128)
+    transfer = record.parents[2] / "mpnet_transfer" / f"T4-hidden-lr5e-05-rows{summary['transfer_rows']}" / "seed-1.json"
+    assert 0 < steps < json.loads(transfer.read_text())["steps"]
+    assert json.loads((tmp_path / "out" / "work" / "trec" / "cache_mpnet_transfer96" / "manifest.json").read_text())[
+        "num_rows"] == 96
     assert "MiniLM-L6 from the MPNet cache (own tokenizer)" in (tmp_path / "out" / "table.md").read_text()
     assert not list((tmp_path / "out" / "work" / "trec" / "students").rglob("*.safetensors"))  # records, not weights

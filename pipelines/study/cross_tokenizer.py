@@ -15,9 +15,10 @@ MiniLM-L6 (22M, BERT tokenizer), whole, reading the cached text through its own 
   hidden state, `hidden_mse`, carried across the tokenizers by character spans, or by words for NER rows);
 - ``minilm``: for reference, the same recipe from a same-tokenizer teacher (MiniLM-L6 fine-tuned like MPNet);
 - ``mpnet_transfer``: what the cache is for when a team has unlabelled text: the MPNet teacher (still trained on
-  the labelled subset only) is also exported over the first `TRANSFER["rows"]` rows of the train split and the
-  student learns all of them from the teacher alone (hard-label weight 0: the extra rows' gold labels, present in
-  the cache, are never used), the chosen recipe otherwise, `TRANSFER["epochs"]` epochs.
+  the labelled subset only) is also exported over the first rows of the train split and the student learns all of
+  them from the teacher alone (hard-label weight 0: the extra rows' gold labels, present in the cache, are never
+  used), the chosen recipe otherwise, `TRANSFER["epochs"]` epochs. How many rows: the candidates
+  `TRANSFER["rows"]` (each capped at the split; None: all of it), chosen on dev (seed 0), a tie the fewer.
 
 Every run is a record under ``<out>/runs/<task>/<arm>/<variant>/seed-<n>.json`` (a rerun trains only what is
 missing); the summary is ``<out>/<task>.json`` and ``<out>/table.md``. Smaller than the main study's protocol
@@ -36,6 +37,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from cachebrew.components.data import DataConfig
 from cachebrew.components.students import StudentConfig
 from cachebrew.core.files import atomic_write_text
@@ -58,9 +60,9 @@ RECIPES = {f"T{t}-{m}": {"temperature": t, "hard_label_weight": 1.0, "kd_loss_we
                                                    "loss": MATCH_LOSS[m], "weight": 1}] if MATCH_LOSS[m] else []}
            for t in (1, 4) for m in MATCH_LOSS}
 # the transfer arm: rows of the train split the teacher labels (the labelled subset first), epochs over them
-TRANSFER = dict(rows=4000, epochs=3)
+TRANSFER = dict(rows=(4000, None), epochs=3)
 TUNE_SEED = 0
-SMOKE = dict(train_size=48, dev_size=16, test_size=16, transfer_rows=96)
+SMOKE = dict(train_size=48, dev_size=16, test_size=16, transfer_rows=(96, 128))
 STUDENT_HIDDEN = 384  # MiniLM-L6
 
 
@@ -96,8 +98,10 @@ class XTask:
         self.train = DataConfig(path=str(DATA / name / "train.parquet"), limit=sizes["train_size"], **cols)
         self.dev = DataConfig(path=str(DATA / name / "dev.parquet"), limit=sizes.get("dev_size"), **cols)
         self.test = DataConfig(path=str(DATA / name / "test.parquet"), limit=sizes.get("test_size"), **cols)
-        self.transfer = DataConfig(path=str(DATA / name / "train.parquet"),
-                                   limit=SMOKE["transfer_rows"] if smoke else TRANSFER["rows"], **cols)
+        split_rows = pq.read_metadata(self.train.path).num_rows
+        wanted = SMOKE["transfer_rows"] if smoke else TRANSFER["rows"]
+        self.transfer_rows = sorted({min(n or split_rows, split_rows) for n in wanted})
+        self.cols = cols
         self.work, self.runs = out / "work" / name, out / "runs" / name
         self.epochs = 1 if smoke else EPOCHS
 
@@ -183,13 +187,16 @@ class XTask:
 
         return self.run("no_kd", f"lr{lr:g}", seed, train)
 
-    def distill(self, teacher: str, info: dict, seed: int, lr: float, recipe_name: str, transfer: bool = False) -> dict:
+    def distill(self, teacher: str, info: dict, seed: int, lr: float, recipe_name: str, transfer: int = 0) -> dict:
         recipe = copy.deepcopy(RECIPES[recipe_name])
         split, epochs, arm = "train", self.epochs, teacher
-        if transfer:  # the teacher alone teaches every row, the labelled ones included
+        variant = f"{recipe_name}-lr{lr:g}"
+        if transfer:  # the teacher alone teaches every row of the first `transfer` ones, the labelled ones included
             recipe["hard_label_weight"] = 0.0
-            split, epochs, arm = "transfer", 1 if self.smoke else TRANSFER["epochs"], f"{teacher}_transfer"
-            self.export(teacher, split, self.transfer, hidden_layers=[info["layers"]])
+            split, epochs, arm = f"transfer{transfer}", 1 if self.smoke else TRANSFER["epochs"], f"{teacher}_transfer"
+            variant += f"-rows{transfer}"
+            self.export(teacher, split, DataConfig(path=self.train.path, limit=transfer, **self.cols),
+                        hidden_layers=[info["layers"]])
         for m in recipe["intermediate_matches"]:
             m["layer_T"] = info["layers"]
             if info["hidden"] != STUDENT_HIDDEN:
@@ -205,7 +212,7 @@ class XTask:
                 "train": {"epochs": epochs, "batch_size": self.bs, "lr": lr, "progress_bar": False,
                           "shuffle_buffer": 4096}})).global_step
 
-        return self.run(arm, f"{recipe_name}-lr{lr:g}", seed, train)
+        return self.run(arm, variant, seed, train)
 
 
 def run_task(task: XTask, seeds: list[int], teacher_path: str) -> dict:
@@ -221,10 +228,12 @@ def run_task(task: XTask, seeds: list[int], teacher_path: str) -> dict:
     candidates = [n for n in RECIPES if not (task.token_level and n.endswith("-cls"))]  # no [CLS] for NER
     recipes = [task.distill("mpnet", mpnet, TUNE_SEED, lr, name) for name in (candidates[-1:] if task.smoke else candidates)]
     chosen = max(recipes, key=lambda r: r["dev"])["variant"].split("-lr")[0]  # a tie: the first, simpler, recipe
+    transfers = [task.distill("mpnet", mpnet, TUNE_SEED, lr, chosen, transfer=n) for n in task.transfer_rows]
+    rows = task.transfer_rows[max(range(len(transfers)), key=lambda i: transfers[i]["dev"])]  # a tie: the fewer
     runs = {"no_kd": [task.no_kd(s, lr) for s in seeds],
             "mpnet": [task.distill("mpnet", mpnet, s, lr, chosen) for s in seeds],
             "minilm": [task.distill("minilm", minilm, s, lr, chosen) for s in seeds],
-            "mpnet_transfer": [task.distill("mpnet", mpnet, s, lr, chosen, transfer=True) for s in seeds]}
+            "mpnet_transfer": [task.distill("mpnet", mpnet, s, lr, chosen, transfer=rows) for s in seeds]}
     no_kd = statistics.mean(r["test"] for r in runs["no_kd"])
     teachers = {"mpnet": main_score(mpnet["teacher_test"]), "minilm": main_score(minilm["teacher_test"])}
     arms = {}
@@ -236,12 +245,13 @@ def run_task(task: XTask, seeds: list[int], teacher_path: str) -> dict:
                      "of_teacher": m / teachers[teacher] if teacher else None,
                      "train_seconds": statistics.median(r["train_seconds"] for r in recs)}
     return {"task": task.name, "seeds": seeds, "lr": lr, "recipe": chosen, "teachers": teachers,
-            "transfer_rows": json.loads((task.work / "cache_mpnet_transfer" / "manifest.json").read_text())["num_rows"],
+            "transfer_rows": rows,
             "teacher_parameters": {"mpnet": mpnet["teacher_test"]["parameters"],
                                    "minilm": minilm["teacher_test"]["parameters"]},
             "student_parameters": runs["no_kd"][0]["test_metrics"]["parameters"],
             "tuning": {"no_kd": {r["variant"]: r["dev"] for r in screen},
-                       "mpnet": {r["variant"]: r["dev"] for r in recipes}}, "arms": arms}
+                       "mpnet": {r["variant"]: r["dev"] for r in recipes},
+                       "mpnet_transfer": {r["variant"]: r["dev"] for r in transfers}}, "arms": arms}
 
 
 def inference_speed(task: XTask, repeats: int = 3) -> dict:
