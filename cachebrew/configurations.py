@@ -21,6 +21,9 @@ from .registry import (FEATURES, KD_LOSS_MAP, MATCH_LOSS_MAP, PAIR_LOSSES, PROJ_
                       WEIGHT_SCHEDULER, split_spec)
 
 _NONE = "none"
+# cachebrew's, for a causal-LM teacher of another tokenizer (losses.cross_tokenizer_kd_loss): what the ULD term
+# compares the student's probabilities outside the matched tokens with
+CROSS_TOKENIZER_ULD = ("unmatched", "zero_padded")
 
 
 class Config:
@@ -232,7 +235,7 @@ class DistillationConfig(Config):
     def __init__(self, temperature=4, temperature_scheduler="none", hard_label_weight=0,
                  hard_label_weight_scheduler="none", kd_loss_type="ce", kd_loss_weight=1,
                  kd_loss_weight_scheduler="none", probability_shift=False, intermediate_matches=None,
-                 is_caching_logits=False):
+                 is_caching_logits=False, cross_tokenizer_uld="unmatched"):
         errors = []
         p = "DistillationConfig."
         self.temperature = temperature
@@ -263,6 +266,9 @@ class DistillationConfig(Config):
         for name in ("probability_shift", "is_caching_logits"):
             if not isinstance(getattr(self, name), bool):
                 errors.append(f"{p}{name}: must be true or false, got {getattr(self, name)!r}")
+        self.cross_tokenizer_uld = cross_tokenizer_uld
+        if cross_tokenizer_uld not in CROSS_TOKENIZER_ULD:
+            errors.append(f"{p}cross_tokenizer_uld: one of {', '.join(CROSS_TOKENIZER_ULD)}, got {cross_tokenizer_uld!r}")
         self.intermediate_matches: list[IntermediateMatch] = []
         if intermediate_matches is not None and not isinstance(intermediate_matches, (list, tuple)):
             errors.append(f"{p}intermediate_matches: must be a list of dicts, got {type(intermediate_matches).__name__}")

@@ -379,7 +379,7 @@ def sparse_kd_loss(logits_S, target: dict, temperature=1, kind: str = "ce", mask
     return _masked_mean(ce, mask)
 
 
-def cross_tokenizer_kd_loss(logits_S, target: dict, temperature=1, mask=None):
+def cross_tokenizer_kd_loss(logits_S, target: dict, temperature=1, mask=None, uld: str = "unmatched"):
     """KD of a student against a teacher with another tokenizer: the teacher's sparse next-token targets carried
     onto the student's positions and vocabulary (components/loader.py ``CacheBatches._aligned``: ``ids`` in the
     student's vocabulary, ``matched`` where a teacher token's text is a student token's, ``mass``, ``tail``).
@@ -393,7 +393,12 @@ def cross_tokenizer_kd_loss(logits_S, target: dict, temperature=1, mask=None):
     - **unmatched mass**, as ULD: the teacher's u unmatched slot probabilities sorted, against the student's u
       largest probabilities among tokens no matched slot names, sorted: their L1 distance (Wasserstein-1 between
       the two sorted distributions, which needs no token correspondence), smoothed below `ULD_SMOOTHING`. A top-k
-      cache's tail names no token and asks nothing of the student's other probabilities.
+      cache's tail names no token and asks nothing of the student's other probabilities (``uld="unmatched"``).
+      ``uld="zero_padded"`` compares the student's K largest other probabilities (K: the cache's slots) with the
+      teacher's unmatched ones padded with zeros, as ULD pads the shorter vocabulary: slots the teacher spent on
+      matched tokens or left to a top-k tail then pull the student's largest other probabilities towards 0 (with a
+      sampled cache, whose slots hold all the mass, it is still 0 at the teacher's distribution; with a top-k tail
+      it is not: it asks the student to put less than the teacher on tokens the teacher did not name).
 
     Both are 0, with a vanishing gradient, when the student's distribution equals the teacher's carried one.
     Averaged over the positions ``mask`` keeps (those aligned with a teacher position).
@@ -413,8 +418,12 @@ def cross_tokenizer_kd_loss(logits_S, target: dict, temperature=1, mask=None):
     p_other = torch.sort(mass * (1.0 - matched), dim=-1, descending=True).values
     # as many of the student's as the teacher has unmatched slots with mass: a top-k cache's tail and its matched
     # slots name no unmatched token, so they ask nothing of the student's other probabilities
-    uld = (F.smooth_l1_loss(q_other, p_other, reduction="none", beta=ULD_SMOOTHING) * (p_other > 0)).sum(dim=-1)
-    return _masked_mean(kl + uld, mask)
+    distance = F.smooth_l1_loss(q_other, p_other, reduction="none", beta=ULD_SMOOTHING)
+    if uld == "unmatched":
+        distance = distance * (p_other > 0)
+    elif uld != "zero_padded":
+        raise ValueError(f"cross-tokenizer ULD {uld!r} is not 'unmatched' or 'zero_padded'")
+    return _masked_mean(kl + distance.sum(dim=-1), mask)
 
 
 # Below this distance the ULD term is quadratic (Huber): the L1 distance elsewhere, but its gradient goes to 0 as

@@ -238,7 +238,7 @@ class DistillationLoss:
             raise BatchError(f"kd_loss_type {c.kd_loss_type!r} needs dense teacher logits; with sparse logits use "
                              f"one of {sorted(SPARSE_KD_KINDS)}")
         if "matched" in target:  # carried from a teacher with another tokenizer (components/loader.py)
-            return cross_tokenizer_kd_loss(logits_S, target, T, mask=mask)
+            return cross_tokenizer_kd_loss(logits_S, target, T, mask=mask, uld=c.cross_tokenizer_uld)
         loss = sparse_kd_loss(logits_S, target, T, kind, mask=mask)
         return loss * T ** 2 if c.kd_loss_type == "inc_ce" else loss
 

@@ -16,7 +16,10 @@ whitespace and punctuation, otherwise unlike: **A**, BPE with 8,000 tokens (the 
    - ``B_hard``: tokenizer B, its own next-token loss only (the cached text re-tokenized; the teacher unused);
    - ``B_cross_kd``: tokenizer B, + KD from the cache across tokenizers (targets at the positions where both
      tokenizations end at one character, ids mapped by token text, GOLD-style matched KL + ULD for the rest:
-     losses.cross_tokenizer_kd_loss);
+     losses.cross_tokenizer_kd_loss), ULD over the teacher's unmatched slots (``cross_tokenizer_uld: unmatched``);
+   - ``B_cross_kd_zero_padded``: the same with ULD's zero padding (``cross_tokenizer_uld: zero_padded``: the
+     student's other probabilities beyond the teacher's unmatched slots pulled towards 0). Which of the two is
+     the method is chosen on BBC's dev split at seed 0 (``<out>/runs/screen/``); the table reports both;
    - ``A_hard`` and ``A_kd``: tokenizer A (the teacher's), without and with KD: the same-tokenizer reference.
 3. Test: **bits per character** on the test split's chunks, comparable across tokenizers: the summed negative
    log-likelihood (bits) of every predicted token over the characters those tokens cover (from the end of each
@@ -32,13 +35,17 @@ from pathlib import Path
 
 import torch
 
-from pipelines.lm_study import arm_runs, mean_sd_text, setup, train_teacher, train_tokenizer
+from pipelines.lm_study import arm_runs, chunks, mean_sd_text, setup, train_teacher, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT_VOCAB = {"full": 2000, "smoke": 200}
-ARMS = {"B_hard": ("B", False), "B_cross_kd": ("B", True), "A_hard": ("A", False), "A_kd": ("A", True)}
+ARMS = {"B_hard": ("B", False), "B_cross_kd": ("B", True), "B_cross_kd_zero_padded": ("B", True),
+        "A_hard": ("A", False), "A_kd": ("A", True)}
+ULD = {"B_cross_kd": "unmatched", "B_cross_kd_zero_padded": "zero_padded"}  # the variants screened on dev
+TUNE_SEED = 0
 LABELS = {"B_hard": "tokenizer B (WordPiece 2k), hard labels only",
-          "B_cross_kd": "tokenizer B, + KD from the A-teacher's cache (cross-tokenizer)",
+          "B_cross_kd": "tokenizer B, + KD from the A-teacher's cache (cross-tokenizer; ULD unmatched)",
+          "B_cross_kd_zero_padded": "tokenizer B, + KD from the A-teacher's cache (cross-tokenizer; ULD zero-padded)",
           "A_hard": "tokenizer A (the teacher's BPE 8k), hard labels only",
           "A_kd": "tokenizer A, + KD from the cache (same tokenizer)"}
 
@@ -89,7 +96,8 @@ def train_student(cfg: dict, arm: str, cache: Path, tokenizers: dict, seed: int,
     t0 = time.perf_counter()
     result = run_distill(DistillRunConfig.from_dict({
         "kind": "distill", "output_dir": str(out), "seed": seed, "caches": [str(cache)], "student": student,
-        "distill": {"temperature": 1.0, "hard_label_weight": 1.0, "kd_loss_weight": 1.0 if kd else 0.0},
+        "distill": {"temperature": 1.0, "hard_label_weight": 1.0, "kd_loss_weight": 1.0 if kd else 0.0,
+                    "cross_tokenizer_uld": ULD.get(arm, "unmatched")},
         "train": {"epochs": cfg["epochs"], "batch_size": cfg["batch"], "lr": cfg["lr"], "warmup_ratio": 0.1,
                   "weight_decay": 0.01, "progress_bar": False, "device": "cpu", "keep_checkpoints": 1}}))
     from transformers import GPT2LMHeadModel
@@ -101,8 +109,14 @@ def summarise(out: Path, seeds: list[int], info: dict) -> str:
     runs = arm_runs(out, ARMS, seeds)
     ms = lambda xs: mean_sd_text(xs, 4)
     t = info["teacher_test"]
+    screen = info.get("uld_screen", {})
+    chosen = min(screen, key=screen.get) if screen else None
     lines = [f"Teacher (tokenizer A): {t['bits_per_char']:.4f} bits/char (perplexity {t['perplexity']:.1f}). "
-             f"Token texts of A also in B: {info['matched_vocabulary']:.0%} of A's ids. Seeds {seeds}; mean ± sd.", "",
+             f"Token texts of A also in B: {info['matched_vocabulary']:.0%} of A's ids. Seeds {seeds}; mean ± sd.", ""]
+    if chosen:
+        lines += ["ULD variant chosen on the dev split (seed 0, bits/char): " + ", ".join(
+            f"{ULD[a]} {v:.4f}" for a, v in screen.items()) + f" -> **{ULD[chosen]}**", ""]
+    lines += [
              "| student | bits per character | per seed | steps |", "|---|---:|---|---:|"]
     for arm in ARMS:
         r = runs[arm]
@@ -118,6 +132,8 @@ def summarise(out: Path, seeds: list[int], info: dict) -> str:
 def main():
     args, cfg, out, train_rows, _, test_rows, data = setup(__doc__.splitlines()[0],
                                                            ROOT / "pipelines" / "study_results" / "lm_xtok")
+    if TUNE_SEED in args.seeds:
+        raise SystemExit(f"--seeds: seed {TUNE_SEED} chooses the ULD variant on dev; report on others")
     work, runs = out / "work", out / "runs"
     teacher_dir, cache = work / "teacher", work / "cache_topk"
     record = runs / "teacher.json"
@@ -146,6 +162,19 @@ def main():
     record.write_text(json.dumps(info, indent=2))
     print(f"teacher: {test['bits_per_char']:.4f} bits/char; {info['matched_vocabulary']:.0%} of A's token texts "
           f"are B's", flush=True)
+    dev_rows = chunks("dev", cfg["chunk_words"], cfg["eval_chunks"])
+    info["uld_screen"] = {}
+    for arm in ULD:  # which ULD variant: chosen on dev at seed 0, never on the test split
+        path = runs / "screen" / f"{arm}-seed-{TUNE_SEED}.json"
+        if not path.is_file():
+            model, steps, seconds = train_student(cfg, arm, cache, tokenizers, TUNE_SEED,
+                                                  work / "students" / f"{arm}-{TUNE_SEED}")
+            dev = bits_per_character(model, tokenizers["B"], dev_rows, cfg["max_length"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"arm": arm, "seed": TUNE_SEED, "dev": dev, "steps": steps,
+                                        "seconds": seconds}, indent=2))
+        info["uld_screen"][arm] = json.loads(path.read_text())["dev"]["bits_per_char"]
+    record.write_text(json.dumps(info, indent=2))
     for seed in args.seeds:
         for arm in ARMS:
             path = runs / arm / f"seed-{seed}.json"

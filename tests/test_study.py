@@ -374,7 +374,7 @@ def test_lm_study_smoke_runs_every_arm(tmp_path):
 @pytest.mark.slow
 def test_lm_cross_tokenizer_smoke_runs_every_arm(tmp_path):
     """pipelines/lm_cross_tokenizer.py at toy size: two tokenizers, the teacher's cache with spans and token texts,
-    the four student arms at equal steps, bits per character, the table."""
+    the five student arms at equal steps, bits per character, the ULD variant screened on dev, the table."""
     out = tmp_path / "lmx"
     r = subprocess.run([sys.executable, "-m", "pipelines.lm_cross_tokenizer", "--smoke", "--seeds", "1",
                         "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
@@ -382,11 +382,16 @@ def test_lm_cross_tokenizer_smoke_runs_every_arm(tmp_path):
     info = json.loads((out / "runs" / "teacher.json").read_text())
     assert 0 < info["matched_vocabulary"] < 1  # the tokenizers share some token texts, not all
     runs = {arm: json.loads((out / "runs" / arm / "seed-1.json").read_text())
-            for arm in ("B_hard", "B_cross_kd", "A_hard", "A_kd")}
+            for arm in ("B_hard", "B_cross_kd", "B_cross_kd_zero_padded", "A_hard", "A_kd")}
     assert len({run["steps"] for run in runs.values()}) == 1 and runs["B_hard"]["steps"] > 0
     assert all(0 < run["test"]["bits_per_char"] < 20 for run in runs.values())
     assert runs["B_cross_kd"]["test"] != runs["B_hard"]["test"]  # the cache's targets reached the B student
-    assert "cross-tokenizer" in (out / "table.md").read_text()
+    assert runs["B_cross_kd_zero_padded"]["test"] != runs["B_cross_kd"]["test"]  # the ULD variant changes training
+    # the ULD variant is chosen on dev at seed 0, both screened
+    assert set(info["uld_screen"]) == {"B_cross_kd", "B_cross_kd_zero_padded"}
+    assert all(0 < v < 20 for v in info["uld_screen"].values())
+    table = (out / "table.md").read_text()
+    assert "cross-tokenizer" in table and "ULD variant chosen on the dev split" in table
 
 
 @pytest.mark.slow

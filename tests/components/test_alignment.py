@@ -178,6 +178,38 @@ def test_a_top_k_tail_asks_nothing_of_the_students_other_tokens():
     assert float(logits.grad.abs().max()) < 1e-5
 
 
+def test_zero_padded_uld_pulls_the_students_unnamed_tokens_down_against_a_top_k_tail():
+    """``uld="zero_padded"`` (ULD's zero padding): a sampled target is still met exactly at the carried
+    distribution; with a top-k tail, the student's two largest other probabilities (0.05 each) are compared with
+    the zero-padded unmatched slots (none here), so the loss is 2 x (0.05 - 0.0005) and its gradient lowers them."""
+    q = torch.full((10,), 1e-30)
+    q[2], q[5], q[7], q[8] = 0.4, 0.2, 0.3, 0.1
+    sampled = q.log().view(1, 1, 10).requires_grad_()
+    loss = cross_tokenizer_kd_loss(sampled, carried_target(), uld="zero_padded")
+    loss.backward()
+    assert loss.item() < 1e-6 and float(sampled.grad.abs().max()) < 1e-4
+    target = {"ids": torch.tensor([[[2, 5]]]), "mass": torch.tensor([[[0.4, 0.2]]]),
+              "matched": torch.tensor([[[True, True]]])}
+    q = torch.full((10,), 0.05)
+    q[2], q[5] = 0.4, 0.2
+    logits = q.log().view(1, 1, 10).requires_grad_()
+    loss = cross_tokenizer_kd_loss(logits, target, uld="zero_padded")
+    loss.backward()
+    assert loss.item() == pytest.approx(2 * (0.05 - 0.0005), abs=1e-6)
+    assert float(logits.grad[0, 0, [0, 1, 3, 4, 6, 7, 8, 9]].max()) > 0  # gradient descent lowers the unnamed
+    with pytest.raises(ValueError, match="'padded' is not"):
+        cross_tokenizer_kd_loss(logits, target, uld="padded")
+
+
+def test_the_uld_choice_is_validated_by_name():
+    from cachebrew.configurations import DistillationConfig
+    from cachebrew.errors import ConfigError
+
+    assert DistillationConfig(cross_tokenizer_uld="zero_padded").to_dict()["cross_tokenizer_uld"] == "zero_padded"
+    with pytest.raises(ConfigError, match="cross_tokenizer_uld: one of unmatched, zero_padded, got 'pad'"):
+        DistillationConfig(cross_tokenizer_uld="pad")
+
+
 def test_sentencepiece_word_starts_keep_their_space():
     """A Metaspace tokenizer's "▁the" decodes alone to "the": its text keeps the space, so it maps to a byte-level
     BPE's " the" and not to the same letters inside a word."""
