@@ -38,6 +38,7 @@ import zipfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
+
 from cachebrew.components.data import DataConfig
 from cachebrew.components.students import StudentConfig
 from cachebrew.core.files import atomic_write_text
