@@ -98,8 +98,9 @@ def test_presets_have_textbrewer_names(textbrewer):
     assert presets.FEATURES == tp.FEATURES
     # additions: 'kl' (KL(teacher || student), batch mean) and INC's numerics for cachebrew.inc / hf criteria
     assert set(presets.KD_LOSS_MAP) == set(tp.KD_LOSS_MAP) | {"kl", "inc_ce", "inc_kl", "inc_mse"}
-    # and cls_mse: [CLS] vectors only, for students with another tokenizer
-    assert set(presets.MATCH_LOSS_MAP) == set(tp.MATCH_LOSS_MAP) | {"inc_mse", "inc_kl", "inc_l1", "cls_mse"}
+    # and cls_mse / mean_mse: [CLS] / mean-pooled vectors, which also serve students with another tokenizer
+    assert set(presets.MATCH_LOSS_MAP) == set(tp.MATCH_LOSS_MAP) | {"inc_mse", "inc_kl", "inc_l1", "cls_mse",
+                                                                    "mean_mse"}
     assert set(presets.PROJ_MAP) == set(tp.PROJ_MAP)
     assert set(presets.WEIGHT_SCHEDULER) == set(tp.WEIGHT_SCHEDULER)
     assert set(presets.TEMPERATURE_SCHEDULER.keys()) == set(tp.TEMPERATURE_SCHEDULER.store)
