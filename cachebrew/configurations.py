@@ -17,13 +17,11 @@ import torch
 from .core.config import is_int, is_number, read_config_file
 from .core.training import AMP_DTYPES
 from .errors import ConfigError
+from .losses import ULD_VARIANTS
 from .registry import (FEATURES, KD_LOSS_MAP, MATCH_LOSS_MAP, PAIR_LOSSES, PROJ_MAP, TEMPERATURE_SCHEDULER,
                       WEIGHT_SCHEDULER, split_spec)
 
 _NONE = "none"
-# cachebrew's, for a causal-LM teacher of another tokenizer (losses.cross_tokenizer_kd_loss): what the ULD term
-# compares the student's probabilities outside the matched tokens with
-CROSS_TOKENIZER_ULD = ("unmatched", "zero_padded")
 
 
 class Config:
@@ -267,8 +265,8 @@ class DistillationConfig(Config):
             if not isinstance(getattr(self, name), bool):
                 errors.append(f"{p}{name}: must be true or false, got {getattr(self, name)!r}")
         self.cross_tokenizer_uld = cross_tokenizer_uld
-        if cross_tokenizer_uld not in CROSS_TOKENIZER_ULD:
-            errors.append(f"{p}cross_tokenizer_uld: one of {', '.join(CROSS_TOKENIZER_ULD)}, got {cross_tokenizer_uld!r}")
+        if cross_tokenizer_uld not in ULD_VARIANTS:  # cachebrew's, for a causal-LM teacher of another tokenizer
+            errors.append(f"{p}cross_tokenizer_uld: one of {', '.join(ULD_VARIANTS)}, got {cross_tokenizer_uld!r}")
         self.intermediate_matches: list[IntermediateMatch] = []
         if intermediate_matches is not None and not isinstance(intermediate_matches, (list, tuple)):
             errors.append(f"{p}intermediate_matches: must be a list of dicts, got {type(intermediate_matches).__name__}")

@@ -421,10 +421,14 @@ def cross_tokenizer_kd_loss(logits_S, target: dict, temperature=1, mask=None, ul
     distance = F.smooth_l1_loss(q_other, p_other, reduction="none", beta=ULD_SMOOTHING)
     if uld == "unmatched":
         distance = distance * (p_other > 0)
-    elif uld != "zero_padded":
-        raise ValueError(f"cross-tokenizer ULD {uld!r} is not 'unmatched' or 'zero_padded'")
+    elif uld not in ULD_VARIANTS:
+        raise ValueError(f"cross-tokenizer ULD {uld!r} is not {' or '.join(map(repr, ULD_VARIANTS))}")
     return _masked_mean(kl + distance.sum(dim=-1), mask)
 
+
+# What cross_tokenizer_kd_loss's ULD term compares the student's probabilities outside the matched tokens with
+# (DistillationConfig.cross_tokenizer_uld validates against it)
+ULD_VARIANTS = ("unmatched", "zero_padded")
 
 # Below this distance the ULD term is quadratic (Huber): the L1 distance elsewhere, but its gradient goes to 0 as
 # the student matches, instead of staying +-1 on float rounding

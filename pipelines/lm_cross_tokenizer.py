@@ -162,32 +162,27 @@ def main():
     record.write_text(json.dumps(info, indent=2))
     print(f"teacher: {test['bits_per_char']:.4f} bits/char; {info['matched_vocabulary']:.0%} of A's token texts "
           f"are B's", flush=True)
-    dev_rows = chunks("dev", cfg["chunk_words"], cfg["eval_chunks"])
-    info["uld_screen"] = {}
-    for arm in ULD:  # which ULD variant: chosen on dev at seed 0, never on the test split
-        path = runs / "screen" / f"{arm}-seed-{TUNE_SEED}.json"
+
+    def trained(arm: str, seed: int, split: str, rows: list[dict], path: Path) -> dict:
+        """The run's record at `path`: the student trained once, scored in bits per character on `split`."""
         if not path.is_file():
-            model, steps, seconds = train_student(cfg, arm, cache, tokenizers, TUNE_SEED,
-                                                  work / "students" / f"{arm}-{TUNE_SEED}")
-            dev = bits_per_character(model, tokenizers["B"], dev_rows, cfg["max_length"])
+            model, steps, seconds = train_student(cfg, arm, cache, tokenizers, seed, work / "students" / f"{arm}-{seed}")
+            result = bits_per_character(model, tokenizers[ARMS[arm][0]], rows, cfg["max_length"])
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"arm": arm, "seed": TUNE_SEED, "dev": dev, "steps": steps,
+            path.write_text(json.dumps({"arm": arm, "seed": seed, split: result, "steps": steps,
                                         "seconds": seconds}, indent=2))
-        info["uld_screen"][arm] = json.loads(path.read_text())["dev"]["bits_per_char"]
+            print(f"{arm:<11} seed {seed} ({split}): {result['bits_per_char']:.4f} bits/char ({steps} steps, "
+                  f"{seconds:.0f} s)", flush=True)
+        return json.loads(path.read_text())
+
+    dev_rows = chunks("dev", cfg["chunk_words"], cfg["eval_chunks"])
+    # which ULD variant: chosen on dev at seed 0, never on the test split
+    info["uld_screen"] = {arm: trained(arm, TUNE_SEED, "dev", dev_rows, runs / "screen" / f"{arm}-seed-{TUNE_SEED}.json")
+                          ["dev"]["bits_per_char"] for arm in ULD}
     record.write_text(json.dumps(info, indent=2))
     for seed in args.seeds:
         for arm in ARMS:
-            path = runs / arm / f"seed-{seed}.json"
-            if path.is_file():
-                continue
-            model, steps, seconds = train_student(cfg, arm, cache, tokenizers, seed, work / "students" / f"{arm}-{seed}")
-            which = ARMS[arm][0]
-            result = bits_per_character(model, tokenizers[which], test_rows, cfg["max_length"])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"arm": arm, "seed": seed, "test": result, "steps": steps,
-                                        "seconds": seconds}, indent=2))
-            print(f"{arm:<11} seed {seed}: {result['bits_per_char']:.4f} bits/char ({steps} steps, {seconds:.0f} s)",
-                  flush=True)
+            trained(arm, seed, "test", test_rows, runs / arm / f"seed-{seed}.json")
     print(summarise(out, args.seeds, info))
 
 

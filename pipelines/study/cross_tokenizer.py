@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import shutil
 import statistics
@@ -102,7 +103,6 @@ class XTask:
         split_rows = pq.read_metadata(self.train.path).num_rows
         wanted = SMOKE["transfer_rows"] if smoke else TRANSFER["rows"]
         self.transfer_rows = sorted({min(n or split_rows, split_rows) for n in wanted})
-        self.cols = cols
         self.work, self.runs = out / "work" / name, out / "runs" / name
         self.epochs = 1 if smoke else EPOCHS
 
@@ -196,8 +196,7 @@ class XTask:
             recipe["hard_label_weight"] = 0.0
             split, epochs, arm = f"transfer{transfer}", 1 if self.smoke else TRANSFER["epochs"], f"{teacher}_transfer"
             variant += f"-rows{transfer}"
-            self.export(teacher, split, DataConfig(path=self.train.path, limit=transfer, **self.cols),
-                        hidden_layers=[info["layers"]])
+            self.export(teacher, split, dataclasses.replace(self.train, limit=transfer), hidden_layers=[info["layers"]])
         for m in recipe["intermediate_matches"]:
             m["layer_T"] = info["layers"]
             if info["hidden"] != STUDENT_HIDDEN:
