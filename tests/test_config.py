@@ -171,7 +171,7 @@ def _valid_distill(tmp_path):
 
 
 @pytest.mark.parametrize("field", ["epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
-                                   "gradient_accumulation_steps", "amp", "shuffle_buffer", "num_workers",
+                                   "head_lr", "gradient_accumulation_steps", "amp", "shuffle_buffer", "num_workers",
                                    "eval_every", "save_every", "keep_checkpoints", "progress_bar", "log_steps",
                                    "verify_caches"])
 @pytest.mark.parametrize("bad", ["2", [1], {"a": 1}])
@@ -211,7 +211,7 @@ def test_export_wrong_types_are_config_errors(tmp_path, field, bad):
 
 
 @pytest.mark.parametrize("field", ["epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
-                                   "amp", "device", "progress_bar"])
+                                   "head_lr", "amp", "device", "progress_bar"])
 @pytest.mark.parametrize("bad", [[1], {"a": 1}])
 def test_every_finetune_train_field_rejects_a_wrong_type_by_name(tmp_path, field, bad):
     from cachebrew.recipes.finetune import FinetuneConfig

@@ -150,7 +150,7 @@ class FinetuneRecipe:
                                                    amp=resolve_amp(tc.amp, self.device), progress_bar=tc.progress_bar,
                                                    keep_checkpoints=0, log_dir=str(self.out / "tb")),
                                     self.model, lambda b, o: {"losses": o.loss})
-        self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay)
+        self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay, tc.head_lr)
 
     def _loader(self):
         """Batches of `train.batch_size` rows for this process.

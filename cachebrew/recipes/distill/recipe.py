@@ -392,7 +392,7 @@ class DistillRecipe:
         else:
             logger.info("distiller %s: evaluation at its checkpoints only, no resumable checkpoints",
                         type(self.distiller).__name__)
-        self.optimizer = make_optimizer(self.student, tc.lr, tc.weight_decay)
+        self.optimizer = make_optimizer(self.student, tc.lr, tc.weight_decay, tc.head_lr)
         self.schedule = {"num_warmup_steps": int(tc.warmup_ratio * self.total_steps),
                          "num_training_steps": self.total_steps}
 
