@@ -11,8 +11,9 @@ MiniLM-L6 (22M, BERT tokenizer), whole, reading the cached text through its own 
 - ``no_kd``: gold labels only, the learning rate chosen on dev (seed 0) from `RATES`, doubled while the largest
   tried wins (up to `MAX_RATE`);
 - ``mpnet``: `cachebrew distill` from the MPNet cache at that rate, the recipe chosen on dev (seed 0) from
-  `RECIPES`: temperature x what is matched besides the logits (nothing; [CLS], `cls_mse`; every position's last
-  hidden state, `hidden_mse`, carried across the tokenizers by character spans, or by words for NER rows);
+  `RECIPES`: temperature x what is matched besides the logits (nothing; [CLS], `cls_mse`; the mean-pooled last
+  hidden state, `mean_mse`, as all-mpnet-base-v2 pools; every position's last hidden state, `hidden_mse`, carried
+  across the tokenizers by character spans, or by words for NER rows);
 - ``minilm``: for reference, the same recipe from a same-tokenizer teacher (MiniLM-L6 fine-tuned like MPNet);
 - ``mpnet_transfer``: what the cache is for when a team has unlabelled text: the MPNet teacher (still trained on
   the labelled subset only) is also exported over the first rows of the train split and the student learns all of
@@ -58,9 +59,9 @@ NER_TEACHER = {"minilm": TASKS["wnut16"]["teacher"], "mpnet": dict(epochs=8, lr=
 RATES = [5e-5, 1e-4, 2e-4]               # the pretrained student's fine-tuning rates, screened on dev;
 MAX_RATE = 1.6e-3                        # then doubled while the best on dev is the largest tried, up to this
 EPOCHS = 6                               # every student arm
-# what the student matches besides the logits: nothing; [CLS] (sentence tasks); every position's last-layer
-# hidden state, aligned across the tokenizers (by character spans for text, by words for NER rows)
-MATCH_LOSS = {"logits": None, "cls": "cls_mse", "hidden": "hidden_mse"}
+# what the student matches besides the logits: nothing; [CLS] or the mean over positions (sentence tasks); every
+# position's last-layer hidden state, aligned across the tokenizers (by character spans for text, by words for NER)
+MATCH_LOSS = {"logits": None, "cls": "cls_mse", "mean": "mean_mse", "hidden": "hidden_mse"}
 RECIPES = {f"T{t}-{m}": {"temperature": t, "hard_label_weight": 1.0, "kd_loss_weight": 1.0,
                          "intermediate_matches": [{"layer_T": -1, "layer_S": 6, "feature": "hidden",
                                                    "loss": MATCH_LOSS[m], "weight": 1}] if MATCH_LOSS[m] else []}
@@ -233,7 +234,7 @@ def run_task(task: XTask, seeds: list[int], teacher_path: str) -> dict:
         rates.append(2 * lr)
         screen.append(task.no_kd(TUNE_SEED, rates[-1]))
         lr = float(max(screen, key=lambda r: r["dev"])["variant"][2:])
-    candidates = [n for n in RECIPES if not (task.token_level and n.endswith("-cls"))]  # no [CLS] for NER
+    candidates = [n for n in RECIPES if not (task.token_level and n.endswith(("-cls", "-mean")))]  # no pooling for NER
     recipes = [task.distill("mpnet", mpnet, TUNE_SEED, lr, name) for name in (candidates[-1:] if task.smoke else candidates)]
     chosen = max(recipes, key=lambda r: r["dev"])["variant"].split("-lr")[0]  # a tie: the first, simpler, recipe
     transfers = [task.distill("mpnet", mpnet, TUNE_SEED, lr, chosen, transfer=n) for n in task.transfer_rows]
