@@ -28,7 +28,7 @@ class TeacherConfig:
     name: str                          # names the teacher's cache columns
     path: str | None = None            # Hugging Face model directory
     entry_point: str | None = None     # "module:function" returning a model (or (model, tokenizer))
-    model_class: str = "AutoModelForSequenceClassification"
+    model_class: str = "AutoModelForSequenceClassification"  # token-level data (data.tokens): ...ForTokenClassification
     # the weights' dtype: a bf16 copy of a big teacher needs half the memory (and changes the cache: fingerprinted);
     # None keeps what transformers loads by default
     dtype: str | None = None
@@ -151,6 +151,10 @@ class ExportConfig(JobConfig):
         d = data.get("data")
         if isinstance(d, dict) and d.get("messages") is not None and "text" not in d:
             d["text"] = None  # chat data: the default text column does not apply
+        if isinstance(d, dict) and d.get("tokens") is not None:  # token-level rows: a teacher without a stated
+            for t in data.get("teachers") or []:                # class tags them (as the student's default does)
+                if isinstance(t, dict) and "model_class" not in t:
+                    t["model_class"] = "AutoModelForTokenClassification"
         return data
 
     # -- validation ---------------------------------------------------------------------------------

@@ -245,14 +245,22 @@ def test_several_teachers_in_one_export_and_joinable_caches(tmp_path, assets):
         torch.testing.assert_close(r["other.logits"], one[key]["other.logits"], rtol=0, atol=1e-6)
 
 
+def test_sentence_data_keeps_the_sequence_classification_default(tmp_path):
+    cfg = ExportConfig.from_dict({"output": str(tmp_path / "c"), "teachers": [{"name": "t", "path": "p"}],
+                                  "data": {"path": "d.jsonl", "text": "text"}})
+    assert cfg.teachers[0].model_class == "AutoModelForSequenceClassification"
+
+
 def test_token_level_export(tmp_path, assets):
     teacher = make_teacher_dir(assets["root"] / "ner_teacher", num_labels=3, token_level=True)
     data = make_ner_data(tmp_path / "ner.jsonl")
     cfg = export_config(tmp_path, teacher, data, data={"path": str(data), "text": None, "tokens": "tokens",
                                                        "label": "tags", "id": None},
-                        teachers=[{"name": "bert", "path": str(teacher), "model_class": "AutoModelForTokenClassification"}],
+                        teachers=[{"name": "bert", "path": str(teacher)}],  # the class follows the data
                         outputs={"hidden_layers": [], "attention_layers": []})
-    run_export(ExportConfig.from_dict(cfg))
+    config = ExportConfig.from_dict(cfg)
+    assert config.teachers[0].model_class == "AutoModelForTokenClassification"
+    run_export(config)
     reader = CacheReader(tmp_path / "cache")
     assert reader.manifest.token_level and reader.manifest.label_names == ["B-POS", "O"]
     for r in reader.iter_rows():
