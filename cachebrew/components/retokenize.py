@@ -142,6 +142,8 @@ def cross_tokenizer_problems(where: str, cache: dict, matches, gives_spans: bool
                 f"positions two by two, which do not map across tokenizers; match hidden states (aligned by "
                 f"character spans) or [CLS] ({', '.join(sorted(POSITION_FREE_LOSSES))}), or use a student with the "
                 "teacher's tokenizer")
+        elif cache["token_level"]:
+            continue  # aligned by words (first sub-tokens), as the labels are; the word-id problem is reported above
         elif not cache["offsets"]:
             problems.append(
                 f"distill.intermediate_matches[{i}]: loss {im.loss!r} pairs the teacher's and the student's positions "

@@ -197,6 +197,29 @@ def test_distill_a_token_classifier_with_another_tokenizer(world, ner, tmp_path)
     assert saved["student_tokenizer"]["retokenized"] == {"caches (default)": True, "eval_cache (default)": True}
 
 
+def test_a_token_classifier_matches_hidden_states_by_words_across_tokenizers(world, ner, tmp_path):
+    """NER rows carry the teacher's hidden states as their labels: each word's first student sub-token takes the
+    teacher's state at the word's first sub-token, and only those positions (and [CLS]) enter the match."""
+    teacher = make_teacher_dir(world["root"] / "ner_teacher", num_labels=2, token_level=True)
+    run_export(ExportConfig.from_dict(export_config(
+        tmp_path / "export", teacher, ner["data"],
+        data={"path": str(ner["data"]), "text": None, "tokens": "tokens", "label": "tags", "id": None},
+        teachers=[{"name": "a", "path": str(teacher)}], outputs={"hidden_layers": [2], "attention_layers": []})))
+    cache = str(tmp_path / "export" / "cache")
+    student_tok = StudentTokenizer.load(str(world["chars"]), max_length=64)
+    mine = next(iter(CacheBatches(cache, 4, shuffle=False, student_tokenizer=student_tok, features=[("hidden", 2)])))
+    theirs = next(iter(CacheBatches(cache, 4, shuffle=False, features=[("hidden", 2)])))
+    for b in range(len(mine["ids"])):
+        firsts = torch.nonzero(mine["student"]["labels"][b] != -100).flatten()
+        teacher_firsts = torch.nonzero(theirs["student"]["labels"][b] != -100).flatten()
+        assert len(firsts) == len(teacher_firsts) > 0
+        assert torch.equal(mine["teacher_cache"]["hidden"][2][b, firsts], theirs["teacher_cache"]["hidden"][2][b, teacher_firsts])
+        assert torch.nonzero(mine["teacher_cache"]["match_mask"][b]).flatten().tolist() == [0] + firsts.tolist()
+    cfg = config(world, tmp_path / "out", world["chars"], world["vocab_size"], loss="hidden_mse").to_dict()
+    cfg.update(caches=[cache], eval_cache=cache)
+    assert run_distill(DistillRunConfig.from_dict(cfg)).global_step == 4
+
+
 def test_what_cannot_cross_tokenizers_is_refused_in_one_line_each(world, tmp_path):
     cfg = config(world, tmp_path / "x", world["chars"], world["vocab_size"]).to_dict()
     cfg["distill"]["intermediate_matches"] = [
