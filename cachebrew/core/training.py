@@ -119,6 +119,8 @@ def make_optimizer(model, lr, weight_decay, head_lr: float | None = None):
         groups[(id(p) in head, decays)].append(p)
     params = [p for g in groups.values() for p in g]
     fused = FUSED_ADAMW and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    # the encoder's two groups always (the optimizer state a resumable checkpoint holds has them), the head's when
+    # head_lr gives it parameters
     return torch.optim.AdamW([{"params": g, "weight_decay": weight_decay if decays else 0.0,
                                "lr": head_lr if in_head else lr}
                               for (in_head, decays), g in groups.items() if g or not in_head],

@@ -16,10 +16,11 @@ MiniLM-L6 (22M, BERT tokenizer), whole, reading the cached text through its own 
   across the tokenizers by character spans, or by words for NER rows);
 - ``minilm``: for reference, the same recipe from a same-tokenizer teacher (MiniLM-L6 fine-tuned like MPNet);
 - ``mpnet_transfer``: what the cache is for when a team has unlabelled text: the MPNet teacher (still trained on
-  the labelled subset only) is also exported over the first rows of the train split and the student learns all of
-  them from the teacher alone (hard-label weight 0: the extra rows' gold labels, present in the cache, are never
-  used), the chosen recipe otherwise, `TRANSFER["epochs"]` epochs. How many rows: the candidates
-  `TRANSFER["rows"]` (each capped at the split; None: all of it), chosen on dev (seed 0), a tie the fewer.
+  the labelled subset only; NER's on the whole split, above) is also exported over the first rows of the train
+  split and the student learns all of them from the teacher alone (hard-label weight 0: the extra rows' gold
+  labels, present in the cache, are never used), the chosen recipe otherwise, `TRANSFER["epochs"]` epochs. How
+  many rows: the candidates `TRANSFER["rows"]` (each capped at the split; None: all of it), chosen on dev (seed 0),
+  a tie the fewer.
 
 Every run is a record under ``<out>/runs/<task>/<arm>/<variant>/seed-<n>.json`` (a rerun trains only what is
 missing); the summary is ``<out>/<task>.json`` and ``<out>/table.md``. Smaller than the main study's protocol
